@@ -1,0 +1,204 @@
+"""LLMEngine: add requests, step (schedule, run, sample, postprocess), abort."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import structlog
+import torch
+
+from engine.config import EngineConfig, SamplingParams
+from engine.detokenize import IncrementalDetokenizer
+from engine.kv_cache import KVCacheManager
+from engine.memory import kv_cache_num_blocks
+from engine.models.adapter import ModelAdapter
+from engine.models.loader import load_model, resolve_device, resolve_dtype
+from engine.request import FinishReason, Request, RequestOutput
+from engine.runner import ModelRunner, kv_cache_bytes_per_block
+from engine.sampler import Sampler
+from engine.scheduler import Scheduler
+from kernels.select import select_backend
+
+log = structlog.get_logger(__name__)
+
+Prompt = str | list[int]
+
+
+class LLMEngine:
+    """The step loop. Not thread-safe: one thread drives it (AsyncLLM and the worker do so)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        started = time.monotonic()
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        loaded = load_model(config.model, self.device, self.dtype, config.trust_remote_code)
+        self.model_path = loaded.path
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
+        self.vocab_size = loaded.vocab_size
+        backend, reason = select_backend(config.attention_backend, self.device, self.dtype, config.block_size)
+        self.attention_backend = backend.name
+        block_bytes = kv_cache_bytes_per_block(loaded.num_layers, config.block_size, loaded.num_kv_heads,
+                                               loaded.head_dim, self.dtype)
+        num_blocks = config.num_kv_blocks or kv_cache_num_blocks(config.kv_cache_memory_gb, block_bytes, self.device)
+        # A request must always fit in the pool on its own, or preemption could never make room.
+        self.max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len,
+                                 num_blocks * config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   watermark_blocks=max(1, num_blocks // 100))
+        adapter = ModelAdapter(loaded.model)
+        self.runner = ModelRunner(adapter, backend, num_blocks, config.block_size, loaded.num_layers,
+                                  loaded.num_kv_heads, loaded.head_dim, self.dtype, self.device)
+        self.sampler = Sampler(loaded.vocab_size, config.seed)
+        self.num_generated_tokens = 0
+        log.info("engine ready", model=str(loaded.path), device=str(self.device), dtype=str(self.dtype).split(".")[-1],
+                 attention_backend=backend.name, backend_reason=reason, num_kv_blocks=num_blocks,
+                 kv_cache_mib=round(num_blocks * block_bytes / 2**20), max_model_len=self.max_model_len,
+                 threads=torch.get_num_threads(), seconds=round(time.monotonic() - started, 2),
+                 config={k: v for k, v in asdict(config).items() if v is not None})
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None) -> Request:
+        """Queue a request. Raises ValueError (naming the field) for anything that could not run."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id: must be a non-empty string")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority: must be an integer, got {priority!r}")
+        token_ids = self.encode(prompt)
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate within the context of "
+                             f"{self.max_model_len} tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer, and this model folder has none")
+        request = Request(request_id, token_ids, params, priority=priority, eos_token_ids=self.eos_token_ids)
+        if arrival_time is not None:
+            request.arrival_time = arrival_time
+        if params.seed is not None:
+            request.generator = torch.Generator().manual_seed(params.seed)
+        if self.tokenizer is not None:
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop,
+                                                         params.include_stop_str_in_output, params.skip_special_tokens)
+        if params.logprobs is not None:
+            request.logprobs = []
+        self.scheduler.add(request)
+        return request
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model folder has no tokenizer; send token ids instead of text")
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = list(prompt)
+            bad = next((t for t in token_ids if not isinstance(t, int) or isinstance(t, bool)
+                        or not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt: token id {bad!r} is not an integer in [0, {self.vocab_size})")
+        else:
+            raise ValueError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError("prompt: is empty")
+        return token_ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; its final output, or None if it is not here."""
+        request = self.scheduler.requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.finish(request, FinishReason.ABORT)
+        return self._output(request, [], None)
+
+    def has_unfinished(self) -> bool:
+        return len(self.scheduler) > 0
+
+    @property
+    def num_free_slots(self) -> int:
+        """How many more requests the engine would take right now (what a worker may read)."""
+        return max(0, self.config.max_num_seqs - len(self.scheduler))
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        result = self.runner.execute(batch)
+        for request, n in zip(batch.requests, batch.num_tokens, strict=True):
+            request.num_computed_tokens += n
+            self.kv.cache_full_blocks(request)
+        if not result.sampling_requests:
+            return []
+        sampled = self.sampler(result.logits, result.sampling_requests)
+        now = time.monotonic()
+        outputs = []
+        for request, token_id, logprob in zip(result.sampling_requests, sampled.token_ids, sampled.logprobs,
+                                              strict=True):
+            if request.first_token_time is None:
+                request.first_token_time = now
+            outputs.append(self._append_token(request, token_id, logprob))
+        self.num_generated_tokens += len(outputs)
+        return outputs
+
+    def _append_token(self, request: Request, token_id: int, logprob: Any) -> RequestOutput:
+        params = request.params
+        request.output_token_ids.append(token_id)
+        if request.logprobs is not None and logprob is not None:
+            request.logprobs.append(logprob)
+        reason: FinishReason | None = None
+        if not params.ignore_eos and token_id in request.eos_token_ids:
+            reason, request.stop_reason = FinishReason.STOP, None
+        elif token_id in params.stop_token_ids:
+            reason, request.stop_reason = FinishReason.STOP, token_id
+        elif request.detokenizer is not None:
+            stop = request.detokenizer.add_token(token_id)
+            if stop is not None:
+                reason, request.stop_reason = FinishReason.STOP, stop
+        if reason is None and (len(request.output_token_ids) >= params.max_tokens
+                               or request.num_tokens >= self.max_model_len):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+        return self._output(request, [token_id], logprob)
+
+    def _output(self, request: Request, new_token_ids: list[int], logprob: Any) -> RequestOutput:
+        finished = request.is_finished
+        detok = request.detokenizer
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.output_token_ids),
+            new_token_ids=new_token_ids,
+            text=detok.text if detok else "",
+            new_text=detok.take_new_text(finished) if detok else "",
+            finished=finished,
+            finish_reason=request.finish_reason.value if request.finish_reason else None,
+            stop_reason=request.stop_reason,
+            logprobs=request.logprobs,
+            new_logprobs=[logprob] if logprob is not None else None,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        kv = self.kv
+        return {
+            "running": self.scheduler.num_running,
+            "waiting": self.scheduler.num_waiting,
+            "kv_blocks_total": kv.pool.num_blocks,
+            "kv_blocks_used": kv.pool.num_used,
+            "prefix_cache_hit_rate": kv.prefix_hits / kv.prefix_queries if kv.prefix_queries else 0.0,
+            "preemptions": self.scheduler.num_preemptions,
+            "generated_tokens": self.num_generated_tokens,
+        }

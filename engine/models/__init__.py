@@ -1,0 +1,1 @@
+"""Model loading and the Hugging Face adapter that runs packed, paged batches."""

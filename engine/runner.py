@@ -1,0 +1,100 @@
+"""Builds the packed batch for a step, runs the model and returns the logits that sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.models.adapter import ModelAdapter
+from engine.request import Request
+from engine.scheduler import ScheduledBatch
+from kernels import AttentionBackend
+from kernels.metadata import AttentionMetadata
+
+
+@dataclass(slots=True)
+class StepResult:
+    sampling_requests: list[Request]  # requests whose last scheduled token was their last token
+    logits: torch.Tensor  # [len(sampling_requests), vocab]
+
+
+def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                             dtype: torch.dtype) -> int:
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class ModelRunner:
+    """Owns the KV cache tensors; one `execute` per engine step."""
+
+    def __init__(self, adapter: ModelAdapter, backend: AttentionBackend, num_blocks: int, block_size: int,
+                 num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.adapter = adapter
+        self.backend = backend
+        self.block_size = block_size
+        self.device = device
+        # One extra block that is never handed out: block-table padding points at it.
+        self.pad_block = num_blocks
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(num_layers)]
+
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        meta, input_ids, positions, sampling, logits_indices = self._prepare(batch)
+        self.backend.prepare(meta)
+        logits = self.adapter(input_ids, positions, meta, logits_indices)
+        return StepResult(sampling, logits)
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor,
+                                                       list[Request], torch.Tensor]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        seq_lens: list[int] = []
+        query_start: list[int] = []
+        sampling: list[Request] = []
+        logits_indices: list[int] = []
+        max_blocks = max(-(-(r.num_computed_tokens + n) // bs) for r, n in zip(batch.requests, batch.num_tokens))
+        tables = np.full((len(batch), max_blocks), self.pad_block, dtype=np.int32)
+        offset = 0
+        for row, (request, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
+            start = request.num_computed_tokens
+            end = start + n
+            if n == 1:
+                ids.append(request.token_at(start))
+            else:
+                ids.extend(_token_slice(request, start, end))
+            pos = np.arange(start, end, dtype=np.int64)
+            blocks = np.asarray(request.block_ids, dtype=np.int64)
+            positions.append(pos)
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            tables[row, : len(request.block_ids)] = request.block_ids
+            seq_lens.append(end)
+            query_start.append(offset)
+            offset += n
+            if end == request.num_tokens:
+                sampling.append(request)
+                logits_indices.append(offset - 1)
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),
+            block_tables=torch.from_numpy(tables).to(device),
+            seq_lens=seq_lens,
+            query_lens=list(batch.num_tokens),
+            query_start=query_start,
+            block_size=bs,
+            kv_caches=self.kv_caches,
+        )
+        meta.extras["backend"] = self.backend
+        return (meta, torch.tensor(ids, dtype=torch.int64, device=device),
+                torch.from_numpy(np.concatenate(positions)).to(device), sampling,
+                torch.tensor(logits_indices, dtype=torch.int64, device=device))
+
+
+def _token_slice(request: Request, start: int, end: int) -> list[int]:
+    prompt = request.prompt_token_ids
+    if end <= len(prompt):
+        return prompt[start:end]
+    return request.all_token_ids[start:end]

@@ -1,0 +1,129 @@
+"""Token-level scheduler: one token budget per step, running first, chunked prefill, preemption."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass, field
+
+from engine.kv_cache import KVCacheManager
+from engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """The work of one step: which requests run and how many of their tokens."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    """Decides each step's batch. Order is (priority, arrival): lower priority values run first."""
+
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 watermark_blocks: int = 0) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.watermark_blocks = watermark_blocks
+        self.waiting: list[tuple[tuple[int, float, int], Request]] = []
+        self.running: list[tuple[tuple[int, float, int], Request]] = []
+        self.requests: dict[str, Request] = {}
+        self._order = itertools.count()
+        self._keys: dict[str, tuple[int, float, int]] = {}
+        self.num_preemptions = 0
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id: {request.request_id!r} is already in the engine")
+        key = (request.priority, request.arrival_time, next(self._order))
+        self._keys[request.request_id] = key
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, (key, request), key=lambda item: item[0])
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """Take a request out of the engine and give its blocks back at once."""
+        key = self._keys.pop(request.request_id)
+        del self.requests[request.request_id]
+        queue = self.running if request.status is RequestStatus.RUNNING else self.waiting
+        queue.pop(bisect.bisect_left(queue, key, key=lambda item: item[0]))
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+
+        # Running requests: decodes before prefill chunks, so a long prompt never stalls them.
+        decodes = [r for _, r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for _, r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for request in decodes + prefills:
+            if budget <= 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate(request, num_new):
+                victim = self.running[-1][1]
+                budget += scheduled.pop(victim.request_id, 0)
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled[request.request_id] = num_new
+                budget -= num_new
+
+        # Waiting requests, unless we just had to preempt (admitting more would only thrash).
+        while not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            key, request = self.waiting[0]
+            prefix = self.kv.match_prefix(request) if request.num_computed_tokens == 0 else None
+            num_cached = len(prefix.block_ids) * self.kv.block_size if prefix else 0
+            num_new = min(request.num_tokens - request.num_computed_tokens - num_cached, budget)
+            if not self.kv.allocate(request, num_new, prefix, reserve=self.watermark_blocks):
+                break
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+            self.waiting.pop(0)
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, (key, request), key=lambda item: item[0])
+            scheduled[request.request_id] = num_new
+            budget -= num_new
+
+        for request_id, num_new in scheduled.items():
+            batch.requests.append(self.requests[request_id])
+            batch.num_tokens.append(num_new)
+        return batch
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: drop the KV blocks (they stay in the prefix cache) and requeue."""
+        key = self._keys[request.request_id]
+        self.running.pop(bisect.bisect_left(self.running, key, key=lambda item: item[0]))
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, (key, request), key=lambda item: item[0])
