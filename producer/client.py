@@ -1,0 +1,240 @@
+"""Client: submit, stream, result, cancel and generate over Redis (sync; AsyncClient mirrors it)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from producer.errors import QueueFull
+from producer.protocol import (
+    DEFAULT_LIMITS,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_PREFIX,
+    DEFAULT_RESULT_TTL_S,
+    EVENT_FIELD,
+    Event,
+    EventType,
+    Keys,
+    Limits,
+    Priority,
+    Request,
+    decode_event,
+    done_event,
+    new_request_id,
+)
+from producer.results import CancelOutcome, Completion
+from producer.scripts import CANCEL, SUBMIT, cancel_keys, submit_args, submit_keys
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_MAX_QUEUE_DEPTH = 10_000
+_READ_BLOCK_MS = 1_000
+_MAX_KEYS_PER_READ = 1_000
+
+
+@dataclass(slots=True)
+class ClientConfig:
+    redis_url: str = DEFAULT_REDIS_URL
+    model: str = DEFAULT_MODEL_NAME  # the model a request goes to unless it names one
+    prefix: str = DEFAULT_PREFIX
+    max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # 0: no limit
+    result_ttl_s: int = DEFAULT_RESULT_TTL_S
+    reconnect_s: float = 30.0  # how long stream/result keep retrying a lost connection
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ClientConfig:
+        env = {"redis_url": os.environ.get("TOKENRELAY_REDIS_URL"), "model": os.environ.get("TOKENRELAY_MODEL"),
+               "prefix": os.environ.get("TOKENRELAY_PREFIX")}
+        depth = os.environ.get("TOKENRELAY_MAX_QUEUE_DEPTH")
+        values: dict[str, Any] = {k: v for k, v in env.items() if v}
+        if depth:
+            values["max_queue_depth"] = int(depth)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def build_request(model: str, prompt: str | list[int] | None = None, *, messages: list[dict[str, str]] | None = None,
+                  prompt_token_ids: list[int] | None = None, stream: bool = True,
+                  priority: Priority | str = Priority.NORMAL, deadline: float | None = None,
+                  timeout: float | None = None, metadata: Any = None, request_id: str | None = None,
+                  limits: Limits = DEFAULT_LIMITS, **params: Any) -> Request:
+    """A checked Request; raises ProtocolError (a ValueError) naming the bad field."""
+    if isinstance(prompt, list):
+        prompt, prompt_token_ids = None, prompt
+    if timeout is not None:
+        deadline = time.time() + timeout if deadline is None else min(deadline, time.time() + timeout)
+    request = Request(request_id=request_id or new_request_id(), model=model, prompt=prompt, messages=messages,
+                      prompt_token_ids=prompt_token_ids, params=params, stream=stream,
+                      priority=Priority(priority), deadline=deadline, submitted_at=time.time(), metadata=metadata)
+    return request.validate(limits)
+
+
+class _Models:
+    """Remembers which model recent requests went to, so stream(id) needs no model argument."""
+
+    def __init__(self, default: str, size: int = 100_000) -> None:
+        self.default, self.size = default, size
+        self._by_id: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, request_id: str, model: str) -> None:
+        if model != self.default:
+            self._by_id[request_id] = model
+            if len(self._by_id) > self.size:
+                self._by_id.popitem(last=False)
+
+    def of(self, request_id: str, model: str | None) -> str:
+        return model or self._by_id.get(request_id, self.default)
+
+
+class Client:
+    """`Client("redis://...").generate(["Write a poem about spring."], max_tokens=64)` and friends."""
+
+    def __init__(self, redis_url: str | None = None, *, model: str | None = None, prefix: str | None = None,
+                 max_queue_depth: int | None = None, client: redis.Redis | None = None, **config: Any) -> None:
+        self.config = ClientConfig.from_env(redis_url=redis_url, model=model, prefix=prefix,
+                                            max_queue_depth=max_queue_depth, **config)
+        self.redis = client if client is not None else redis.Redis.from_url(
+            self.config.redis_url, socket_connect_timeout=5, socket_timeout=_READ_BLOCK_MS / 1000 + 10)
+        self._submit = self.redis.register_script(SUBMIT)
+        self._cancel = self.redis.register_script(CANCEL)
+        self._models = _Models(self.config.model)
+
+    def keys(self, model: str | None = None) -> Keys:
+        return Keys(model or self.config.model, self.config.prefix)
+
+    # -- submit ---------------------------------------------------------------------------------------
+
+    def submit(self, prompt: str | list[int] | None = None, **kwargs: Any) -> str:
+        """Enqueues one request and returns its id. Resubmitting the same `request_id` is a no-op.
+
+        kwargs: messages, prompt_token_ids, model, stream, priority (high|normal|low), deadline (epoch
+        seconds) or timeout (seconds from now), metadata, request_id, and any sampling parameter.
+        Raises QueueFull when the model's backlog is over `max_queue_depth`.
+        """
+        model = kwargs.pop("model", None) or self.config.model
+        return self.submit_requests([build_request(model, prompt, **kwargs)])[0]
+
+    def submit_requests(self, requests: Sequence[Request]) -> list[str]:
+        """Enqueues many in one round trip; on QueueFull, `.accepted` lists those that got in."""
+        pipe = self.redis.pipeline(transaction=False)
+        for request in requests:
+            self._submit(keys=submit_keys(self.keys(request.model), request.request_id, request.priority),
+                         args=submit_args(request.request_id, request.encode(), self.config.max_queue_depth,
+                                          self.config.result_ttl_s, request.priority), client=pipe)
+        replies = pipe.execute()
+        accepted = []
+        for request, (verdict, detail) in zip(requests, replies, strict=True):
+            if verdict == b"full":
+                raise QueueFull(request.model, int(detail), self.config.max_queue_depth, accepted)
+            self._models.remember(request.request_id, request.model)
+            accepted.append(request.request_id)
+        return accepted
+
+    # -- results --------------------------------------------------------------------------------------
+
+    def events(self, request_id: str, *, model: str | None = None, after: str = "0-0",
+               timeout: float | None = None) -> Iterator[Event]:
+        """Every event from entry `after` on, through the terminal one; survives reconnects."""
+        key = self.keys(self._models.of(request_id, model)).result(request_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last, lost_since = after, None
+        while True:
+            block = _block_ms(deadline)
+            try:
+                reply = self.redis.xread({key: last}, count=512, block=block)
+                lost_since = None
+            except (redis.ConnectionError, redis.TimeoutError):
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > self.config.reconnect_s:
+                    raise
+                time.sleep(0.2)
+                continue
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id.decode()
+                    event = decode_event(fields.get(EVENT_FIELD.encode()), last)
+                    yield event
+                    if event.type.terminal:
+                        return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"request {request_id}: no terminal event within {timeout} s")
+
+    def stream(self, request_id: str, **kwargs: Any) -> Iterator[Event]:
+        """Deltas (and any `restart`: drop what you showed) then the `done` event; raises RequestFailed."""
+        completion = Completion(request_id)
+        for event in self.events(request_id, **kwargs):
+            completion.apply(event)
+            completion.raise_for_error()
+            yield event
+
+    def result(self, request_id: str, timeout: float | None = None, *, model: str | None = None) -> Completion:
+        completion = Completion(request_id)
+        for event in self.events(request_id, model=model, timeout=timeout):
+            completion.apply(event)
+        return completion.raise_for_error()
+
+    def cancel(self, request_id: str, *, model: str | None = None) -> CancelOutcome:
+        keys = self.keys(self._models.of(request_id, model))
+        reply = self._cancel(keys=cancel_keys(keys, request_id),
+                             args=[done_event("cancelled", {}), self.config.result_ttl_s])
+        return CancelOutcome(reply.decode())
+
+    def generate(self, prompts: Sequence[str | list[int]], timeout: float | None = None,
+                 **kwargs: Any) -> list[Completion]:
+        """Submits every prompt, waits for all; completions in order. Raises the first RequestFailed."""
+        model = kwargs.pop("model", None) or self.config.model
+        ids = self.submit_requests([build_request(model, p, **kwargs) for p in prompts])
+        done = self.wait_all(ids, model=model, timeout=timeout)
+        return [done[i].raise_for_error() for i in ids]
+
+    def wait_all(self, request_ids: Sequence[str], *, model: str | None = None,
+                 timeout: float | None = None) -> dict[str, Completion]:
+        """Folds many result streams at once (one XREAD over up to 1,000 streams per call)."""
+        keys = self.keys(model)
+        completions = {i: Completion(i) for i in request_ids}
+        positions = {keys.result(i): "0-0" for i in request_ids}
+        owners = {keys.result(i): i for i in request_ids}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while positions:
+            chunks = [list(positions)[i:i + _MAX_KEYS_PER_READ] for i in range(0, len(positions), _MAX_KEYS_PER_READ)]
+            got = 0
+            for chunk in chunks:
+                block = _block_ms(deadline) if len(chunks) == 1 else None
+                reply = self.redis.xread({k: positions[k] for k in chunk}, count=512, block=block)
+                for raw_key, entries in reply or []:
+                    key = raw_key.decode()
+                    for entry_id, fields in entries:
+                        got += 1
+                        positions[key] = entry_id.decode()
+                        event = decode_event(fields.get(EVENT_FIELD.encode()), positions[key])
+                        if completions[owners[key]].apply(event):
+                            del positions[key]
+                            break
+            if deadline is not None and time.monotonic() >= deadline and positions:
+                raise TimeoutError(f"{len(positions)} of {len(request_ids)} requests unfinished after {timeout} s")
+            if not got and len(chunks) > 1:
+                time.sleep(0.005)
+        return completions
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _block_ms(deadline: float | None) -> int:
+    if deadline is None:
+        return _READ_BLOCK_MS
+    return max(1, min(_READ_BLOCK_MS, int((deadline - time.monotonic()) * 1000)))
+
+
+__all__ = ["Client", "ClientConfig", "build_request", "EventType"]

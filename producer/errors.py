@@ -1,0 +1,36 @@
+"""Exceptions raised at the producer boundary: bad messages, a full queue, a request that failed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded or fails validation; `code` is the wire error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class QueueFull(RuntimeError):
+    """The model's queue is over the configured depth; retry later or raise `max_queue_depth`."""
+
+    def __init__(self, model: str, depth: int, limit: int, accepted: list[str] | None = None) -> None:
+        super().__init__(f"queue for model {model!r} is full: {depth} requests waiting, limit {limit}")
+        self.model = model
+        self.depth = depth
+        self.limit = limit
+        self.accepted = accepted or []  # ids a batch submit did enqueue before the queue filled
+
+
+class RequestFailed(RuntimeError):
+    """The request ended with an `error` event (code and message come from the worker)."""
+
+    def __init__(self, request_id: str, code: str, message: str, metadata: Any = None) -> None:
+        super().__init__(f"request {request_id} failed: {code}: {message}")
+        self.request_id = request_id
+        self.code = code
+        self.message = message
+        self.metadata = metadata

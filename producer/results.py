@@ -1,0 +1,63 @@
+"""Completion: a request's result folded from its event stream (a `restart` starts it over)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.errors import RequestFailed
+from producer.protocol import Event, EventType, Logprobs
+
+
+class CancelOutcome(enum.StrEnum):
+    CANCELLED = "cancelled"  # it was still queued: finished on the spot, no compute spent
+    REQUESTED = "requested"  # a worker runs it: it aborts within a step and sends a cancelled done event
+    FINISHED = "finished"  # it had already ended
+    UNKNOWN = "unknown"  # no such request (or its records expired)
+
+
+@dataclass(slots=True)
+class Completion:
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Logprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: Any = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    metadata: Any = None
+    worker: str = ""
+    restarts: int = 0  # times a worker was lost and generation started over
+    error: tuple[str, str] | None = None  # (code, message) of an error event
+    finished: bool = False
+
+    def apply(self, event: Event) -> bool:
+        """Folds one event in; True once the terminal event has arrived."""
+        if event.type is EventType.DELTA:
+            self.text += event.text
+            self.token_ids.extend(event.token_ids)
+            if event.logprobs is not None:
+                self.logprobs = (self.logprobs or []) + event.logprobs
+        elif event.type is EventType.RESTART:
+            self.text, self.token_ids, self.logprobs = "", [], None
+            self.restarts += 1
+        elif event.type is EventType.DONE:
+            if event.full_output:
+                self.text, self.token_ids = event.text, list(event.token_ids)
+                self.logprobs = event.logprobs
+            self.finish_reason, self.stop_reason = event.finish_reason, event.stop_reason
+            self.usage, self.metadata, self.worker = event.usage or {}, event.metadata, event.worker
+        else:
+            self.error = (event.code or "", event.message or "")
+            self.metadata, self.worker = event.metadata, event.worker
+        self.finished = event.type.terminal
+        return self.finished
+
+    def raise_for_error(self) -> Completion:
+        if self.error is not None:
+            raise RequestFailed(self.request_id, self.error[0], self.error[1], self.metadata)
+        return self
+
+    def __str__(self) -> str:
+        return self.text

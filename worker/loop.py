@@ -1,0 +1,279 @@
+"""The worker's step loop: admit -> step -> publish -> ack. Redis I/O runs on the Relay's thread."""
+
+from __future__ import annotations
+
+import heapq
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import structlog
+
+from engine.config import SamplingParams
+from producer.protocol import ErrorCode, FinishReason, Logprobs, done_event, error_event
+from worker.jobs import Job, Note, NoteKind, Outbox
+from worker.relay import Relay
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class LoopTiming:
+    """Where the loop's time goes: the engine's step versus everything around it."""
+
+    steps: int = 0
+    step_s: float = 0.0
+    overhead_s: float = 0.0  # admit + publish + ack, never a Redis round trip
+
+    def summary(self) -> dict[str, Any]:
+        busy = self.step_s + self.overhead_s
+        return {"steps": self.steps, "step_s": round(self.step_s, 3), "overhead_s": round(self.overhead_s, 3),
+                "overhead_pct": round(100 * self.overhead_s / busy, 3) if busy else 0.0}
+
+
+class Worker:
+    """Serves one engine from the model's request streams until stopped."""
+
+    def __init__(self, engine: Any, settings: WorkerSettings, client: redis.Redis | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.name = settings.consumer
+        self.redis = client if client is not None else connect(settings.redis_url)
+        self.outbox = Outbox()
+        self.inbox: queue.SimpleQueue[Note] = queue.SimpleQueue()
+        self.relay = Relay(self.redis, settings, self.outbox, self.inbox, self._stats_snapshot)
+        self.jobs: dict[str, Job] = {}
+        self.deadlines: list[tuple[float, str, int]] = []
+        self.timing = LoopTiming()
+        self._stop = threading.Event()
+        self._drain_until = float("inf")
+        self._stats: dict[str, Any] = {}
+        self._stats_at = 0.0
+        self._tokens_at_stats = 0
+
+    def run(self) -> None:
+        self.relay.start()
+        log.info("worker serving", worker=self.name, model=self.settings.served_model,
+                 slots=self.settings.max_num_seqs)
+        try:
+            while not self._finished():
+                self._admit()
+                outputs = self._step()
+                self._publish(outputs)
+                self._ack(outputs)
+        finally:
+            self._close()
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop reading new requests; finish in-flight ones within the grace period (or now, drain=False)."""
+        grace = self.settings.drain_grace_s if drain else 0.0
+        self._drain_until = min(self._drain_until, time.monotonic() + grace)
+        self.relay.reading = False
+        self._stop.set()
+        log.info("worker stopping", worker=self.name, in_flight=len(self.jobs), grace_s=grace)
+
+    # -- the four phases ----------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Take in what the Redis thread claimed; apply cancels, lost ownership and deadlines."""
+        try:
+            idle = not self.engine.has_unfinished()
+            note: Note | None = self.inbox.get(timeout=0.05) if idle else self.inbox.get_nowait()
+        except queue.Empty:
+            note = None
+        started = time.perf_counter()
+        while note is not None:
+            self._apply(note)
+            try:
+                note = self.inbox.get_nowait()
+            except queue.Empty:
+                note = None
+        self._expire_deadlines()
+        now = time.monotonic()
+        if now - self._stats_at > 0.5:
+            self._refresh_stats(now)
+        self.timing.overhead_s += time.perf_counter() - started
+
+    def _step(self) -> list[Any]:
+        if not self.engine.has_unfinished():
+            return []
+        started = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - one bad step must not take the worker down silently
+            log.exception("engine step failed; failing in-flight requests", in_flight=len(self.jobs))
+            for job in list(self.jobs.values()):
+                self._drop(job)
+                self._send_error(job, ErrorCode.INTERNAL, f"engine step failed: {type(exc).__name__}: {exc}")
+            return []
+        self.timing.step_s += time.perf_counter() - started
+        self.timing.steps += 1
+        return outputs
+
+    def _publish(self, outputs: list[Any]) -> None:
+        """Hand each request's new tokens to the Redis thread (it coalesces and writes them)."""
+        started = time.perf_counter()
+        for out in outputs:
+            job = self.jobs.get(out.request_id)
+            if job is None:
+                continue
+            if job.first_token_at is None and out.new_token_ids:
+                job.first_token_at, job.first_token_wall = time.monotonic(), time.time()
+            job.completion_tokens = len(out.token_ids)
+            if job.request.stream and (out.new_text or out.new_token_ids):
+                self.outbox.add_delta(out.request_id, job.epoch, out.new_text, out.new_token_ids,
+                                      wire_logprobs(out.new_logprobs))
+        self.timing.overhead_s += time.perf_counter() - started
+
+    def _ack(self, outputs: list[Any]) -> None:
+        """Queue the terminal event of each finished request; the Redis thread writes it and XACKs in one script."""
+        started = time.perf_counter()
+        for out in outputs:
+            if out.finished and out.request_id in self.jobs:
+                self._send_done(self.jobs.pop(out.request_id), out.finish_reason, out)
+        self.timing.overhead_s += time.perf_counter() - started
+
+    # -- notes from the Redis thread ------------------------------------------------------------------
+
+    def _apply(self, note: Note) -> None:
+        if note.kind is NoteKind.JOB:
+            assert note.job is not None
+            self._start(note.job)
+            return
+        job = self.jobs.get(note.request_id)
+        if job is None or job.epoch != note.epoch:
+            return
+        self._drop(job)
+        if note.kind is NoteKind.CANCEL:
+            log.info("request cancelled", request_id=job.request.request_id, tokens=job.completion_tokens)
+            self._send_done(job, FinishReason.CANCELLED.value, None)
+        else:
+            log.info("request dropped: taken over elsewhere", request_id=job.request.request_id)
+
+    def _start(self, job: Job) -> None:
+        request = job.request
+        if request.deadline is not None and request.deadline <= time.time():
+            self._send_error(job, ErrorCode.DEADLINE, "deadline passed before the request reached the engine")
+            return
+        try:
+            prompt = self._prompt(request)
+            params = SamplingParams.from_dict(request.params)
+            waited = max(0.0, time.time() - request.submitted_at) if request.submitted_at else 0.0
+            self.engine.add_request(request.request_id, prompt, params, priority=request.priority.rank,
+                                    arrival_time=time.monotonic() - waited)
+        except Exception as exc:  # noqa: BLE001 - ValueError from the engine, template errors from chat input
+            log.info("request refused by the engine", request_id=request.request_id, reason=str(exc))
+            dead = ["reason", ErrorCode.INVALID_REQUEST.value, "message", str(exc), "id", request.request_id,
+                    "worker", self.name, "raw", job.raw]
+            self._send_error(job, ErrorCode.INVALID_REQUEST, str(exc), dead)
+            return
+        job.added_at = time.monotonic()
+        self.jobs[request.request_id] = job
+        if request.deadline is not None:
+            heapq.heappush(self.deadlines, (request.deadline, request.request_id, job.epoch))
+        log.info("request admitted", request_id=request.request_id, priority=request.priority.value,
+                 attempt=job.epoch, prompt_chars=len(prompt) if isinstance(prompt, str) else None,
+                 prompt_tokens=len(prompt) if isinstance(prompt, list) else None,
+                 max_tokens=params.max_tokens, queue_wait_s=round(job.admitted_at - request.submitted_at, 4))
+        log.debug("request prompt", request_id=request.request_id, prompt=prompt)
+
+    def _prompt(self, request: Any) -> str | list[int]:
+        if request.messages is not None:
+            tokenizer = getattr(self.engine, "tokenizer", None)
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise ValueError("messages: this model has no chat template; send a prompt instead")
+            return tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        return request.prompt if request.prompt is not None else request.prompt_token_ids
+
+    def _expire_deadlines(self) -> None:
+        now = time.time()
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, request_id, epoch = heapq.heappop(self.deadlines)
+            job = self.jobs.get(request_id)
+            if job is not None and job.epoch == epoch:
+                self._drop(job)
+                log.info("request past its deadline: aborted", request_id=request_id, tokens=job.completion_tokens)
+                self._send_error(job, ErrorCode.DEADLINE, "deadline passed during generation")
+
+    # -- terminal events ------------------------------------------------------------------------------
+
+    def _drop(self, job: Job) -> None:
+        self.jobs.pop(job.request.request_id, None)
+        self.engine.abort(job.request.request_id)  # frees its KV blocks now
+
+    def _usage(self, job: Job, out: Any) -> dict[str, Any]:
+        submitted = job.request.submitted_at or job.admitted_at
+        usage: dict[str, Any] = {
+            "prompt_tokens": len(out.prompt_token_ids) if out is not None else 0,
+            "completion_tokens": job.completion_tokens,
+            "cached_tokens": out.num_cached_tokens if out is not None else 0,
+            "queue_wait_s": round(max(0.0, job.admitted_at - submitted), 6),
+            "total_s": round(time.time() - submitted, 6),
+            "attempt": job.epoch,
+        }
+        if job.first_token_at is not None and job.first_token_wall is not None:
+            usage["ttft_s"] = round(job.first_token_wall - submitted, 6)
+            usage["engine_ttft_s"] = round(job.first_token_at - job.added_at, 6)
+        return usage
+
+    def _send_done(self, job: Job, finish_reason: str | None, out: Any) -> None:
+        request = job.request
+        full = out is not None and not request.stream
+        usage = self._usage(job, out)
+        payload = done_event(finish_reason or FinishReason.STOP.value, usage,
+                             stop_reason=getattr(out, "stop_reason", None), metadata=request.metadata,
+                             worker=self.name, text=out.text if full else None,
+                             token_ids=list(out.token_ids) if full else None,
+                             logprobs=wire_logprobs(out.logprobs) if full else None)
+        self.outbox.add_terminal(request.request_id, job.epoch, payload)
+        log.info("request finished", request_id=request.request_id, finish_reason=finish_reason,
+                 prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
+                 ttft_s=usage.get("ttft_s"), total_s=usage["total_s"])
+
+    def _send_error(self, job: Job, code: ErrorCode, message: str, dead: list[Any] | None = None) -> None:
+        payload = error_event(code.value, message, job.request.metadata, self.name)
+        self.outbox.add_terminal(job.request.request_id, job.epoch, payload, dead)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def _finished(self) -> bool:
+        if not self._stop.is_set():
+            return False
+        if time.monotonic() >= self._drain_until:
+            return True
+        return not self.jobs and self.inbox.empty() and self.relay.held == 0
+
+    def _close(self) -> None:
+        hand_back = bool(self.jobs) or self.relay.held > 0
+        for job in list(self.jobs.values()):
+            self._drop(job)
+        self.relay.close(hand_back=hand_back)
+        log.info("worker stopped", worker=self.name, handed_back=hand_back, round_trips=self.relay.round_trips,
+                 **self.timing.summary())
+
+    def _refresh_stats(self, now: float) -> None:
+        stats = dict(self.engine.stats())
+        generated = int(stats.get("generated_tokens", 0))
+        elapsed = now - self._stats_at if self._stats_at else 0.0
+        stats["tokens_per_s"] = round((generated - self._tokens_at_stats) / elapsed, 1) if elapsed else 0.0
+        stats.update(self.timing.summary())
+        self._stats, self._stats_at, self._tokens_at_stats = stats, now, generated
+
+    def _stats_snapshot(self) -> dict[str, Any]:
+        return self._stats
+
+
+def connect(url: str) -> redis.Redis:
+    # No read timeout below the idle XREADGROUP block; a dead server still fails within 30 s.
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+
+
+def wire_logprobs(logprobs: Any) -> Logprobs | None:
+    """Engine TokenLogprobs -> [[token_id, logprob, [[alt_id, alt_logprob], ...]], ...]."""
+    if logprobs is None:
+        return None
+    return [[lp.token_id, lp.logprob, [[k, v] for k, v in lp.top.items()]] for lp in logprobs]

@@ -1,0 +1,199 @@
+"""Worker-side Lua scripts: admit (take over + read + claim), publish (fenced), heartbeat, hand back.
+
+Fencing: every claim of a request increments `epoch` in its `req:<id>` hash. A worker publishes,
+acks and refreshes only while the epoch it holds is still the current one, checked inside the
+same atomic script that writes. A worker that was paused and resumes after another took its
+requests over finds a newer epoch and writes nothing; it is told which requests it lost.
+
+All scripts take KEYS = [queue high, queue normal, queue low, dead letters, workers hash]; keys
+derived from a request id read inside the script share the model's hash tag (same slot).
+"""
+
+from __future__ import annotations
+
+_CLAIM = """
+local group, consumer = ARGV[1], ARGV[2]
+local req_prefix, res_prefix = ARGV[3], ARGV[4]
+local ttl, max_deliveries, dead_maxlen = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local restart_payload, cancelled_payload, dead_payload = ARGV[8], ARGV[9], ARGV[10]
+local prio_names = {'high', 'normal', 'low'}
+
+local function settle(queue, entry)
+  redis.call('XACK', queue, group, entry)
+  redis.call('XDEL', queue, entry)
+end
+
+-- Returns {queue index, entry id, request id, payload, epoch, verdict}; only 'ok' is work to do.
+local function claim(qi, entry, fields)
+  local queue = KEYS[qi]
+  local id, payload = nil, ''
+  for i = 1, #fields, 2 do
+    if fields[i] == 'id' then id = fields[i + 1] elseif fields[i] == 'm' then payload = fields[i + 1] end
+  end
+  if type(id) ~= 'string' or #id ~= 32 or string.find(id, '[^0-9a-f]') then
+    -- no reply address: straight to the dead letters
+    settle(queue, entry)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', 'invalid_request', 'message',
+               'entry has no valid id field', 'queue', queue, 'entry', entry, 'worker', consumer,
+               'raw', string.sub(cmsgpack.pack(fields), 1, 65536))
+    return {qi, entry, '', '', 0, 'bad_id'}
+  end
+  local meta, result = req_prefix .. id, res_prefix .. id
+  local known = redis.call('HMGET', meta, 'state', 'entry', 'cancel')
+  if known[2] and known[2] ~= entry then settle(queue, entry); return {qi, entry, id, '', 0, 'duplicate'} end
+  if known[1] == 'done' then settle(queue, entry); return {qi, entry, id, '', 0, 'done'} end
+  local epoch = redis.call('HINCRBY', meta, 'epoch', 1)
+  redis.call('EXPIRE', meta, ttl)
+  if epoch > max_deliveries then
+    redis.call('HSET', meta, 'state', 'done', 'entry', entry)
+    redis.call('XADD', result, '*', 'm', dead_payload)
+    redis.call('EXPIRE', result, ttl)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', 'max_deliveries', 'message',
+               'delivered ' .. (epoch - 1) .. ' times without finishing', 'id', id, 'queue', queue,
+               'entry', entry, 'worker', consumer, 'raw', payload)
+    settle(queue, entry)
+    return {qi, entry, id, '', epoch, 'dead'}
+  end
+  if known[3] == '1' then
+    redis.call('HSET', meta, 'state', 'done', 'entry', entry)
+    redis.call('XADD', result, '*', 'm', cancelled_payload)
+    redis.call('EXPIRE', result, ttl)
+    settle(queue, entry)
+    return {qi, entry, id, '', epoch, 'cancelled'}
+  end
+  redis.call('HSET', meta, 'state', 'running', 'entry', entry, 'prio', prio_names[qi], 'worker', consumer, 'seq', 0)
+  if epoch > 1 then
+    -- a takeover: the client drops what the lost worker sent
+    redis.call('XADD', result, '*', 'm', restart_payload)
+    redis.call('EXPIRE', result, ttl)
+  end
+  return {qi, entry, id, payload, epoch, 'ok'}
+end
+"""
+
+# ARGV[1..10] as in _CLAIM, then: count, autoclaim (0/1), min_idle_ms, cursor x3,
+# then pre-read entries (from a blocking XREADGROUP) as: queue index, entry id, n fields, fields...
+ADMIT = _CLAIM + """
+local budget, autoclaim, min_idle = tonumber(ARGV[11]), ARGV[12], ARGV[13]
+local cursors = {ARGV[14], ARGV[15], ARGV[16]}
+local out = {}
+local function take(qi, entry, fields)
+  local r = claim(qi, entry, fields)
+  out[#out + 1] = r
+  if r[6] == 'ok' then budget = budget - 1 end
+end
+local i = 17
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 2])
+  local fields = {}
+  for j = 1, n do fields[j] = ARGV[i + 2 + j] end
+  take(tonumber(ARGV[i]), ARGV[i + 1], fields)
+  i = i + 3 + n
+end
+if autoclaim == '1' then
+  for qi = 1, 3 do
+    if budget <= 0 then break end
+    local r = redis.call('XAUTOCLAIM', KEYS[qi], group, consumer, min_idle, cursors[qi], 'COUNT', budget)
+    cursors[qi] = r[1]
+    for _, e in ipairs(r[2]) do
+      if type(e) == 'table' and type(e[2]) == 'table' then take(qi, e[1], e[2]) end
+    end
+  end
+end
+for qi = 1, 3 do
+  if budget <= 0 then break end
+  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', budget, 'STREAMS', KEYS[qi], '>')
+  if r then
+    for _, e in ipairs(r[1][2]) do take(qi, e[1], e[2]) end
+  end
+end
+return {cursors[1], cursors[2], cursors[3], out}
+"""
+
+# ARGV: group, req prefix, res prefix, ttl, dead maxlen, n items, then per item:
+#   id, epoch, seq, n events, events..., terminal (0/1), n dead fields, dead fields...
+# then (id, epoch) pairs to check for cancellation and lost ownership.
+# Returns {statuses (0 written, 1 already written by an earlier try, 2 lost), lost ids, cancelled ids}.
+PUBLISH = """
+local group, req_prefix, res_prefix, ttl, dead_maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local queues = {high = KEYS[1], normal = KEYS[2], low = KEYS[3]}
+local statuses, lost, cancelled = {}, {}, {}
+local i = 7
+for n = 1, tonumber(ARGV[6]) do
+  local id, epoch, seq, n_events = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local first_event = i + 4
+  local terminal = ARGV[first_event + n_events] == '1'
+  local n_dead = tonumber(ARGV[first_event + n_events + 1])
+  local first_dead = first_event + n_events + 2
+  i = first_dead + n_dead
+  local meta = req_prefix .. id
+  local m = redis.call('HMGET', meta, 'epoch', 'state', 'seq', 'prio', 'entry')
+  local status = 0
+  if m[1] ~= epoch then
+    status = 2
+  elseif tonumber(m[3] or '0') > seq then
+    status = 1
+  elseif m[2] ~= 'running' then
+    status = 2
+  else
+    local result = res_prefix .. id
+    for e = first_event, first_event + n_events - 1 do redis.call('XADD', result, '*', 'm', ARGV[e]) end
+    redis.call('EXPIRE', result, ttl)
+    redis.call('HSET', meta, 'seq', seq + 1)
+    if terminal then
+      -- the terminal event and the ack land together: never acked without it, never written twice
+      redis.call('HSET', meta, 'state', 'done')
+      local queue = queues[m[4]]
+      if queue and m[5] then
+        redis.call('XACK', queue, group, m[5])
+        redis.call('XDEL', queue, m[5])
+      end
+      if n_dead > 0 then
+        redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', unpack(ARGV, first_dead, first_dead + n_dead - 1))
+      end
+    end
+  end
+  statuses[n] = status
+  if status == 2 then lost[#lost + 1] = id end
+end
+while i < #ARGV do
+  local m = redis.call('HMGET', req_prefix .. ARGV[i], 'epoch', 'cancel')
+  if m[1] ~= ARGV[i + 1] then lost[#lost + 1] = ARGV[i]
+  elseif m[2] == '1' then cancelled[#cancelled + 1] = ARGV[i] end
+  i = i + 2
+end
+return {statuses, lost, cancelled}
+"""
+
+# ARGV: group, consumer, req prefix, ttl, heartbeat payload, then (id, epoch, queue index, entry) quads.
+# Keeps this worker's entries fresh (idle 0) so no one takes them over; returns the ids it lost.
+HEARTBEAT = """
+local group, consumer, req_prefix, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local lost = {}
+for i = 6, #ARGV, 4 do
+  local meta = req_prefix .. ARGV[i]
+  if redis.call('HGET', meta, 'epoch') == ARGV[i + 1] then
+    redis.call('XCLAIM', KEYS[tonumber(ARGV[i + 2])], group, consumer, 0, ARGV[i + 3], 'JUSTID')
+    redis.call('EXPIRE', meta, ttl)
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+redis.call('HSET', KEYS[5], consumer, ARGV[5])
+return lost
+"""
+
+# ARGV: group, consumer, req prefix, then (id, epoch, queue index, entry) quads.
+# Marks still-owned entries as long idle, so the next XAUTOCLAIM of any live worker takes them.
+HAND_BACK = """
+local group, consumer, req_prefix = ARGV[1], ARGV[2], ARGV[3]
+local n = 0
+for i = 4, #ARGV, 4 do
+  if redis.call('HGET', req_prefix .. ARGV[i], 'epoch') == ARGV[i + 1] then
+    redis.call('XCLAIM', KEYS[tonumber(ARGV[i + 2])], group, consumer, 0, ARGV[i + 3], 'IDLE', 1000000000000,
+               'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
