@@ -1,10 +1,14 @@
-"""The demo: the default model streams four prompts at once to the terminal."""
+"""The demo: four prompts through an embedded Redis and a worker process, streamed side by side."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 
 DEMO_PROMPTS = [
@@ -20,7 +24,7 @@ _RESET = "\x1b[0m"
 class Panes:
     """Shows several token streams side by side: redrawn in place on a terminal, tagged lines otherwise."""
 
-    def __init__(self, titles: list[str], stream: "object" = sys.stdout) -> None:
+    def __init__(self, titles: list[str], stream: object = sys.stdout) -> None:
         self.titles = titles
         self.texts = ["" for _ in titles]
         self.out = stream
@@ -55,32 +59,76 @@ class Panes:
         self._last_draw = time.monotonic()
 
 
-async def _demo_in_process(max_tokens: int) -> None:
-    from engine import AsyncLLM, SamplingParams
+async def _stream_prompts(redis_url: str, max_tokens: int, worker: subprocess.Popen[bytes]) -> None:
+    from producer.async_client import AsyncClient
+    from producer.client import build_request
+    from producer.protocol import DEFAULT_MODEL_NAME, EventType
 
-    llm = AsyncLLM(model=None)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.7, top_p=0.9, seed=0)
-    tokenizer = llm.tokenizer
-    panes = Panes(DEMO_PROMPTS)
+    client = AsyncClient(redis_url, model=DEFAULT_MODEL_NAME)
+    params = {"max_tokens": max_tokens, "temperature": 0.7, "top_p": 0.9, "seed": 0}
+    requests = [build_request(DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": p}], **params)
+                for p in DEMO_PROMPTS]
     started = time.monotonic()
-    counts = [0] * len(DEMO_PROMPTS)
+    ids = await client.submit_requests(requests)  # all four in one round trip: they queue until the worker is up
+    panes = Panes(DEMO_PROMPTS)
+    usages: list[dict[str, float]] = [{} for _ in ids]
 
-    async def run(i: int, prompt: str) -> None:
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        async for delta in llm.stream(chat, params):
-            counts[i] += len(delta.new_token_ids)
-            panes.add(i, delta.new_text)
+    async def follow(i: int, request_id: str) -> None:
+        async for event in client.stream(request_id):
+            if event.type is EventType.RESTART:
+                panes.texts[i] = ""
+            elif event.type is EventType.DELTA:
+                panes.add(i, event.text)
+            elif event.type is EventType.DONE:
+                usages[i] = event.usage or {}
 
-    await asyncio.gather(*(run(i, p) for i, p in enumerate(DEMO_PROMPTS)))
+    async def watch_worker() -> None:
+        while worker.poll() is None:
+            await asyncio.sleep(0.5)
+        raise RuntimeError(f"the worker exited early with code {worker.returncode}")
+
+    streams = asyncio.gather(*(follow(i, r) for i, r in enumerate(ids)))
+    watchdog = asyncio.ensure_future(watch_worker())
+    try:
+        await asyncio.wait({streams, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+        if watchdog.done():
+            streams.cancel()
+            watchdog.result()
+        await streams
+    finally:
+        watchdog.cancel()
+        await client.close()
     if panes.tty:
         panes.draw()
     elapsed = time.monotonic() - started
-    print(f"\n{sum(counts)} tokens from {len(DEMO_PROMPTS)} concurrent requests in {elapsed:.1f} s "
-          f"({sum(counts) / elapsed:.1f} tokens/s)")
-    llm.shutdown()
+    tokens = sum(int(u.get("completion_tokens", 0)) for u in usages)
+    print(f"\n{tokens} tokens from {len(ids)} concurrent requests through Redis in {elapsed:.1f} s "
+          f"(including the worker's start-up; requests waited in the queue meanwhile)")
+    for i, usage in enumerate(usages):
+        print(f"  [{i + 1}] {usage.get('completion_tokens', 0)} tokens, "
+              f"queue wait {usage.get('queue_wait_s', 0):.2f} s, time to first token {usage.get('ttft_s', 0):.2f} s")
 
 
 def run_demo(max_tokens: int = 96) -> int:
-    asyncio.run(_demo_in_process(max_tokens))
-    return 0
+    """Embedded redis-server, one worker process with the default model, four prompts streamed live."""
+    from worker.redis_server import RedisServer
+
+    with RedisServer() as server, tempfile.NamedTemporaryFile("wb", prefix="tokenrelay-worker-", suffix=".log",
+                                                              delete=False) as log_file:
+        print(f"redis-server on 127.0.0.1:{server.port} (embedded, {server.binary})")
+        env = {**os.environ, "TOKENRELAY_LOG_JSON": "1"}
+        worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--redis", server.url,
+                                   "--max-num-seqs", "16"], stdout=log_file, stderr=log_file, env=env)
+        print(f"worker pid {worker.pid} loading the default model (logs: {log_file.name})\n")
+        try:
+            asyncio.run(_stream_prompts(server.url, max_tokens, worker))
+        finally:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)  # drains: nothing is in flight any more, so it exits at once
+            try:
+                code = worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                code = worker.wait()
+        print(f"worker drained and exited with code {code}; redis-server stopped")
+    return 0 if code == 0 else 1

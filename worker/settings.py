@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 from dataclasses import asdict, dataclass, field, fields
@@ -80,7 +81,11 @@ class WorkerSettings:
         return cls(**values)
 
     def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """For the start-up log line: everything set, with any Redis password masked."""
+        values = {k: v for k, v in asdict(self).items() if v is not None}
+        values["redis_url"] = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", self.redis_url)
+        values["served_model"] = self.served_model
+        return values
 
 
 def _parse(raw: str, type_name: Any) -> Any:

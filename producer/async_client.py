@@ -1,0 +1,116 @@
+"""AsyncClient: the asyncio twin of Client (same protocol, same scripts, same semantics)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from producer.client import _READ_BLOCK_MS, ClientConfig, _block_ms, _Models, build_request
+from producer.errors import QueueFull
+from producer.protocol import EVENT_FIELD, Event, Keys, Request, decode_event, done_event
+from producer.results import CancelOutcome, Completion
+from producer.scripts import CANCEL, SUBMIT, cancel_keys, submit_args, submit_keys
+
+
+class AsyncClient:
+    """`await AsyncClient(url).generate([...])`; `async for event in client.stream(id)`."""
+
+    def __init__(self, redis_url: str | None = None, *, model: str | None = None, prefix: str | None = None,
+                 max_queue_depth: int | None = None, client: aioredis.Redis | None = None, **config: Any) -> None:
+        self.config = ClientConfig.from_env(redis_url=redis_url, model=model, prefix=prefix,
+                                            max_queue_depth=max_queue_depth, **config)
+        self.redis = client if client is not None else aioredis.Redis.from_url(
+            self.config.redis_url, socket_connect_timeout=5, socket_timeout=_READ_BLOCK_MS / 1000 + 10)
+        self._submit = self.redis.register_script(SUBMIT)
+        self._cancel = self.redis.register_script(CANCEL)
+        self._models = _Models(self.config.model)
+
+    def keys(self, model: str | None = None) -> Keys:
+        return Keys(model or self.config.model, self.config.prefix)
+
+    async def submit(self, prompt: str | list[int] | None = None, **kwargs: Any) -> str:
+        """See Client.submit."""
+        model = kwargs.pop("model", None) or self.config.model
+        return (await self.submit_requests([build_request(model, prompt, **kwargs)]))[0]
+
+    async def submit_requests(self, requests: Sequence[Request]) -> list[str]:
+        pipe = self.redis.pipeline(transaction=False)
+        for request in requests:
+            await self._submit(keys=submit_keys(self.keys(request.model), request.request_id, request.priority),
+                               args=submit_args(request.request_id, request.encode(), self.config.max_queue_depth,
+                                                self.config.result_ttl_s, request.priority), client=pipe)
+        replies = await pipe.execute()
+        accepted = []
+        for request, (verdict, detail) in zip(requests, replies, strict=True):
+            if verdict == b"full":
+                raise QueueFull(request.model, int(detail), self.config.max_queue_depth, accepted)
+            self._models.remember(request.request_id, request.model)
+            accepted.append(request.request_id)
+        return accepted
+
+    async def events(self, request_id: str, *, model: str | None = None, after: str = "0-0",
+                     timeout: float | None = None) -> AsyncIterator[Event]:
+        key = self.keys(self._models.of(request_id, model)).result(request_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last, lost_since = after, None
+        while True:
+            try:
+                reply = await self.redis.xread({key: last}, count=512, block=_block_ms(deadline))
+                lost_since = None
+            except (redis.ConnectionError, redis.TimeoutError):
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > self.config.reconnect_s:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id.decode()
+                    event = decode_event(fields.get(EVENT_FIELD.encode()), last)
+                    yield event
+                    if event.type.terminal:
+                        return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"request {request_id}: no terminal event within {timeout} s")
+
+    async def stream(self, request_id: str, **kwargs: Any) -> AsyncIterator[Event]:
+        """Deltas (and any `restart`) then `done`; raises RequestFailed on an error event."""
+        completion = Completion(request_id)
+        async for event in self.events(request_id, **kwargs):
+            completion.apply(event)
+            completion.raise_for_error()
+            yield event
+
+    async def result(self, request_id: str, timeout: float | None = None, *, model: str | None = None) -> Completion:
+        completion = Completion(request_id)
+        async for event in self.events(request_id, model=model, timeout=timeout):
+            completion.apply(event)
+        return completion.raise_for_error()
+
+    async def cancel(self, request_id: str, *, model: str | None = None) -> CancelOutcome:
+        keys = self.keys(self._models.of(request_id, model))
+        reply = await self._cancel(keys=cancel_keys(keys, request_id),
+                                   args=[done_event("cancelled", {}), self.config.result_ttl_s])
+        return CancelOutcome(reply.decode())
+
+    async def generate(self, prompts: Sequence[str | list[int]], timeout: float | None = None,
+                       **kwargs: Any) -> list[Completion]:
+        """Submits every prompt, waits for all concurrently; completions in order."""
+        model = kwargs.pop("model", None) or self.config.model
+        ids = await self.submit_requests([build_request(model, p, **kwargs) for p in prompts])
+        results = await asyncio.gather(*(self.result(i, timeout, model=model) for i in ids))
+        return list(results)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

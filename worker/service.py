@@ -1,0 +1,49 @@
+"""A worker process: settings -> engine -> Worker, with SIGTERM/SIGINT draining and a clean exit code."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+
+def build_engine(settings: WorkerSettings) -> Any:
+    """The engine a worker serves; heavy imports (torch) happen here, not at CLI start-up."""
+    if settings.engine == "noop":
+        from worker.noop_engine import NoopEngine
+
+        return NoopEngine(max_num_seqs=settings.max_num_seqs, step_delay_s=settings.noop_step_delay_s)
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=settings.model, dtype=settings.dtype, max_num_seqs=settings.max_num_seqs,
+                                  num_threads=settings.num_threads, num_kv_blocks=settings.num_kv_blocks))
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    """Serves until SIGTERM/SIGINT: the first drains (finish in-flight, grace period), a second hands back."""
+    from worker.loop import Worker
+
+    log.info("worker settings", **settings.describe())
+    engine = build_engine(settings)
+    worker = Worker(engine, settings)
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        log.info("signal received", signal=signal.Signals(signum).name, drain=signals_seen == 1)
+        # the handler runs between bytecodes of the main thread: only set flags here
+        threading.Thread(target=worker.stop, args=(signals_seen == 1,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.run()
+    return 0
