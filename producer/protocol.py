@@ -207,7 +207,7 @@ def unpack(data: Any, max_bytes: int) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
                                max_str_len=max_bytes, max_bin_len=max_bytes, max_array_len=max_bytes,
-                               max_map_len=max_bytes // 2, max_ext_len=0)
+                               max_map_len=max_bytes // 2, max_ext_len=max_bytes)
     except ProtocolError:
         raise
     except Exception as exc:  # noqa: BLE001 - msgpack raises many types (ValueError, StackError, ...)

@@ -30,3 +30,44 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Pat
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["llama"]
+
+
+# -- queue service: a private redis-server and worker helpers ----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server():  # noqa: ANN201 - worker.redis_server.RedisServer
+    """One redis-server for the session, on a free port in a temp dir (never the one on 6379)."""
+    from worker.redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:  # noqa: ANN001
+    """The session server, flushed: each test starts from an empty keyspace."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def worker_processes(tmp_path: Path):  # noqa: ANN201
+    """Starts `tokenrelay worker` subprocesses; kills whatever is left at teardown."""
+    from tests.queue_helpers import WorkerProcess
+
+    started: list[WorkerProcess] = []
+
+    def start(redis_url: str, model_dir: Path, *extra: str) -> WorkerProcess:
+        process = WorkerProcess(redis_url, model_dir, tmp_path / f"worker-{len(started)}.log", list(extra))
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

@@ -56,6 +56,7 @@ class Worker:
         self._tokens_at_stats = 0
 
     def run(self) -> None:
+        self._refresh_stats(time.monotonic())  # the first heartbeat already carries stats
         self.relay.start()
         log.info("worker serving", worker=self.name, model=self.settings.served_model,
                  slots=self.settings.max_num_seqs)

@@ -8,6 +8,7 @@ are free slots, and, when due, the heartbeat that keeps this worker's entries fr
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -72,14 +73,18 @@ class Relay:
         return len(self.claims)
 
     def start(self) -> None:
+        self.ensure_groups()
+        self.redis.sadd(self.keys.models, self.keys.model)
+        self._thread.start()
+
+    def ensure_groups(self) -> None:
+        """The consumer group on each priority stream, created from the start of the stream if missing."""
         for key in self.keys.queues:
             try:
                 self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        self.redis.sadd(self.keys.models, self.keys.model)
-        self._thread.start()
 
     def close(self, hand_back: bool, timeout: float = 10.0) -> None:
         """Publish what is left, hand back what is still claimed if asked, deregister, stop."""
@@ -101,7 +106,9 @@ class Relay:
                 failures = 0
             except redis.RedisError as exc:
                 failures += 1
-                log.warning("redis round trip failed; retrying", error=str(exc), failures=failures)
+                log.warning("redis round trip failed; retrying", error=str(exc)[:300], failures=failures)
+                if "NOGROUP" in str(exc):  # a queue stream was deleted under us
+                    self._safely(self.ensure_groups)
                 if stopping and failures > 3:
                     break
                 time.sleep(min(2.0, 0.05 * 2**failures))
@@ -203,8 +210,9 @@ class Relay:
         return args
 
     def _heartbeat_args(self) -> list[Any]:
-        info = {"model": self.keys.model, "at": time.time(), "slots_total": self.settings.max_num_seqs,
-                "slots_used": len(self.claims), "draining": not self.reading, **self.stats()}
+        info = {"model": self.keys.model, "at": time.time(), "pid": os.getpid(),
+                "slots_total": self.settings.max_num_seqs, "slots_used": len(self.claims),
+                "draining": not self.reading, **self.stats()}
         args: list[Any] = [GROUP, self.me, self.keys.request_prefix, self.settings.result_ttl_s,
                            msgpack.packb(info, use_bin_type=True)]
         for claim in self.claims.values():
@@ -288,6 +296,13 @@ class Relay:
                 pending = self.redis.xpending_range(key, GROUP, min="-", max="+", count=1, consumername=self.me)
                 if not pending:
                     self.redis.xgroup_delconsumer(key, GROUP, self.me)
+
+
+    def _safely(self, action: Any) -> None:
+        try:
+            action()
+        except redis.RedisError as exc:
+            log.warning("redis call failed", error=str(exc)[:300])
 
 
 def _text(value: Any) -> str:
