@@ -102,6 +102,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | cpu | xformers
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    cpu_weight_packing: bool = True  # fp32 on CPU: prepack Linear weights for oneDNN
     seed: int = 0
     trust_remote_code: bool = False
 

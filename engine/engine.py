@@ -12,13 +12,14 @@ import torch
 from engine.config import EngineConfig, SamplingParams
 from engine.detokenize import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
-from engine.memory import kv_cache_num_blocks
+from engine.memory import kv_cache_num_blocks, tune_host_allocator
 from engine.models.adapter import ModelAdapter
 from engine.models.loader import load_model, resolve_device, resolve_dtype
 from engine.request import FinishReason, Request, RequestOutput
 from engine.runner import ModelRunner, kv_cache_bytes_per_block
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
+from kernels.cpu_linear import pack_linears, packing_available
 from kernels.select import select_backend
 
 log = structlog.get_logger(__name__)
@@ -36,6 +37,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        allocator_tuned = self.device.type == "cpu" and tune_host_allocator()
         loaded = load_model(config.model, self.device, self.dtype, config.trust_remote_code)
         self.model_path = loaded.path
         self.tokenizer = loaded.tokenizer
@@ -52,6 +54,9 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    watermark_blocks=max(1, num_blocks // 100))
+        packed = 0
+        if config.cpu_weight_packing and packing_available(self.device, self.dtype):
+            packed = pack_linears(loaded.model)
         adapter = ModelAdapter(loaded.model)
         self.runner = ModelRunner(adapter, backend, num_blocks, config.block_size, loaded.num_layers,
                                   loaded.num_kv_heads, loaded.head_dim, self.dtype, self.device)
@@ -60,7 +65,7 @@ class LLMEngine:
         log.info("engine ready", model=str(loaded.path), device=str(self.device), dtype=str(self.dtype).split(".")[-1],
                  attention_backend=backend.name, backend_reason=reason, num_kv_blocks=num_blocks,
                  kv_cache_mib=round(num_blocks * block_bytes / 2**20), max_model_len=self.max_model_len,
-                 threads=torch.get_num_threads(), seconds=round(time.monotonic() - started, 2),
+                 threads=torch.get_num_threads(), allocator_tuned=allocator_tuned, packed_linears=packed, seconds=round(time.monotonic() - started, 2),
                  config={k: v for k, v in asdict(config).items() if v is not None})
 
     # -- requests ---------------------------------------------------------------------------------

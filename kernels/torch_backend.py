@@ -49,9 +49,10 @@ def attend_sequence(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, v
     k, v = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
     fresh_causal = n == length and sliding_window is None
     mask = None if fresh_causal else causal_mask(n, length, sliding_window, q.device)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=fresh_causal and n > 1, scale=scale,
-                                       enable_gqa=q.shape[0] != k.shape[0])
-    out[start : start + n] = o.transpose(0, 1)
+    # 4-D inputs: with 3-D ones SDPA on CPU falls back to its slow "math" kernel.
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=fresh_causal and n > 1,
+                                       scale=scale, enable_gqa=q.shape[0] != k.shape[0])
+    out[start : start + n] = o[0].transpose(0, 1)
 
 
 class TorchBackend:
