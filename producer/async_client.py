@@ -14,7 +14,7 @@ from producer.client import _READ_BLOCK_MS, ClientConfig, _block_ms, _Models, bu
 from producer.errors import QueueFull
 from producer.protocol import EVENT_FIELD, Event, Keys, Request, decode_event, done_event
 from producer.results import CancelOutcome, Completion
-from producer.scripts import CANCEL, SUBMIT, cancel_keys, submit_args, submit_keys
+from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
 
 
 class AsyncClient:
@@ -39,18 +39,25 @@ class AsyncClient:
         return (await self.submit_requests([build_request(model, prompt, **kwargs)]))[0]
 
     async def submit_requests(self, requests: Sequence[Request]) -> list[str]:
+        batches = submit_batches(requests)
         pipe = self.redis.pipeline(transaction=False)
-        for request in requests:
-            await self._submit(keys=submit_keys(self.keys(request.model), request.request_id, request.priority),
-                               args=submit_args(request.request_id, request.encode(), self.config.max_queue_depth,
-                                                self.config.result_ttl_s, request.priority), client=pipe)
-        replies = await pipe.execute()
-        accepted = []
-        for request, (verdict, detail) in zip(requests, replies, strict=True):
+        for batch in batches:
+            await self._submit(keys=submit_keys(self.keys(batch[0].model), batch),
+                               args=submit_args(batch, self.config.max_queue_depth, self.config.result_ttl_s),
+                               client=pipe)
+        replies: Any = await pipe.execute()
+        accepted: list[str] = []
+        full: QueueFull | None = None
+        verdicts = [v for reply in replies for v in reply]
+        for request, (verdict, detail) in zip([r for b in batches for r in b], verdicts, strict=True):
             if verdict == b"full":
-                raise QueueFull(request.model, int(detail), self.config.max_queue_depth, accepted)
+                full = full or QueueFull(request.model, int(detail), self.config.max_queue_depth)
+                continue
             self._models.remember(request.request_id, request.model)
             accepted.append(request.request_id)
+        if full is not None:
+            full.accepted = accepted
+            raise full
         return accepted
 
     async def events(self, request_id: str, *, model: str | None = None, after: str = "0-0",
@@ -60,7 +67,7 @@ class AsyncClient:
         last, lost_since = after, None
         while True:
             try:
-                reply = await self.redis.xread({key: last}, count=512, block=_block_ms(deadline))
+                reply: Any = await self.redis.xread({key: last}, count=512, block=_block_ms(deadline))
                 lost_since = None
             except (redis.ConnectionError, redis.TimeoutError):
                 lost_since = lost_since or time.monotonic()
@@ -94,8 +101,8 @@ class AsyncClient:
 
     async def cancel(self, request_id: str, *, model: str | None = None) -> CancelOutcome:
         keys = self.keys(self._models.of(request_id, model))
-        reply = await self._cancel(keys=cancel_keys(keys, request_id),
-                                   args=[done_event("cancelled", {}), self.config.result_ttl_s])
+        args = cancel_args(keys, request_id, done_event("cancelled", {}), self.config.result_ttl_s)
+        reply: Any = await self._cancel(keys=cancel_keys(keys, request_id), args=args)
         return CancelOutcome(reply.decode())
 
     async def generate(self, prompts: Sequence[str | list[int]], timeout: float | None = None,

@@ -29,7 +29,7 @@ from producer.protocol import (
     new_request_id,
 )
 from producer.results import CancelOutcome, Completion
-from producer.scripts import CANCEL, SUBMIT, cancel_keys, submit_args, submit_keys
+from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_MAX_QUEUE_DEPTH = 10_000
@@ -121,18 +121,24 @@ class Client:
 
     def submit_requests(self, requests: Sequence[Request]) -> list[str]:
         """Enqueues many in one round trip; on QueueFull, `.accepted` lists those that got in."""
+        batches = submit_batches(requests)
         pipe = self.redis.pipeline(transaction=False)
-        for request in requests:
-            self._submit(keys=submit_keys(self.keys(request.model), request.request_id, request.priority),
-                         args=submit_args(request.request_id, request.encode(), self.config.max_queue_depth,
-                                          self.config.result_ttl_s, request.priority), client=pipe)
-        replies = pipe.execute()
-        accepted = []
-        for request, (verdict, detail) in zip(requests, replies, strict=True):
+        for batch in batches:
+            self._submit(keys=submit_keys(self.keys(batch[0].model), batch),
+                         args=submit_args(batch, self.config.max_queue_depth, self.config.result_ttl_s), client=pipe)
+        replies: Any = pipe.execute()
+        accepted: list[str] = []
+        full: QueueFull | None = None
+        verdicts = [v for reply in replies for v in reply]
+        for request, (verdict, detail) in zip([r for b in batches for r in b], verdicts, strict=True):
             if verdict == b"full":
-                raise QueueFull(request.model, int(detail), self.config.max_queue_depth, accepted)
+                full = full or QueueFull(request.model, int(detail), self.config.max_queue_depth)
+                continue
             self._models.remember(request.request_id, request.model)
             accepted.append(request.request_id)
+        if full is not None:
+            full.accepted = accepted
+            raise full
         return accepted
 
     # -- results --------------------------------------------------------------------------------------
@@ -146,7 +152,7 @@ class Client:
         while True:
             block = _block_ms(deadline)
             try:
-                reply = self.redis.xread({key: last}, count=512, block=block)
+                reply: Any = self.redis.xread({key: last}, count=512, block=block)
                 lost_since = None
             except (redis.ConnectionError, redis.TimeoutError):
                 lost_since = lost_since or time.monotonic()
@@ -180,8 +186,8 @@ class Client:
 
     def cancel(self, request_id: str, *, model: str | None = None) -> CancelOutcome:
         keys = self.keys(self._models.of(request_id, model))
-        reply = self._cancel(keys=cancel_keys(keys, request_id),
-                             args=[done_event("cancelled", {}), self.config.result_ttl_s])
+        reply: Any = self._cancel(keys=cancel_keys(keys, request_id),
+                             args=cancel_args(keys, request_id, done_event("cancelled", {}), self.config.result_ttl_s))
         return CancelOutcome(reply.decode())
 
     def generate(self, prompts: Sequence[str | list[int]], timeout: float | None = None,
@@ -205,7 +211,7 @@ class Client:
             got = 0
             for chunk in chunks:
                 block = _block_ms(deadline) if len(chunks) == 1 else None
-                reply = self.redis.xread({k: positions[k] for k in chunk}, count=512, block=block)
+                reply: Any = self.redis.xread({k: positions[k] for k in chunk}, count=512, block=block)
                 for raw_key, entries in reply or []:
                     key = raw_key.decode()
                     for entry_id, fields in entries:

@@ -6,6 +6,7 @@ that touch a request's queue entry, its owner record and its result stream stay 
     {p}:{{m}}:q:high|normal|low   request streams (consumer group `workers`), read in that order
     {p}:{{m}}:req:<id>            hash: state, entry, prio, epoch (fencing token), worker, seq, cancel
     {p}:{{m}}:res:<id>            result stream: delta* ... (restart delta*)* then done | error
+    {p}:{{m}}:cancel:<worker>     set: ids the owning worker must cancel (the flag itself is in req:<id>)
     {p}:{{m}}:dead                dead letters
     {p}:{{m}}:workers             hash: worker name -> heartbeat (msgpack)
     {p}:models                    set of model names that workers serve (for `tokenrelay status`)
@@ -148,6 +149,13 @@ class Keys:
         return self.result_prefix + request_id
 
     @property
+    def cancel_prefix(self) -> str:
+        return f"{self.base}:cancel:"
+
+    def cancels(self, worker: str) -> str:
+        return self.cancel_prefix + worker
+
+    @property
     def dead(self) -> str:
         return f"{self.base}:dead"
 
@@ -233,7 +241,7 @@ def decode_request(data: Any, limits: Limits = DEFAULT_LIMITS, expected_id: str 
     if not is_request_id(request_id) or (expected_id is not None and request_id != expected_id):
         raise _fail("id: must be 32 lowercase hex characters matching the stream entry's id")
     model = check_model_name(body.get("model"))  # type: ignore[arg-type]
-    request = Request(request_id=request_id, model=model)
+    request = Request(request_id=str(request_id), model=model)
     _decode_prompt(body, request, limits)
     request.params = validate_params(body.get("params", {}))
     stream = body.get("stream", True)
@@ -247,10 +255,11 @@ def decode_request(data: Any, limits: Limits = DEFAULT_LIMITS, expected_id: str 
     request.deadline = _optional_time(body.get("deadline"), "deadline")
     request.submitted_at = _optional_time(body.get("submitted_at"), "submitted_at") or 0.0
     request.metadata = body.get("metadata")
-    if not _plain(request.metadata, depth=0):
-        raise _fail("metadata: only nil, booleans, numbers, strings, bytes, lists and maps are allowed")
-    if len(msgpack.packb(request.metadata, use_bin_type=True)) > limits.max_metadata_bytes:
-        raise _fail(f"metadata: over the limit of {limits.max_metadata_bytes} bytes")
+    if request.metadata is not None:
+        if not _plain(request.metadata, depth=0):
+            raise _fail("metadata: only nil, booleans, numbers, strings, bytes, lists and maps are allowed")
+        if len(msgpack.packb(request.metadata, use_bin_type=True)) > limits.max_metadata_bytes:
+            raise _fail(f"metadata: over the limit of {limits.max_metadata_bytes} bytes")
     return request
 
 
@@ -365,7 +374,7 @@ def decode_event(data: Any, entry_id: str = "") -> Event:
     if not isinstance(body, dict) or body.get("v") != SCHEMA_VERSION:
         raise ProtocolError("invalid_request", "event: not a map of this schema version")
     try:
-        kind = EventType(body.get("type"))
+        kind = EventType(str(body.get("type")))
     except ValueError:
         raise ProtocolError("invalid_request", f"event: unknown type {str(body.get('type'))[:32]!r}") from None
     event = Event(kind, entry_id, worker=str(body.get("worker") or ""), metadata=body.get("metadata"))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 DEMO_PROMPTS = [
     "Explain the benefits of AI in healthcare.",
@@ -65,7 +66,7 @@ async def _stream_prompts(redis_url: str, max_tokens: int, worker: subprocess.Po
     from producer.protocol import DEFAULT_MODEL_NAME, EventType
 
     client = AsyncClient(redis_url, model=DEFAULT_MODEL_NAME)
-    params = {"max_tokens": max_tokens, "temperature": 0.7, "top_p": 0.9, "seed": 0}
+    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.7, "top_p": 0.9, "seed": 0}
     requests = [build_request(DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": p}], **params)
                 for p in DEMO_PROMPTS]
     started = time.monotonic()
@@ -87,8 +88,8 @@ async def _stream_prompts(redis_url: str, max_tokens: int, worker: subprocess.Po
             await asyncio.sleep(0.5)
         raise RuntimeError(f"the worker exited early with code {worker.returncode}")
 
-    streams = asyncio.gather(*(follow(i, r) for i, r in enumerate(ids)))
-    watchdog = asyncio.ensure_future(watch_worker())
+    streams: asyncio.Future[Any] = asyncio.gather(*(follow(i, r) for i, r in enumerate(ids)))
+    watchdog: asyncio.Future[None] = asyncio.ensure_future(watch_worker())
     try:
         await asyncio.wait({streams, watchdog}, return_when=asyncio.FIRST_COMPLETED)
         if watchdog.done():

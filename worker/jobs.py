@@ -37,7 +37,7 @@ class Job:
 
 
 class NoteKind(enum.Enum):
-    JOB = "job"  # a claimed, decoded request to run
+    JOB = "job"  # a claimed request to decode and run
     LOST = "lost"  # another worker owns the request now: drop it without a word
     CANCEL = "cancel"  # the client asked to cancel: abort and send a cancelled terminal
 
@@ -49,7 +49,8 @@ class Note:
     kind: NoteKind
     request_id: str
     epoch: int
-    job: Job | None = None
+    payload: bytes = b""  # JOB: the request body as it came off the stream
+    entry_id: str = ""
 
 
 @dataclass(slots=True)
@@ -86,14 +87,18 @@ class Outbox:
                 pending.token_ids.extend(token_ids)
                 if logprobs is not None:
                     pending.logprobs = (pending.logprobs or []) + logprobs
-        self._wake.set()
+        self._signal()
 
     def add_terminal(self, request_id: str, epoch: int, payload: bytes, dead_letter: list[Any] | None = None) -> None:
         with self._lock:
             pending = self._entry(request_id, epoch)
             if pending.terminal is None:
                 pending.terminal, pending.dead_letter = payload, dead_letter
-        self._wake.set()
+        self._signal()
+
+    def _signal(self) -> None:
+        if not self._wake.is_set():  # setting takes a lock and notifies; a set flag needs neither
+            self._wake.set()
 
     def _entry(self, request_id: str, epoch: int) -> Pending:
         pending = self._pending.get(request_id)

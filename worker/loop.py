@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
 import queue
 import threading
@@ -13,7 +14,8 @@ import redis
 import structlog
 
 from engine.config import SamplingParams
-from producer.protocol import ErrorCode, FinishReason, Logprobs, done_event, error_event
+from producer.errors import ProtocolError
+from producer.protocol import DEFAULT_LIMITS, ErrorCode, FinishReason, Logprobs, decode_request, done_event, error_event
 from worker.jobs import Job, Note, NoteKind, Outbox
 from worker.relay import Relay
 from worker.settings import WorkerSettings
@@ -142,8 +144,9 @@ class Worker:
 
     def _apply(self, note: Note) -> None:
         if note.kind is NoteKind.JOB:
-            assert note.job is not None
-            self._start(note.job)
+            job = self._decode(note)
+            if job is not None:
+                self._start(job)
             return
         job = self.jobs.get(note.request_id)
         if job is None or job.epoch != note.epoch:
@@ -155,14 +158,33 @@ class Worker:
         else:
             log.info("request dropped: taken over elsewhere", request_id=job.request.request_id)
 
+    def _decode(self, note: Note) -> Job | None:
+        """The claimed payload as a Job, or None after answering it with an error (and a dead letter)."""
+        try:
+            request = decode_request(note.payload, DEFAULT_LIMITS, expected_id=note.request_id)
+            if request.model != self.settings.served_model:
+                raise ProtocolError(ErrorCode.UNKNOWN_MODEL.value, f"model: this stream serves "
+                                    f"{self.settings.served_model!r}, not {request.model!r}")
+        except ProtocolError as exc:
+            log.info("request rejected", request_id=note.request_id, code=exc.code, reason=exc.message,
+                     bytes=len(note.payload))
+            dead = ["reason", exc.code, "message", exc.message, "id", note.request_id, "entry", note.entry_id,
+                    "worker", self.name, "raw", note.payload]
+            self.outbox.add_terminal(note.request_id, note.epoch, error_event(exc.code, exc.message,
+                                                                               worker=self.name), dead)
+            return None
+        return Job(request=request, epoch=note.epoch, raw=note.payload, admitted_at=time.time())
+
     def _start(self, job: Job) -> None:
         request = job.request
         if request.deadline is not None and request.deadline <= time.time():
+            log.info("request expired in the queue", request_id=request.request_id,
+                     late_s=round(time.time() - request.deadline, 3))
             self._send_error(job, ErrorCode.DEADLINE, "deadline passed before the request reached the engine")
             return
         try:
             prompt = self._prompt(request)
-            params = SamplingParams.from_dict(request.params)
+            params = sampling_params(request.params)
             waited = max(0.0, time.time() - request.submitted_at) if request.submitted_at else 0.0
             self.engine.add_request(request.request_id, prompt, params, priority=request.priority.rank,
                                     arrival_time=time.monotonic() - waited)
@@ -266,6 +288,21 @@ class Worker:
 
     def _stats_snapshot(self) -> dict[str, Any]:
         return self._stats
+
+
+def sampling_params(wire: dict[str, Any]) -> SamplingParams:
+    """The engine's SamplingParams, shared between requests that ask for the same thing.
+
+    Building one validates every field (~15 us); bulk traffic repeats a handful of settings.
+    The engine only reads a request's params, so sharing the object is safe.
+    """
+    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in wire.items()))
+    return _sampling_params(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sampling_params(key: tuple[tuple[str, Any], ...]) -> SamplingParams:
+    return SamplingParams.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in key})
 
 
 def connect(url: str) -> redis.Redis:

@@ -18,19 +18,16 @@ import msgpack
 import redis
 import structlog
 
-from producer.errors import ProtocolError
 from producer.protocol import (
-    DEFAULT_LIMITS,
     GROUP,
     ErrorCode,
-    decode_request,
     delta_event,
     done_event,
     error_event,
     restart_event,
 )
 from worker import scripts
-from worker.jobs import Claim, Job, Note, NoteKind, Outbox, Pending
+from worker.jobs import Claim, Note, NoteKind, Outbox, Pending
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
@@ -56,7 +53,7 @@ class Relay:
         self._next_heartbeat = 0.0
         self._next_autoclaim = 0.0
         self._last_cycle = 0.0
-        self._script_keys = [*self.keys.queues, self.keys.dead, self.keys.workers]
+        self._script_keys = [*self.keys.queues, self.keys.dead, self.keys.workers, self.keys.cancels(self.me)]
         self._admit = client.register_script(scripts.ADMIT)
         self._publish = client.register_script(scripts.PUBLISH)
         self._heartbeat = client.register_script(scripts.HEARTBEAT)
@@ -143,7 +140,7 @@ class Relay:
         block_ms = int(min(0.5, self.settings.heartbeat_s) * 1000)
         # one entry per stream, high first: never more than a worker with free slots can hold
         streams = dict.fromkeys(self.keys.queues[:budget], ">")
-        reply = self.redis.xreadgroup(GROUP, self.me, streams, count=1, block=block_ms)  # type: ignore[arg-type]
+        reply: Any = self.redis.xreadgroup(GROUP, self.me, streams, count=1, block=block_ms)  # type: ignore[arg-type]
         preread: list[tuple[int, str, list[Any]]] = []
         for stream_key, entries in reply or []:
             index = self.keys.queues.index(_text(stream_key)) + 1
@@ -158,12 +155,13 @@ class Relay:
         batch = self.outbox.take()
         items = {rid: p for rid, p in batch.items() if rid in self.claims and self.claims[rid].epoch == p.epoch}
         pipe = self.redis.pipeline(transaction=False)
-        steps = []
+        steps: list[str] = []
         if items or self.claims:
             self._publish(keys=self._script_keys, args=self._publish_args(items), client=pipe)
             steps.append("publish")
         if budget > 0:
-            args = [*self._claim_args, budget, int(autoclaim), int(self.settings.claim_idle_s * 1000), *self.cursors]
+            args: list[Any] = [*self._claim_args, budget, int(autoclaim), int(self.settings.claim_idle_s * 1000),
+                               *self.cursors]
             for index, entry_id, flat in preread:
                 args += [index, entry_id, len(flat), *flat]
             self._admit(keys=self._script_keys, args=args, client=pipe)
@@ -205,8 +203,6 @@ class Relay:
             dead = pending.dead_letter or []
             args += [request_id, pending.epoch, self.claims[request_id].seq, len(events), *events,
                      int(pending.terminal is not None), len(dead), *dead]
-        for claim in self.claims.values():
-            args += [claim.request_id, claim.epoch]
         return args
 
     def _heartbeat_args(self) -> list[Any]:
@@ -231,10 +227,10 @@ class Relay:
         for request_id in lost:
             self._lose(_text(request_id))
         for raw_id in cancelled:
-            claim = self.claims.get(_text(raw_id))
-            if claim is not None and not claim.cancel_seen:
-                claim.cancel_seen = True
-                self.inbox.put(Note(NoteKind.CANCEL, claim.request_id, claim.epoch))
+            cancelled_claim = self.claims.get(_text(raw_id))
+            if cancelled_claim is not None and not cancelled_claim.cancel_seen:
+                cancelled_claim.cancel_seen = True
+                self.inbox.put(Note(NoteKind.CANCEL, cancelled_claim.request_id, cancelled_claim.epoch))
 
     def _lose(self, request_id: str) -> None:
         claim = self.claims.pop(request_id, None)
@@ -258,30 +254,8 @@ class Relay:
             self._accept(claim, payload)
 
     def _accept(self, claim: Claim, payload: bytes) -> None:
-        """Decode and check a claimed request; hand it to the step loop or answer it with an error."""
-        try:
-            request = decode_request(payload, DEFAULT_LIMITS, expected_id=claim.request_id)
-            if request.model != self.keys.model:
-                raise ProtocolError(ErrorCode.UNKNOWN_MODEL.value, f"model: this stream serves {self.keys.model!r}, "
-                                    f"not {request.model!r}")
-        except ProtocolError as exc:
-            log.info("request rejected", request_id=claim.request_id, code=exc.code, reason=exc.message,
-                     bytes=len(payload))
-            dead = ["reason", exc.code, "message", exc.message, "id", claim.request_id, "entry", claim.entry_id,
-                    "worker", self.me, "raw", payload]
-            self.outbox.add_terminal(claim.request_id, claim.epoch, error_event(exc.code, exc.message,
-                                                                                 worker=self.me), dead)
-            return
-        now = time.time()
-        if request.deadline is not None and request.deadline <= now:
-            log.info("request expired in the queue", request_id=claim.request_id,
-                     late_s=round(now - request.deadline, 3))
-            self.outbox.add_terminal(claim.request_id, claim.epoch, error_event(
-                ErrorCode.DEADLINE.value, "deadline passed before the request reached the engine",
-                request.metadata, self.me))
-            return
-        job = Job(request=request, epoch=claim.epoch, raw=payload, admitted_at=now)
-        self.inbox.put(Note(NoteKind.JOB, claim.request_id, claim.epoch, job))
+        # decoding happens on the step loop's thread: this thread's time is the queue's critical path
+        self.inbox.put(Note(NoteKind.JOB, claim.request_id, claim.epoch, payload, claim.entry_id))
 
     def _farewell(self) -> None:
         if self._hand_back and self.claims:

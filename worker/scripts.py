@@ -5,7 +5,8 @@ acks and refreshes only while the epoch it holds is still the current one, check
 same atomic script that writes. A worker that was paused and resumes after another took its
 requests over finds a newer epoch and writes nothing; it is told which requests it lost.
 
-All scripts take KEYS = [queue high, queue normal, queue low, dead letters, workers hash]; keys
+All scripts take KEYS = [queue high, queue normal, queue low, dead letters, workers hash, this
+worker's cancel set]; keys
 derived from a request id read inside the script share the model's hash tag (same slot).
 """
 
@@ -43,7 +44,7 @@ local function claim(qi, entry, fields)
   if known[2] and known[2] ~= entry then settle(queue, entry); return {qi, entry, id, '', 0, 'duplicate'} end
   if known[1] == 'done' then settle(queue, entry); return {qi, entry, id, '', 0, 'done'} end
   local epoch = redis.call('HINCRBY', meta, 'epoch', 1)
-  redis.call('EXPIRE', meta, ttl)
+  if not known[1] then redis.call('EXPIRE', meta, ttl) end  -- entered without submit: no TTL yet
   if epoch > max_deliveries then
     redis.call('HSET', meta, 'state', 'done', 'entry', entry)
     redis.call('XADD', result, '*', 'm', dead_payload)
@@ -112,12 +113,12 @@ return {cursors[1], cursors[2], cursors[3], out}
 
 # ARGV: group, req prefix, res prefix, ttl, dead maxlen, n items, then per item:
 #   id, epoch, seq, n events, events..., terminal (0/1), n dead fields, dead fields...
-# then (id, epoch) pairs to check for cancellation and lost ownership.
-# Returns {statuses (0 written, 1 already written by an earlier try, 2 lost), lost ids, cancelled ids}.
+# Returns {statuses (0 written, 1 already written by an earlier try, 2 lost), lost ids, ids to cancel}.
 PUBLISH = """
 local group, req_prefix, res_prefix, ttl, dead_maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local queues = {high = KEYS[1], normal = KEYS[2], low = KEYS[3]}
 local statuses, lost, cancelled = {}, {}, {}
+local to_ack = {high = {}, normal = {}, low = {}}
 local i = 7
 for n = 1, tonumber(ARGV[6]) do
   local id, epoch, seq, n_events = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
@@ -138,16 +139,14 @@ for n = 1, tonumber(ARGV[6]) do
   else
     local result = res_prefix .. id
     for e = first_event, first_event + n_events - 1 do redis.call('XADD', result, '*', 'm', ARGV[e]) end
-    redis.call('EXPIRE', result, ttl)
-    redis.call('HSET', meta, 'seq', seq + 1)
-    if terminal then
-      -- the terminal event and the ack land together: never acked without it, never written twice
-      redis.call('HSET', meta, 'state', 'done')
-      local queue = queues[m[4]]
-      if queue and m[5] then
-        redis.call('XACK', queue, group, m[5])
-        redis.call('XDEL', queue, m[5])
-      end
+    if seq == 0 or terminal then redis.call('EXPIRE', result, ttl) end  -- the TTL runs from the end
+    if not terminal then
+      redis.call('HSET', meta, 'seq', seq + 1)
+    else
+      -- the terminal event and the ack land in one script: never acked without it, never written twice
+      redis.call('HSET', meta, 'seq', seq + 1, 'state', 'done')
+      local acks = to_ack[m[4]]
+      if acks and m[5] then acks[#acks + 1] = m[5] end
       if n_dead > 0 then
         redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', unpack(ARGV, first_dead, first_dead + n_dead - 1))
       end
@@ -156,12 +155,14 @@ for n = 1, tonumber(ARGV[6]) do
   statuses[n] = status
   if status == 2 then lost[#lost + 1] = id end
 end
-while i < #ARGV do
-  local m = redis.call('HMGET', req_prefix .. ARGV[i], 'epoch', 'cancel')
-  if m[1] ~= ARGV[i + 1] then lost[#lost + 1] = ARGV[i]
-  elseif m[2] == '1' then cancelled[#cancelled + 1] = ARGV[i] end
-  i = i + 2
+for prio, ids in pairs(to_ack) do
+  if #ids > 0 then
+    redis.call('XACK', queues[prio], group, unpack(ids))
+    redis.call('XDEL', queues[prio], unpack(ids))
+  end
 end
+-- cancellations: O(requests being cancelled), not O(requests held)
+cancelled = redis.call('SPOP', KEYS[6], 1000)
 return {statuses, lost, cancelled}
 """
 

@@ -23,7 +23,8 @@ class ModelStatus:
 
 
 def gather(client: redis.Redis, prefix: str = DEFAULT_PREFIX, stale_after_s: float = 15.0) -> list[ModelStatus]:
-    models = sorted(m.decode() for m in client.smembers(Keys("x", prefix).models))
+    members: Any = client.smembers(Keys("x", prefix).models)
+    models = sorted(m.decode() for m in members)
     result = []
     now = time.time()
     for model in models:
@@ -39,7 +40,8 @@ def gather(client: redis.Redis, prefix: str = DEFAULT_PREFIX, stale_after_s: flo
             status.queued[priority.value] = max(0, length - pending)
             status.pending[priority.value] = pending
         status.dead_letters = int(client.xlen(keys.dead))
-        for name, raw in sorted(client.hgetall(keys.workers).items()):
+        heartbeats: Any = client.hgetall(keys.workers)
+        for name, raw in sorted(heartbeats.items()):
             info = msgpack.unpackb(raw, raw=False)
             if now - float(info.get("at", 0)) > stale_after_s:
                 status.stale_workers.append(name.decode())
