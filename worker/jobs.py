@@ -130,6 +130,9 @@ class Outbox:
             self._pending = taken
             self._wake.set()
 
+    def wake(self) -> None:
+        self._wake.set()
+
     def wait(self, timeout: float) -> bool:
         return self._wake.wait(timeout)
 

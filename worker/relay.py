@@ -1,9 +1,12 @@
-"""The worker's Redis thread: claims requests, publishes events, keeps claims alive, hands work back.
+"""The worker's Redis side: a reader thread claims requests, a writer thread publishes and heartbeats.
 
 The step loop never waits on Redis: it drops tokens into the Outbox and reads Notes from the
-inbox. Each cycle here is one pipelined round trip carrying everything due: the fenced publish of
-all coalesced events (with the cancellation check), admission of as many new requests as there
-are free slots, and, when due, the heartbeat that keeps this worker's entries from being taken.
+inbox. Neither thread polls. The reader blocks inside Redis (XREADGROUP BLOCK) while there are
+free slots, and waits for slots to free up otherwise; the writer sleeps until the step loop hands
+it events (or a heartbeat is due), then sends everything pending in one pipelined round trip:
+the fenced publish of all coalesced events, the cancellation check and, when due, the heartbeat
+that keeps this worker's entries from being taken over. While a round trip is in flight, new
+tokens pile up in the Outbox and go out together in the next one (coalescing by time).
 """
 
 from __future__ import annotations
@@ -18,19 +21,13 @@ import msgpack
 import redis
 import structlog
 
-from producer.protocol import (
-    GROUP,
-    ErrorCode,
-    delta_event,
-    done_event,
-    error_event,
-    restart_event,
-)
+from producer.protocol import GROUP, ErrorCode, delta_event, done_event, error_event, restart_event
 from worker import scripts
 from worker.jobs import Claim, Note, NoteKind, Outbox, Pending
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
+Entry = tuple[int, str, list[Any]]  # (queue index, entry id, flat field list) from a blocking read
 
 
 class Relay:
@@ -43,16 +40,18 @@ class Relay:
         self.outbox = outbox
         self.inbox = inbox
         self.stats = stats  # callable -> dict for heartbeats
-        self.claims: dict[str, Claim] = {}  # this thread only; other threads read len() alone
+        self.claims: dict[str, Claim] = {}  # guarded by _lock: the reader adds, the writer retires
         self.reading = True  # cleared when draining: no new requests
         self.cursors = ["0-0", "0-0", "0-0"]
         self.round_trips = 0
+        self._lock = threading.Lock()
+        self._slots_freed = threading.Event()
         self._stop = threading.Event()
         self._stop_by = 0.0
         self._hand_back = False
         self._next_heartbeat = 0.0
         self._next_autoclaim = 0.0
-        self._last_cycle = 0.0
+        self._last_publish = 0.0
         self._script_keys = [*self.keys.queues, self.keys.dead, self.keys.workers, self.keys.cancels(self.me)]
         self._admit = client.register_script(scripts.ADMIT)
         self._publish = client.register_script(scripts.PUBLISH)
@@ -63,7 +62,8 @@ class Relay:
                             restart_event(self.me), done_event("cancelled", {}, worker=self.me),
                             error_event(ErrorCode.MAX_DELIVERIES.value, f"gave up after {settings.max_deliveries} "
                                         "deliveries: workers kept failing on this request", worker=self.me)]
-        self._thread = threading.Thread(target=self._run, name="tokenrelay-redis", daemon=True)
+        self._reader = threading.Thread(target=self._loop, args=(self._read,), name="tokenrelay-read", daemon=True)
+        self._writer = threading.Thread(target=self._loop, args=(self._write,), name="tokenrelay-write", daemon=True)
 
     @property
     def held(self) -> int:
@@ -72,7 +72,8 @@ class Relay:
     def start(self) -> None:
         self.ensure_groups()
         self.redis.sadd(self.keys.models, self.keys.model)
-        self._thread.start()
+        self._reader.start()
+        self._writer.start()
 
     def ensure_groups(self) -> None:
         """The consumer group on each priority stream, created from the start of the stream if missing."""
@@ -89,107 +90,135 @@ class Relay:
         self.reading = False
         self._stop_by = time.monotonic() + timeout / 2
         self._stop.set()
-        self.outbox._wake.set()
-        self._thread.join(timeout)
+        self.outbox.wake()
+        self._slots_freed.set()
+        self._reader.join(timeout)
+        self._writer.join(timeout)
+        try:
+            self._farewell()
+        except redis.RedisError as exc:
+            log.warning("could not deregister", error=str(exc)[:300])
 
-    # -- the thread -------------------------------------------------------------------------------
+    # -- the threads ------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _loop(self, once: Any) -> None:
         failures = 0
         while True:
-            stopping = self._stop.is_set()
             try:
-                self._cycle(idle_wait=not stopping)
+                finished = once()
                 failures = 0
             except redis.RedisError as exc:
                 failures += 1
                 log.warning("redis round trip failed; retrying", error=str(exc)[:300], failures=failures)
                 if "NOGROUP" in str(exc):  # a queue stream was deleted under us
                     self._safely(self.ensure_groups)
-                if stopping and failures > 3:
-                    break
-                time.sleep(min(2.0, 0.05 * 2**failures))
-                continue
-            if stopping and not len(self.outbox) and (self._hand_back or not self.claims
-                                                       or time.monotonic() > self._stop_by):
-                break
-        try:
-            self._farewell()
-        except redis.RedisError as exc:
-            log.warning("could not deregister", error=str(exc))
+                finished = self._stop.is_set() and failures > 3
+                if not finished:
+                    time.sleep(min(2.0, 0.05 * 2**failures))
+            if finished:
+                return
 
-    def _cycle(self, idle_wait: bool) -> None:
-        now = time.monotonic()
-        heartbeat_due = now >= self._next_heartbeat
+    def _read(self) -> bool:
+        """One admission: block in Redis for the first request, then claim up to the free slots."""
+        if self._stop.is_set():
+            return True
         budget = self.settings.max_num_seqs - len(self.claims) if self.reading else 0
-        autoclaim_due = budget > 0 and now >= self._next_autoclaim
-        if idle_wait and not len(self.outbox) and not heartbeat_due and not autoclaim_due:
-            if not self.claims and budget > 0:
-                self._read_when_idle(budget)
-                return
-            gap = max(self.settings.poll_interval_s, self.settings.publish_interval_s)
-            if now - self._last_cycle < gap:
-                self.outbox.wait(gap - (now - self._last_cycle))
-                return
-        elif self.settings.publish_interval_s and now - self._last_cycle < self.settings.publish_interval_s:
-            time.sleep(self.settings.publish_interval_s - (now - self._last_cycle))
-        self._round_trip(budget, autoclaim_due, heartbeat_due, preread=[])
+        if budget <= 0:
+            self._slots_freed.wait(0.5)
+            self._slots_freed.clear()
+            return False
+        autoclaim = time.monotonic() >= self._next_autoclaim
+        preread: list[Entry] = []
+        if not autoclaim:
+            preread = self._blocking_read(budget)
+            if not preread:
+                return False
+        self.admit_once(budget, autoclaim, preread)
+        return False
 
-    def _read_when_idle(self, budget: int) -> None:
-        """Nothing in flight: block inside Redis until a request arrives (no polling latency)."""
-        block_ms = int(min(0.5, self.settings.heartbeat_s) * 1000)
+    def _blocking_read(self, budget: int) -> list[Entry]:
+        block_ms = int(min(0.5, self.settings.claim_idle_s / 4) * 1000)
         # one entry per stream, high first: never more than a worker with free slots can hold
         streams = dict.fromkeys(self.keys.queues[:budget], ">")
         reply: Any = self.redis.xreadgroup(GROUP, self.me, streams, count=1, block=block_ms)  # type: ignore[arg-type]
-        preread: list[tuple[int, str, list[Any]]] = []
+        preread: list[Entry] = []
         for stream_key, entries in reply or []:
             index = self.keys.queues.index(_text(stream_key)) + 1
             for entry_id, fields in entries:
                 flat = [item for pair in (fields or {}).items() for item in pair]
                 preread.append((index, _text(entry_id), flat))
-        if preread:
-            self._round_trip(budget, False, False, preread)
+        return preread
 
-    def _round_trip(self, budget: int, autoclaim: bool, heartbeat: bool,
-                    preread: list[tuple[int, str, list[Any]]]) -> None:
+    def admit_once(self, budget: int, autoclaim: bool, preread: list[Entry]) -> None:
+        """Claims pre-read entries, idle entries of dead workers (when `autoclaim`), and new ones."""
+        args: list[Any] = [*self._claim_args, budget, int(autoclaim), int(self.settings.claim_idle_s * 1000),
+                           *self.cursors]
+        for index, entry_id, flat in preread:
+            args += [index, entry_id, len(flat), *flat]
+        reply: Any = self._admit(keys=self._script_keys, args=args)
+        if autoclaim:
+            self._next_autoclaim = time.monotonic() + self.settings.claim_idle_s / 4
+        self.cursors = [_text(c) for c in reply[:3]]
+        for index, entry_id, raw_id, payload, epoch, verdict in reply[3]:
+            request_id, verdict = _text(raw_id), _text(verdict)
+            if verdict != "ok":
+                log.info("request settled at claim", request_id=request_id or None, verdict=verdict,
+                         entry=_text(entry_id))
+                continue
+            with self._lock:
+                if request_id in self.claims:  # our own earlier claim was taken over, by us
+                    self._lose(request_id)
+                self.claims[request_id] = claim = Claim(request_id, int(epoch), int(index), _text(entry_id))
+            # decoding happens on the step loop's thread: this one's time is the queue's critical path
+            self.inbox.put(Note(NoteKind.JOB, request_id, claim.epoch, payload, claim.entry_id))
+
+    def _write(self) -> bool:
+        """One publish: wait for events (or a due heartbeat), then one round trip for all of them."""
+        stopping = self._stop.is_set()
+        now = time.monotonic()
+        heartbeat_due = now >= self._next_heartbeat
+        if not len(self.outbox) and not heartbeat_due:
+            if not stopping:
+                self.outbox.wait(min(0.5, self._next_heartbeat - now))
+                return False
+            if self.claims and not self._hand_back and now < self._stop_by:
+                self.outbox.wait(0.01)  # draining: the step loop still owes terminal events
+                return False
+        gap = self.settings.publish_interval_s - (now - self._last_publish)
+        if gap > 0 and not stopping:
+            time.sleep(gap)  # a floor on the publish interval: more tokens per round trip
+        self.publish_once(heartbeat_due)
+        return stopping and not len(self.outbox) and (self._hand_back or not self.claims
+                                                     or time.monotonic() > self._stop_by)
+
+    def publish_once(self, heartbeat: bool) -> None:
         batch = self.outbox.take()
-        items = {rid: p for rid, p in batch.items() if rid in self.claims and self.claims[rid].epoch == p.epoch}
+        with self._lock:
+            items = {rid: p for rid, p in batch.items() if rid in self.claims and self.claims[rid].epoch == p.epoch}
+            publish_args = self._publish_args(items) if items or self.claims else None
+            heartbeat_args = self._heartbeat_args() if heartbeat else None
         pipe = self.redis.pipeline(transaction=False)
-        steps: list[str] = []
-        if items or self.claims:
-            self._publish(keys=self._script_keys, args=self._publish_args(items), client=pipe)
-            steps.append("publish")
-        if budget > 0:
-            args: list[Any] = [*self._claim_args, budget, int(autoclaim), int(self.settings.claim_idle_s * 1000),
-                               *self.cursors]
-            for index, entry_id, flat in preread:
-                args += [index, entry_id, len(flat), *flat]
-            self._admit(keys=self._script_keys, args=args, client=pipe)
-            steps.append("admit")
-        if heartbeat:
-            self._heartbeat(keys=self._script_keys, args=self._heartbeat_args(), client=pipe)
-            steps.append("heartbeat")
-        if not steps:
-            return
+        if publish_args is not None:
+            self._publish(keys=self._script_keys, args=publish_args, client=pipe)
+        if heartbeat_args is not None:
+            self._heartbeat(keys=self._script_keys, args=heartbeat_args, client=pipe)
         try:
-            replies = pipe.execute()
+            replies: Any = pipe.execute() if len(pipe) else []
         except BaseException:
             self.outbox.put_back(batch)
             raise
         self.round_trips += 1
-        self._last_cycle = now = time.monotonic()
+        self._last_publish = now = time.monotonic()
         if heartbeat:
             self._next_heartbeat = now + self.settings.heartbeat_s
-        if autoclaim:
-            self._next_autoclaim = now + self.settings.claim_idle_s / 4
-        for step, reply in zip(steps, replies, strict=True):
-            if step == "publish":
-                self._after_publish(list(items.items()), reply)
-            elif step == "admit":
-                self._after_admit(reply)
-            else:
-                for request_id in reply:
+        with self._lock:
+            if publish_args is not None:
+                self._after_publish(list(items.items()), replies[0])
+            if heartbeat_args is not None:
+                for request_id in replies[-1]:
                     self._lose(_text(request_id))
+
+    # -- script arguments and replies (callers hold _lock) -------------------------------------------
 
     def _publish_args(self, items: dict[str, Pending]) -> list[Any]:
         args: list[Any] = [GROUP, self.keys.request_prefix, self.keys.result_prefix, self.settings.result_ttl_s,
@@ -217,20 +246,25 @@ class Relay:
 
     def _after_publish(self, items: list[tuple[str, Pending]], reply: list[Any]) -> None:
         statuses, lost, cancelled = reply
+        freed = False
         for (request_id, pending), status in zip(items, statuses, strict=True):
-            claim = self.claims[request_id]
-            if status == 2:
+            claim = self.claims.get(request_id)
+            if status == 2 or claim is None:
                 continue  # reported in `lost`
             claim.seq += 1
             if pending.terminal is not None:
                 del self.claims[request_id]
+                freed = True
         for request_id in lost:
             self._lose(_text(request_id))
+            freed = True
+        if freed:
+            self._slots_freed.set()
         for raw_id in cancelled:
-            cancelled_claim = self.claims.get(_text(raw_id))
-            if cancelled_claim is not None and not cancelled_claim.cancel_seen:
-                cancelled_claim.cancel_seen = True
-                self.inbox.put(Note(NoteKind.CANCEL, cancelled_claim.request_id, cancelled_claim.epoch))
+            claim = self.claims.get(_text(raw_id))
+            if claim is not None and not claim.cancel_seen:
+                claim.cancel_seen = True
+                self.inbox.put(Note(NoteKind.CANCEL, claim.request_id, claim.epoch))
 
     def _lose(self, request_id: str) -> None:
         claim = self.claims.pop(request_id, None)
@@ -238,24 +272,7 @@ class Relay:
             log.warning("ownership lost: another worker took the request over", request_id=request_id,
                         epoch=claim.epoch)
             self.inbox.put(Note(NoteKind.LOST, request_id, claim.epoch))
-
-    def _after_admit(self, reply: list[Any]) -> None:
-        self.cursors = [_text(c) for c in reply[:3]]
-        for index, entry_id, raw_id, payload, epoch, verdict in reply[3]:
-            request_id, verdict = _text(raw_id), _text(verdict)
-            if verdict != "ok":
-                log.info("request settled at claim", request_id=request_id or None, verdict=verdict,
-                         entry=_text(entry_id))
-                continue
-            old = self.claims.get(request_id)
-            if old is not None:  # our own earlier claim was taken over, by us
-                self._lose(request_id)
-            claim = self.claims[request_id] = Claim(request_id, int(epoch), int(index), _text(entry_id))
-            self._accept(claim, payload)
-
-    def _accept(self, claim: Claim, payload: bytes) -> None:
-        # decoding happens on the step loop's thread: this thread's time is the queue's critical path
-        self.inbox.put(Note(NoteKind.JOB, claim.request_id, claim.epoch, payload, claim.entry_id))
+            self._slots_freed.set()
 
     def _farewell(self) -> None:
         if self._hand_back and self.claims:
@@ -267,10 +284,9 @@ class Relay:
         self.redis.hdel(self.keys.workers, self.me)
         if not self.claims:
             for key in self.keys.queues:
-                pending = self.redis.xpending_range(key, GROUP, min="-", max="+", count=1, consumername=self.me)
+                pending: Any = self.redis.xpending_range(key, GROUP, min="-", max="+", count=1, consumername=self.me)
                 if not pending:
                     self.redis.xgroup_delconsumer(key, GROUP, self.me)
-
 
     def _safely(self, action: Any) -> None:
         try:

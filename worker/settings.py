@@ -36,7 +36,6 @@ class WorkerSettings:
     claim_idle_s: float = 10.0  # entries idle this long belong to a dead worker and are taken over
     max_deliveries: int = 3  # claims of one request before it is dead-lettered
     drain_grace_s: float = 30.0  # SIGTERM: how long to finish in-flight work before handing it back
-    poll_interval_s: float = 0.01  # how often a busy worker looks for new requests between outputs
     publish_interval_s: float = 0.0  # minimum gap between publish round trips (0: one per step, coalesced)
     result_ttl_s: int = DEFAULT_RESULT_TTL_S
     dead_letter_maxlen: int = 10_000

@@ -99,7 +99,7 @@ def _ghost(redis_url: str, budget: int) -> Relay:
     settings = WorkerSettings(redis_url=redis_url, model_name="noop", engine="noop", consumer="ghost", **FAST)
     relay = Relay(redis.Redis.from_url(redis_url), settings, Outbox(), queue.SimpleQueue(), dict)
     relay.ensure_groups()
-    relay._round_trip(budget, autoclaim=False, heartbeat=False, preread=[])
+    relay.admit_once(budget, autoclaim=False, preread=[])
     assert relay.held == budget
     return relay
 
@@ -109,7 +109,7 @@ def test_a_dead_consumers_requests_are_taken_over_with_a_restart(redis_url: str)
     ids = [client.submit("a b", max_tokens=4) for _ in range(3)]
     ghost = _ghost(redis_url, 3)
     ghost.outbox.add_delta(ids[0], 1, " stale", [99])  # it got one token out before dying
-    ghost._round_trip(0, autoclaim=False, heartbeat=False, preread=[])
+    ghost.publish_once(heartbeat=False)
     with WorkerThread(NoopEngine(), redis_url, model_name="noop"):
         results = client.wait_all(ids, timeout=30)
     for request_id in ids:
