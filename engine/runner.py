@@ -37,7 +37,11 @@ class ModelRunner:
         # One extra block that is never handed out: block-table padding points at it.
         self.pad_block = num_blocks
         shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        # On CPU, uninitialised: our backends never read a slot before it is written, and untouched
+        # pages of a large host pool then cost no resident memory. GPU kernels may multiply masked
+        # garbage by zero (NaN * 0 = NaN), so there the pool starts zeroed.
+        alloc = torch.empty if device.type == "cpu" else torch.zeros
+        self.kv_caches = [(alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
                           for _ in range(num_layers)]
 
     def execute(self, batch: ScheduledBatch) -> StepResult:

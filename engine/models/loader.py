@@ -54,6 +54,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor] | None:
+    """The checkpoint read with plain file reads, not mmap: a mapped checkpoint stays resident beside
+    any copy made of it (the packed CPU weights), doubling peak memory. None: not safetensors."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
+            state_dict.update((key, f.get_tensor(key)) for key in f.keys())
+    return state_dict
+
+
 def _eos_ids(config: Any, generation_config: Any, tokenizer: Any | None) -> frozenset[int]:
     ids: set[int] = set()
     for source in (getattr(generation_config, "eos_token_id", None), getattr(config, "eos_token_id", None),
@@ -66,15 +81,25 @@ def _eos_ids(config: Any, generation_config: Any, tokenizer: Any | None) -> froz
 
 
 def load_model(model: str | None, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from engine.models.adapter import ATTENTION_NAME
 
     path = resolve_model_path(model)
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=ATTENTION_NAME, trust_remote_code=trust_remote_code,
-        local_files_only=True,
-    ).to(device).eval()
+    state_dict = _read_safetensors(path) if device.type == "cpu" and not trust_remote_code else None
+    if state_dict is not None:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        hf_model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype,
+                                               attn_implementation=ATTENTION_NAME)
+        del state_dict
+    else:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=ATTENTION_NAME, trust_remote_code=trust_remote_code,
+            local_files_only=True,
+        )
+    hf_model = hf_model.to(device).eval()
     tokenizer = None
     if any((path / name).is_file() for name in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)

@@ -1,0 +1,43 @@
+"""Benchmark workloads and summary statistics (standard library only: peers' environments import it too)."""
+
+from __future__ import annotations
+
+import random
+import resource
+import statistics
+import sys
+
+Request = tuple[list[int], int]  # prompt token ids, tokens to generate
+
+
+def mixed_workload(num_requests: int = 64, vocab: int = 49152, seed: int = 0) -> list[Request]:
+    """"mixed": prompts of U[16,256] random token ids, outputs of U[16,128] tokens (seed 0)."""
+    rng = random.Random(seed)
+    return [([rng.randrange(vocab) for _ in range(rng.randint(16, 256))], rng.randint(16, 128))
+            for _ in range(num_requests)]
+
+
+def uniform_workload(num_requests: int = 32, prompt_len: int = 128, output_len: int = 64, vocab: int = 49152,
+                     seed: int = 0) -> list[Request]:
+    """"uniform": every request the same shape (vLLM's reference figures include 32 x 128 in / 64 out)."""
+    rng = random.Random(seed)
+    return [([rng.randrange(vocab) for _ in range(prompt_len)], output_len) for _ in range(num_requests)]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile, q in [0, 100]."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
