@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import heapq
 import queue
 import threading
@@ -13,9 +12,9 @@ from typing import Any
 import redis
 import structlog
 
-from engine.config import SamplingParams
 from producer.errors import ProtocolError
-from producer.protocol import DEFAULT_LIMITS, ErrorCode, FinishReason, Logprobs, decode_request, done_event, error_event
+from producer.protocol import DEFAULT_LIMITS, ErrorCode, FinishReason, decode_request, done_event, error_event
+from worker.convert import build_prompt, connect, sampling_params, wire_logprobs
 from worker.jobs import Job, Note, NoteKind, Outbox
 from worker.relay import Relay
 from worker.settings import WorkerSettings
@@ -183,7 +182,7 @@ class Worker:
             self._send_error(job, ErrorCode.DEADLINE, "deadline passed before the request reached the engine")
             return
         try:
-            prompt = self._prompt(request)
+            prompt = build_prompt(self.engine, request)
             params = sampling_params(request.params)
             waited = max(0.0, time.time() - request.submitted_at) if request.submitted_at else 0.0
             self.engine.add_request(request.request_id, prompt, params, priority=request.priority.rank,
@@ -203,14 +202,6 @@ class Worker:
                  prompt_tokens=len(prompt) if isinstance(prompt, list) else None,
                  max_tokens=params.max_tokens, queue_wait_s=round(job.admitted_at - request.submitted_at, 4))
         log.debug("request prompt", request_id=request.request_id, prompt=prompt)
-
-    def _prompt(self, request: Any) -> str | list[int]:
-        if request.messages is not None:
-            tokenizer = getattr(self.engine, "tokenizer", None)
-            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-                raise ValueError("messages: this model has no chat template; send a prompt instead")
-            return tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-        return request.prompt if request.prompt is not None else request.prompt_token_ids
 
     def _expire_deadlines(self) -> None:
         now = time.time()
@@ -288,30 +279,3 @@ class Worker:
 
     def _stats_snapshot(self) -> dict[str, Any]:
         return self._stats
-
-
-def sampling_params(wire: dict[str, Any]) -> SamplingParams:
-    """The engine's SamplingParams, shared between requests that ask for the same thing.
-
-    Building one validates every field (~15 us); bulk traffic repeats a handful of settings.
-    The engine only reads a request's params, so sharing the object is safe.
-    """
-    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in wire.items()))
-    return _sampling_params(key)
-
-
-@functools.lru_cache(maxsize=1024)
-def _sampling_params(key: tuple[tuple[str, Any], ...]) -> SamplingParams:
-    return SamplingParams.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in key})
-
-
-def connect(url: str) -> redis.Redis:
-    # No read timeout below the idle XREADGROUP block; a dead server still fails within 30 s.
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
-
-
-def wire_logprobs(logprobs: Any) -> Logprobs | None:
-    """Engine TokenLogprobs -> [[token_id, logprob, [[alt_id, alt_logprob], ...]], ...]."""
-    if logprobs is None:
-        return None
-    return [[lp.token_id, lp.logprob, [[k, v] for k, v in lp.top.items()]] for lp in logprobs]

@@ -120,3 +120,17 @@ def test_heartbeats_publish_worker_stats(redis_url: str) -> None:
     assert worker["name"] == thread.settings.consumer and worker["slots_total"] == 7
     assert {"kv_blocks_used", "tokens_per_s", "model"} <= set(worker)
     assert gather(redis.Redis.from_url(redis_url))[0].workers == []  # deregistered on stop
+
+
+def test_logprobs_travel_with_the_tokens(redis_url: str, tiny_llama: Path) -> None:
+    client = Client(redis_url, model="tiny")
+    with WorkerThread(_tiny_engine(tiny_llama), redis_url, model_name="tiny"):
+        streamed = client.result(client.submit("odds", max_tokens=5, temperature=0.0, logprobs=2), timeout=60)
+        whole = client.result(client.submit("odds", max_tokens=5, temperature=0.0, logprobs=2, stream=False),
+                              timeout=60)
+    for completion in (streamed, whole):
+        assert completion.logprobs is not None and len(completion.logprobs) == 5
+        for token_id, (sampled, logprob, top) in zip(completion.token_ids, completion.logprobs, strict=True):
+            assert sampled == token_id and logprob <= 0.0 and len(top) >= 2
+            assert max(lp for _, lp in top) == pytest.approx(logprob)  # greedy: the sampled token is the top one
+    assert streamed.logprobs == whole.logprobs

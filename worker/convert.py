@@ -1,0 +1,51 @@
+"""Conversions between the wire and the engine: prompts, sampling params, logprobs; the Redis connection."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import redis
+
+from engine.config import SamplingParams
+from producer.protocol import Logprobs, Request
+
+
+def build_prompt(engine: Any, request: Request) -> str | list[int]:
+    """Text or token ids for engine.add_request; chat messages go through the model's chat template."""
+    if request.messages is not None:
+        tokenizer = getattr(engine, "tokenizer", None)
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("messages: this model has no chat template; send a prompt instead")
+        return tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+    if request.prompt is not None:
+        return request.prompt
+    assert request.prompt_token_ids is not None  # decode_request guarantees exactly one prompt form
+    return request.prompt_token_ids
+
+
+def sampling_params(wire: dict[str, Any]) -> SamplingParams:
+    """The engine's SamplingParams, shared between requests that ask for the same thing.
+
+    Building one validates every field (~15 us); bulk traffic repeats a handful of settings.
+    The engine only reads a request's params, so sharing the object is safe.
+    """
+    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in wire.items()))
+    return _sampling_params(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sampling_params(key: tuple[tuple[str, Any], ...]) -> SamplingParams:
+    return SamplingParams.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in key})
+
+
+def connect(url: str) -> redis.Redis:
+    # No read timeout below the idle XREADGROUP block; a dead server still fails within 30 s.
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+
+
+def wire_logprobs(logprobs: Any) -> Logprobs | None:
+    """Engine TokenLogprobs -> [[token_id, logprob, [[alt_id, alt_logprob], ...]], ...]."""
+    if logprobs is None:
+        return None
+    return [[lp.token_id, lp.logprob, [[k, v] for k, v in lp.top.items()]] for lp in logprobs]
