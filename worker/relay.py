@@ -72,6 +72,7 @@ class Relay:
     def start(self) -> None:
         self.ensure_groups()
         self.redis.sadd(self.keys.models, self.keys.model)
+        self._safely(self._prune_the_dead)
         self._reader.start()
         self._writer.start()
 
@@ -287,6 +288,19 @@ class Relay:
                 pending: Any = self.redis.xpending_range(key, GROUP, min="-", max="+", count=1, consumername=self.me)
                 if not pending:
                     self.redis.xgroup_delconsumer(key, GROUP, self.me)
+
+    def _prune_the_dead(self) -> None:
+        """Heartbeats and consumer names left by workers that died (kill -9) and hold nothing any more."""
+        stale_s = 10 * self.settings.claim_idle_s
+        heartbeats: Any = self.redis.hgetall(self.keys.workers)
+        for name, raw in heartbeats.items():
+            if time.time() - float(msgpack.unpackb(raw).get("at", 0)) > stale_s:
+                self.redis.hdel(self.keys.workers, name)
+        for key in self.keys.queues:
+            consumers: Any = self.redis.xinfo_consumers(key, GROUP)
+            for consumer in consumers:
+                if consumer["pending"] == 0 and consumer["idle"] > stale_s * 1000:
+                    self.redis.xgroup_delconsumer(key, GROUP, consumer["name"])
 
     def _safely(self, action: Any) -> None:
         try:

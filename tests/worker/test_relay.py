@@ -144,3 +144,16 @@ def test_a_worker_that_lost_its_claim_writes_nothing_more(redis_url: str) -> Non
         events = read_events(client.redis, KEYS, request_id)
         assert len(events) == written and not any(e.type.terminal for e in events)
         assert thread.worker.relay.held == 0
+
+
+def test_a_starting_worker_prunes_what_dead_workers_left(redis_url: str) -> None:
+    client = Client(redis_url, model="noop")
+    client.submit("x", max_tokens=1)
+    r = client.redis
+    r.hset(KEYS.workers, "long-gone", msgpack.packb({"at": time.time() - 3600}))
+    r.xgroup_createconsumer(KEYS.queue(Priority.NORMAL), GROUP, "long-gone")
+    time.sleep(0.15)  # idle past ten claim thresholds of the worker below
+    with WorkerThread(NoopEngine(), redis_url, model_name="noop", heartbeat_s=0.005, claim_idle_s=0.01):
+        wait_for(lambda: r.hexists(KEYS.workers, "long-gone") == 0, 10, what="the stale heartbeat pruned")
+        names = {c["name"] for c in r.xinfo_consumers(KEYS.queue(Priority.NORMAL), GROUP)}
+    assert b"long-gone" not in names and "long-gone" not in names
