@@ -19,7 +19,7 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,13 @@ sys.path.insert(0, str(ROOT))
 from bench.workloads import median, percentile  # noqa: E402
 
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", Path.home() / ".cache" / "peers"))
-TARGETS = {"vs_hf_static": 4.0, "vs_vllm_cpu": 1.25, "cold_start_s": 10.0, "peak_rss_mb": 1536,
-           "kv_slots_used_fraction": 0.96}
+TARGETS = {
+    "vs_hf_static": 4.0,
+    "vs_vllm_cpu": 1.25,
+    "cold_start_s": 10.0,
+    "peak_rss_mb": 1536,
+    "kv_slots_used_fraction": 0.96,
+}
 
 
 def _vllm_command(args: argparse.Namespace, spawned_at: float) -> tuple[list[str], dict[str, str]] | None:
@@ -43,10 +48,23 @@ def _vllm_command(args: argparse.Namespace, spawned_at: float) -> tuple[list[str
     from engine.models.default_model import default_model_dir
 
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}")
-    preload = [PEERS_DIR / "tcm/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", PEERS_DIR / "vllmenv/lib/libiomp5.so"]
+    preload = [
+        PEERS_DIR / "tcm/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+        PEERS_DIR / "vllmenv/lib/libiomp5.so",
+    ]
     env["LD_PRELOAD"] = ":".join(str(p) for p in preload if p.exists())
-    command = [str(python), str(ROOT / "bench/peers/vllm_child.py"), "--model", str(default_model_dir()),
-               "--workload", args.workload, "--requests", str(args.requests), "--spawned-at", str(spawned_at)]
+    command = [
+        str(python),
+        str(ROOT / "bench/peers/vllm_child.py"),
+        "--model",
+        str(default_model_dir()),
+        "--workload",
+        args.workload,
+        "--requests",
+        str(args.requests),
+        "--spawned-at",
+        str(spawned_at),
+    ]
     return command, env
 
 
@@ -57,8 +75,19 @@ def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
         assert spec is not None
         command, env = spec
     else:
-        command = [sys.executable, str(ROOT / "bench/engine_systems.py"), system, "--workload", args.workload,
-                   "--requests", str(args.requests), "--threads", str(args.threads), "--spawned-at", str(spawned_at)]
+        command = [
+            sys.executable,
+            str(ROOT / "bench/engine_systems.py"),
+            system,
+            "--workload",
+            args.workload,
+            "--requests",
+            str(args.requests),
+            "--threads",
+            str(args.threads),
+            "--spawned-at",
+            str(spawned_at),
+        ]
         env = dict(os.environ, TOKENRELAY_LOG_LEVEL="warning")
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -118,27 +147,40 @@ def main() -> None:
         for system in systems:
             print(f"[round {round_index + 1}/{args.rounds}] {system} ...", file=sys.stderr, flush=True)
             runs[system].append(run_system(system, args))
-            print(f"    {json.dumps({k: v for k, v in runs[system][-1].items() if k != 'ttft_s'})[:300]}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"    {json.dumps({k: v for k, v in runs[system][-1].items() if k != 'ttft_s'})[:300]}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     results = {s: summarise(r) for s, r in runs.items()}
     ours = results.get("tokenrelay", {}).get("tokens_per_s")
-    ratios = {f"tokenrelay_vs_{s}": ours / r["tokens_per_s"] for s, r in results.items()
-              if s != "tokenrelay" and ours and r.get("tokens_per_s")}
+    ratios = {
+        f"tokenrelay_vs_{s}": ours / r["tokens_per_s"]
+        for s, r in results.items()
+        if s != "tokenrelay" and ours and r.get("tokens_per_s")
+    }
     tr = results.get("tokenrelay", {})
     checks = {
         "vs_hf_static >= 4": ratios.get("tokenrelay_vs_hf_static", 0) >= TARGETS["vs_hf_static"],
         "vs_vllm_cpu >= 1.25": ratios.get("tokenrelay_vs_vllm_cpu", 0) >= TARGETS["vs_vllm_cpu"]
-        if "tokenrelay_vs_vllm_cpu" in ratios else None,
+        if "tokenrelay_vs_vllm_cpu" in ratios
+        else None,
         "cold_start <= 10 s": (tr.get("cold_start_s") or 1e9) <= TARGETS["cold_start_s"],
         "peak_rss <= 1.5 GB": (tr.get("peak_rss_mb") or 1e9) <= TARGETS["peak_rss_mb"],
         "kv_slots_used >= 96 %": (tr.get("kv_slots_used_fraction") or 0) >= TARGETS["kv_slots_used_fraction"],
     }
     report = {
-        "benchmark": "engine", "workload": args.workload, "requests": args.requests, "rounds": args.rounds,
-        "threads": args.threads, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "engine",
+        "workload": args.workload,
+        "requests": args.requests,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "systems": results, "ratios": ratios, "targets_met": checks,
+        "systems": results,
+        "ratios": ratios,
+        "targets_met": checks,
     }
     text = json.dumps(report, indent=2)
     print(text)

@@ -57,11 +57,17 @@ def run_tokenrelay(workload: list[Request], threads: int, spawned_at: float) -> 
             slots_allocated += len(request.block_ids) * bs
     elapsed = time.perf_counter() - started
     stats = engine.stats()
-    return {"output_tokens": tokens, "seconds": elapsed, "ttft_s": list(ttft.values()),
-            "cold_start_s": first_token - spawned_at, "steps": steps,
-            "kv_slots_used_fraction": slots_used / slots_allocated if slots_allocated else None,
-            "preemptions": stats["preemptions"], "kv_blocks_total": stats["kv_blocks_total"],
-            "attention_backend": engine.attention_backend}
+    return {
+        "output_tokens": tokens,
+        "seconds": elapsed,
+        "ttft_s": list(ttft.values()),
+        "cold_start_s": first_token - spawned_at,
+        "steps": steps,
+        "kv_slots_used_fraction": slots_used / slots_allocated if slots_allocated else None,
+        "preemptions": stats["preemptions"],
+        "kv_blocks_total": stats["kv_blocks_total"],
+        "attention_backend": engine.attention_backend,
+    }
 
 
 def _load_hf(threads: int) -> Any:
@@ -103,7 +109,9 @@ def _generate_padded(model: Any, prompts: list[list[int]], max_new_tokens: int) 
     stamp = _first_token_stamp()
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
-        model.generate(ids, attention_mask=mask, generation_config=config, logits_processor=LogitsProcessorList([stamp]))
+        model.generate(
+            ids, attention_mask=mask, generation_config=config, logits_processor=LogitsProcessorList([stamp])
+        )
     assert stamp.at is not None
     return stamp.at
 
@@ -120,8 +128,13 @@ def run_hf_static(workload: list[Request], threads: int, spawned_at: float) -> d
         ttft += [first - started] * len(batch)
     elapsed = time.perf_counter() - started
     # A static batch runs until its longest request is done; only each request's own tokens count.
-    return {"output_tokens": sum(n for _, n in workload), "seconds": elapsed, "ttft_s": ttft,
-            "cold_start_s": cold - spawned_at, "batch_size": HF_STATIC_BATCH}
+    return {
+        "output_tokens": sum(n for _, n in workload),
+        "seconds": elapsed,
+        "ttft_s": ttft,
+        "cold_start_s": cold - spawned_at,
+        "batch_size": HF_STATIC_BATCH,
+    }
 
 
 def run_hf_sequential(workload: list[Request], threads: int, spawned_at: float) -> dict[str, Any]:
@@ -130,16 +143,21 @@ def run_hf_sequential(workload: list[Request], threads: int, spawned_at: float) 
     cold = time.time()
     started = time.perf_counter()
     ttft = [_generate_padded(model, [prompt], n) - started for prompt, n in workload]
-    return {"output_tokens": sum(n for _, n in workload), "seconds": time.perf_counter() - started,
-            "ttft_s": ttft, "cold_start_s": cold - spawned_at}
+    return {
+        "output_tokens": sum(n for _, n in workload),
+        "seconds": time.perf_counter() - started,
+        "ttft_s": ttft,
+        "cold_start_s": cold - spawned_at,
+    }
 
 
 def run_hf_continuous(workload: list[Request], threads: int, spawned_at: float) -> dict[str, Any]:
     from transformers import GenerationConfig
 
     model = _load_hf(threads)
-    config = GenerationConfig(max_new_tokens=max(n for _, n in workload), do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
+    config = GenerationConfig(
+        max_new_tokens=max(n for _, n in workload), do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=30) as manager:
         manager.add_request([1, 2, 3, 4], request_id="warm-up", max_new_tokens=1, eos_token_id=-1)
         manager.get_result(request_id="warm-up", timeout=600)
@@ -156,8 +174,13 @@ def run_hf_continuous(workload: list[Request], threads: int, spawned_at: float) 
     tokens = sum(len(r.generated_tokens) for r in results.values())
     ttft = [r.timestamps[0] - started for r in results.values() if r.timestamps]
     errors = [r.error for r in results.values() if r.error]
-    return {"output_tokens": tokens, "seconds": elapsed, "ttft_s": ttft, "cold_start_s": cold - spawned_at,
-            "errors": errors[:3]}
+    return {
+        "output_tokens": tokens,
+        "seconds": elapsed,
+        "ttft_s": ttft,
+        "cold_start_s": cold - spawned_at,
+        "errors": errors[:3],
+    }
 
 
 SYSTEMS = {

@@ -11,15 +11,17 @@ Request = tuple[list[int], int]  # prompt token ids, tokens to generate
 
 
 def mixed_workload(num_requests: int = 64, vocab: int = 49152, seed: int = 0) -> list[Request]:
-    """"mixed": prompts of U[16,256] random token ids, outputs of U[16,128] tokens (seed 0)."""
+    """ "mixed": prompts of U[16,256] random token ids, outputs of U[16,128] tokens (seed 0)."""
     rng = random.Random(seed)
-    return [([rng.randrange(vocab) for _ in range(rng.randint(16, 256))], rng.randint(16, 128))
-            for _ in range(num_requests)]
+    return [
+        ([rng.randrange(vocab) for _ in range(rng.randint(16, 256))], rng.randint(16, 128)) for _ in range(num_requests)
+    ]
 
 
-def uniform_workload(num_requests: int = 32, prompt_len: int = 128, output_len: int = 64, vocab: int = 49152,
-                     seed: int = 0) -> list[Request]:
-    """"uniform": every request the same shape (vLLM's reference figures include 32 x 128 in / 64 out)."""
+def uniform_workload(
+    num_requests: int = 32, prompt_len: int = 128, output_len: int = 64, vocab: int = 49152, seed: int = 0
+) -> list[Request]:
+    """ "uniform": every request the same shape (vLLM's reference figures include 32 x 128 in / 64 out)."""
     rng = random.Random(seed)
     return [([rng.randrange(vocab) for _ in range(prompt_len)], output_len) for _ in range(num_requests)]
 

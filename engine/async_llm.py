@@ -14,7 +14,7 @@ import structlog
 
 from engine.config import SamplingParams
 from engine.engine import LLMEngine, Prompt
-from engine.llm import make_config
+from engine.llm import as_prompt_list, make_config
 from engine.request import RequestOutput
 
 log = structlog.get_logger(__name__)
@@ -42,8 +42,9 @@ class AsyncLLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    async def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
-                     priority: int = 0) -> AsyncIterator[RequestOutput]:
+    async def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
         """Yields one RequestOutput per new token (use `.new_text`); the last has `.finished` set.
 
         Leaving the loop early aborts the request and frees its KV blocks.
@@ -70,20 +71,18 @@ class AsyncLLM:
             if not finished:
                 self._send(("abort", request_id))
 
-    async def generate(self, prompts: Prompt | Sequence[Prompt],
-                       params: SamplingParams | None = None) -> list[RequestOutput]:
+    async def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
         """Runs all prompts concurrently; the finished outputs, in order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-
         async def one(prompt: Prompt) -> RequestOutput:
-            last = None
-            async for last in self.stream(prompt, params):
-                pass
-            assert last is not None
-            return last
+            final = None
+            async for out in self.stream(prompt, params):
+                final = out
+            assert final is not None
+            return final
 
-        return list(await asyncio.gather(*(one(p) for p in prompts)))  # type: ignore[union-attr]
+        return list(await asyncio.gather(*(one(p) for p in as_prompt_list(prompts))))
 
     def shutdown(self) -> None:
         self._closed = True

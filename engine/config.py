@@ -49,20 +49,54 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        _check(
+            _is_int(self.max_tokens) and self.max_tokens >= 1,
+            "max_tokens",
+            f"must be an integer >= 1, got {self.max_tokens!r}",
+        )
+        _check(
+            _is_number(self.temperature) and self.temperature >= 0,
+            "temperature",
+            f"must be a finite number >= 0, got {self.temperature!r}",
+        )
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", f"must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
+        _check(
+            _is_int(self.top_k) and self.top_k >= -1,
+            "top_k",
+            f"must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}",
+        )
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", f"must be a finite number > 0, got {self.repetition_penalty!r}")
-        _check(_is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty!r}")
-        _check(_is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty!r}")
+        _check(
+            _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            f"must be a finite number > 0, got {self.repetition_penalty!r}",
+        )
+        _check(
+            _is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            "presence_penalty",
+            f"must be in [-2, 2], got {self.presence_penalty!r}",
+        )
+        _check(
+            _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            "frequency_penalty",
+            f"must be in [-2, 2], got {self.frequency_penalty!r}",
+        )
         _check(self.seed is None or _is_int(self.seed), "seed", f"must be an integer or None, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers")
-        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens", f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs", f"must be None or an integer in [0, 20], got {self.logprobs!r}")
+        _check(
+            all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers"
+        )
+        _check(
+            _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"must be an integer in [0, max_tokens], got {self.min_tokens!r}",
+        )
+        _check(
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+            "logprobs",
+            f"must be None or an integer in [0, 20], got {self.logprobs!r}",
+        )
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, "must be a boolean")
 
@@ -75,12 +109,12 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        return {name: getattr(self, name) for name in self.__slots__}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
         """Build from a plain mapping, rejecting unknown names (a typo must not pass silently)."""
-        unknown = set(values) - set(cls.__slots__)  # type: ignore[attr-defined]
+        unknown = set(values) - set(cls.__slots__)
         if unknown:
             raise ValueError(f"sampling params: unknown field(s) {sorted(unknown)}")
         return cls(**values)
@@ -107,14 +141,54 @@ class EngineConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.model is None or (isinstance(self.model, str) and self.model != ""), "model", "must be a non-empty path or None")
+        _check(
+            self.model is None or (isinstance(self.model, str) and self.model != ""),
+            "model",
+            "must be a non-empty path or None",
+        )
         _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
-        _check(isinstance(self.device, str) and self.device.split(":")[0] in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
-        _check(_is_int(self.block_size) and self.block_size in (8, 16, 32, 64, 128, 256), "block_size", f"must be one of 8..256 (a power of two), got {self.block_size!r}")
-        _check(self.num_kv_blocks is None or (_is_int(self.num_kv_blocks) and self.num_kv_blocks >= 2), "num_kv_blocks", f"must be an integer >= 2 or None, got {self.num_kv_blocks!r}")
-        _check(self.kv_cache_memory_gb is None or (_is_number(self.kv_cache_memory_gb) and self.kv_cache_memory_gb > 0), "kv_cache_memory_gb", "must be > 0 or None")
-        _check(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs", f"must be an integer >= 1, got {self.max_num_seqs!r}")
-        _check(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1, "max_num_batched_tokens", f"must be an integer >= 1, got {self.max_num_batched_tokens!r}")
-        _check(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 1), "max_model_len", "must be an integer >= 1 or None")
-        _check(self.attention_backend in _BACKENDS, "attention_backend", f"must be one of {_BACKENDS}, got {self.attention_backend!r}")
-        _check(self.num_threads is None or (_is_int(self.num_threads) and self.num_threads >= 1), "num_threads", "must be an integer >= 1 or None")
+        _check(
+            isinstance(self.device, str) and self.device.split(":")[0] in ("auto", "cpu", "cuda"),
+            "device",
+            f"must be auto, cpu or cuda[:N], got {self.device!r}",
+        )
+        _check(
+            _is_int(self.block_size) and self.block_size in (8, 16, 32, 64, 128, 256),
+            "block_size",
+            f"must be one of 8..256 (a power of two), got {self.block_size!r}",
+        )
+        _check(
+            self.num_kv_blocks is None or (_is_int(self.num_kv_blocks) and self.num_kv_blocks >= 2),
+            "num_kv_blocks",
+            f"must be an integer >= 2 or None, got {self.num_kv_blocks!r}",
+        )
+        _check(
+            self.kv_cache_memory_gb is None or (_is_number(self.kv_cache_memory_gb) and self.kv_cache_memory_gb > 0),
+            "kv_cache_memory_gb",
+            "must be > 0 or None",
+        )
+        _check(
+            _is_int(self.max_num_seqs) and self.max_num_seqs >= 1,
+            "max_num_seqs",
+            f"must be an integer >= 1, got {self.max_num_seqs!r}",
+        )
+        _check(
+            _is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
+            "max_num_batched_tokens",
+            f"must be an integer >= 1, got {self.max_num_batched_tokens!r}",
+        )
+        _check(
+            self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 1),
+            "max_model_len",
+            "must be an integer >= 1 or None",
+        )
+        _check(
+            self.attention_backend in _BACKENDS,
+            "attention_backend",
+            f"must be one of {_BACKENDS}, got {self.attention_backend!r}",
+        )
+        _check(
+            self.num_threads is None or (_is_int(self.num_threads) and self.num_threads >= 1),
+            "num_threads",
+            "must be an integer >= 1 or None",
+        )

@@ -15,8 +15,14 @@ class IncrementalDetokenizer:
     consumer never sees text that a stop string later removes.
     """
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str],
-                 include_stop_str_in_output: bool = False, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: list[int],
+        stop: list[str],
+        include_stop_str_in_output: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.include_stop = include_stop_str_in_output
@@ -67,7 +73,9 @@ class IncrementalDetokenizer:
             return self._stream.step(self._backend, token_id) or ""
         self._ids.append(token_id)
         decode = self.tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self.skip_special_tokens)
+        prefix = decode(
+            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self.skip_special_tokens
+        )
         full = decode(self._ids[self._prefix_offset :], skip_special_tokens=self.skip_special_tokens)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self._prefix_offset = self._read_offset

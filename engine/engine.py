@@ -45,33 +45,62 @@ class LLMEngine:
         self.vocab_size = loaded.vocab_size
         backend, reason = select_backend(config.attention_backend, self.device, self.dtype, config.block_size)
         self.attention_backend = backend.name
-        block_bytes = kv_cache_bytes_per_block(loaded.num_layers, config.block_size, loaded.num_kv_heads,
-                                               loaded.head_dim, self.dtype)
+        block_bytes = kv_cache_bytes_per_block(
+            loaded.num_layers, config.block_size, loaded.num_kv_heads, loaded.head_dim, self.dtype
+        )
         num_blocks = config.num_kv_blocks or kv_cache_num_blocks(config.kv_cache_memory_gb, block_bytes, self.device)
         # A request must always fit in the pool on its own, or preemption could never make room.
-        self.max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len,
-                                 num_blocks * config.block_size)
+        self.max_model_len = min(
+            config.max_model_len or loaded.max_model_len, loaded.max_model_len, num_blocks * config.block_size
+        )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   watermark_blocks=max(1, num_blocks // 100))
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, watermark_blocks=max(1, num_blocks // 100)
+        )
         packed = 0
         if config.cpu_weight_packing and packing_available(self.device, self.dtype):
             packed = pack_linears(loaded.model)
         adapter = ModelAdapter(loaded.model)
-        self.runner = ModelRunner(adapter, backend, num_blocks, config.block_size, loaded.num_layers,
-                                  loaded.num_kv_heads, loaded.head_dim, self.dtype, self.device)
+        self.runner = ModelRunner(
+            adapter,
+            backend,
+            num_blocks,
+            config.block_size,
+            loaded.num_layers,
+            loaded.num_kv_heads,
+            loaded.head_dim,
+            self.dtype,
+            self.device,
+        )
         self.sampler = Sampler(loaded.vocab_size, config.seed)
         self.num_generated_tokens = 0
-        log.info("engine ready", model=str(loaded.path), device=str(self.device), dtype=str(self.dtype).split(".")[-1],
-                 attention_backend=backend.name, backend_reason=reason, num_kv_blocks=num_blocks,
-                 kv_cache_mib=round(num_blocks * block_bytes / 2**20), max_model_len=self.max_model_len,
-                 threads=torch.get_num_threads(), allocator_tuned=allocator_tuned, packed_linears=packed, seconds=round(time.monotonic() - started, 2),
-                 config={k: v for k, v in asdict(config).items() if v is not None})
+        log.info(
+            "engine ready",
+            model=str(loaded.path),
+            device=str(self.device),
+            dtype=str(self.dtype).split(".")[-1],
+            attention_backend=backend.name,
+            backend_reason=reason,
+            num_kv_blocks=num_blocks,
+            kv_cache_mib=round(num_blocks * block_bytes / 2**20),
+            max_model_len=self.max_model_len,
+            threads=torch.get_num_threads(),
+            allocator_tuned=allocator_tuned,
+            packed_linears=packed,
+            seconds=round(time.monotonic() - started, 2),
+            config={k: v for k, v in asdict(config).items() if v is not None},
+        )
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> Request:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> Request:
         """Queue a request. Raises ValueError (naming the field) for anything that could not run."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -82,8 +111,10 @@ class LLMEngine:
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         token_ids = self.encode(prompt)
         if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate within the context of "
-                             f"{self.max_model_len} tokens")
+            raise ValueError(
+                f"prompt: {len(token_ids)} tokens leave no room to generate within the context of "
+                f"{self.max_model_len} tokens"
+            )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer, and this model folder has none")
         request = Request(request_id, token_ids, params, priority=priority, eos_token_ids=self.eos_token_ids)
@@ -92,8 +123,9 @@ class LLMEngine:
         if params.seed is not None:
             request.generator = torch.Generator().manual_seed(params.seed)
         if self.tokenizer is not None:
-            request.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop,
-                                                         params.include_stop_str_in_output, params.skip_special_tokens)
+            request.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+            )
         if params.logprobs is not None:
             request.logprobs = []
         self.scheduler.add(request)
@@ -106,8 +138,10 @@ class LLMEngine:
             token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         elif isinstance(prompt, (list, tuple)):
             token_ids = list(prompt)
-            bad = next((t for t in token_ids if not isinstance(t, int) or isinstance(t, bool)
-                        or not 0 <= t < self.vocab_size), None)
+            bad = next(
+                (t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size),
+                None,
+            )
             if bad is not None:
                 raise ValueError(f"prompt: token id {bad!r} is not an integer in [0, {self.vocab_size})")
         else:
@@ -147,8 +181,9 @@ class LLMEngine:
         sampled = self.sampler(result.logits, result.sampling_requests)
         now = time.monotonic()
         outputs = []
-        for request, token_id, logprob in zip(result.sampling_requests, sampled.token_ids, sampled.logprobs,
-                                              strict=True):
+        for request, token_id, logprob in zip(
+            result.sampling_requests, sampled.token_ids, sampled.logprobs, strict=True
+        ):
             if request.first_token_time is None:
                 request.first_token_time = now
             outputs.append(self._append_token(request, token_id, logprob))
@@ -169,8 +204,9 @@ class LLMEngine:
             stop = request.detokenizer.add_token(token_id)
             if stop is not None:
                 reason, request.stop_reason = FinishReason.STOP, stop
-        if reason is None and (len(request.output_token_ids) >= params.max_tokens
-                               or request.num_tokens >= self.max_model_len):
+        if reason is None and (
+            len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len
+        ):
             reason = FinishReason.LENGTH
         if reason is not None:
             self.scheduler.finish(request, reason)

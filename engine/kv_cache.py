@@ -146,8 +146,9 @@ class KVCacheManager:
         self.prefix_hits += len(match.block_ids) * bs
         return match
 
-    def allocate(self, request: Request, num_new_tokens: int, prefix: PrefixMatch | None = None,
-                 reserve: int = 0) -> bool:
+    def allocate(
+        self, request: Request, num_new_tokens: int, prefix: PrefixMatch | None = None, reserve: int = 0
+    ) -> bool:
         """Make room for `num_new_tokens` more computed tokens; False (and no change) if it does not fit.
 
         `cached_blocks` are prefix-cache hits for a request being admitted; `reserve` keeps that

@@ -34,8 +34,9 @@ def kv_cache_num_blocks(budget_gb: float | None, block_bytes: int, device: torch
         budget = int(min(available_host_bytes() * _CPU_FRACTION, _CPU_CAP_GB * 2**30))
     num_blocks = budget // block_bytes
     if num_blocks < 2:
-        raise ValueError(f"kv_cache_memory_gb: {budget / 2**30:.3f} GiB holds fewer than 2 KV blocks "
-                         f"of {block_bytes} bytes")
+        raise ValueError(
+            f"kv_cache_memory_gb: {budget / 2**30:.3f} GiB holds fewer than 2 KV blocks of {block_bytes} bytes"
+        )
     return num_blocks
 
 

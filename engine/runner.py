@@ -20,16 +20,27 @@ class StepResult:
     logits: torch.Tensor  # [len(sampling_requests), vocab]
 
 
-def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                             dtype: torch.dtype) -> int:
+def kv_cache_bytes_per_block(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
 class ModelRunner:
     """Owns the KV cache tensors; one `execute` per engine step."""
 
-    def __init__(self, adapter: ModelAdapter, backend: AttentionBackend, num_blocks: int, block_size: int,
-                 num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        backend: AttentionBackend,
+        num_blocks: int,
+        block_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.adapter = adapter
         self.backend = backend
         self.block_size = block_size
@@ -41,8 +52,10 @@ class ModelRunner:
         # pages of a large host pool then cost no resident memory. GPU kernels may multiply masked
         # garbage by zero (NaN * 0 = NaN), so there the pool starts zeroed.
         alloc = torch.empty if device.type == "cpu" else torch.zeros
-        self.kv_caches = [(alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
-                          for _ in range(num_layers)]
+        self.kv_caches = [
+            (alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)
+        ]
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
         meta, input_ids, positions, sampling, logits_indices = self._prepare(batch)
@@ -50,8 +63,9 @@ class ModelRunner:
         logits = self.adapter(input_ids, positions, meta, logits_indices)
         return StepResult(sampling, logits)
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor,
-                                                       list[Request], torch.Tensor]:
+    def _prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, list[Request], torch.Tensor]:
         bs = self.block_size
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -60,7 +74,7 @@ class ModelRunner:
         query_start: list[int] = []
         sampling: list[Request] = []
         logits_indices: list[int] = []
-        max_blocks = max(-(-(r.num_computed_tokens + n) // bs) for r, n in zip(batch.requests, batch.num_tokens))
+        max_blocks = max(len(r.block_ids) for r in batch.requests)
         tables = np.full((len(batch), max_blocks), self.pad_block, dtype=np.int32)
         offset = 0
         for row, (request, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
@@ -92,9 +106,13 @@ class ModelRunner:
             kv_caches=self.kv_caches,
         )
         meta.extras["backend"] = self.backend
-        return (meta, torch.tensor(ids, dtype=torch.int64, device=device),
-                torch.from_numpy(np.concatenate(positions)).to(device), sampling,
-                torch.tensor(logits_indices, dtype=torch.int64, device=device))
+        return (
+            meta,
+            torch.tensor(ids, dtype=torch.int64, device=device),
+            torch.from_numpy(np.concatenate(positions)).to(device),
+            sampling,
+            torch.tensor(logits_indices, dtype=torch.int64, device=device),
+        )
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:

@@ -77,8 +77,11 @@ class Sampler:
         noise = torch.empty_like(probs)
         unseeded = [i for i, r in enumerate(requests) if r.generator is None]
         if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], dtype=probs.dtype).exponential_(
-                generator=self._generator).to(device)
+            noise[unseeded] = (
+                torch.empty(len(unseeded), probs.shape[1], dtype=probs.dtype)
+                .exponential_(generator=self._generator)
+                .to(device)
+            )
         for i, r in enumerate(requests):
             if r.generator is not None:
                 noise[i] = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=r.generator).to(device)
@@ -105,7 +108,8 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
         if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
             out = torch.tensor([t for t in r.output_token_ids if t < vocab], dtype=torch.long, device=device)
             counts = torch.zeros(vocab, dtype=logits.dtype, device=device).scatter_add_(
-                0, out, torch.ones_like(out, dtype=logits.dtype))
+                0, out, torch.ones_like(out, dtype=logits.dtype)
+            )
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 
@@ -125,8 +129,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     return torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits)
 
 
-def _gather_logprobs(logprobs: torch.Tensor | None, token_ids: list[int],
-                     requests: list[Request]) -> list[TokenLogprob | None]:
+def _gather_logprobs(
+    logprobs: torch.Tensor | None, token_ids: list[int], requests: list[Request]
+) -> list[TokenLogprob | None]:
     if logprobs is None:
         return [None] * len(requests)
     result: list[TokenLogprob | None] = []

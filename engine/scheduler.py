@@ -29,8 +29,9 @@ class ScheduledBatch:
 class Scheduler:
     """Decides each step's batch. Order is (priority, arrival): lower priority values run first."""
 
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 watermark_blocks: int = 0) -> None:
+    def __init__(
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, watermark_blocks: int = 0
+    ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

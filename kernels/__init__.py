@@ -15,8 +15,16 @@ class AttentionBackend(Protocol):
     def prepare(self, meta: AttentionMetadata) -> None:
         """Derive per-step state (index tensors, attention biases) once, before the layers run."""
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-                meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layer: int,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
         """Write this layer's new K/V and return attention output [tokens, heads, head_dim]."""
         ...
 

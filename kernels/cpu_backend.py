@@ -53,8 +53,16 @@ class CpuBackend:
             sdpa_seqs=sdpa_seqs,
         )
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-                meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layer: int,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
         if sliding_window is not None:
             raise NotImplementedError("the cpu backend has no sliding window; use attention_backend='torch'")
         state: CpuStepState = meta.backend_state
@@ -64,8 +72,9 @@ class CpuBackend:
         if query.stride(2) != 1:
             query = query.contiguous()
         if state.rows.numel():
-            self._kernel(out, query, k_cache, v_cache, state.rows, state.seq_index, state.ctx_lens,
-                         state.block_tables, scale)
+            self._kernel(
+                out, query, k_cache, v_cache, state.rows, state.seq_index, state.ctx_lens, state.block_tables, scale
+            )
         for i in state.sdpa_seqs:
             attend_sequence(out, query, key, value, k_cache, v_cache, meta, i, scale, None)
         return out

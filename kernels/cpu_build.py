@@ -29,8 +29,9 @@ def _cpu_signature() -> str:
 def build_dir() -> Path:
     root = Path(os.environ.get("TOKENRELAY_CACHE_DIR", Path.home() / ".cache" / "tokenrelay"))
     key = hashlib.sha256(
-        b"\0".join([_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_CFLAGS).encode(),
-                    _cpu_signature().encode()])
+        b"\0".join(
+            [_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_CFLAGS).encode(), _cpu_signature().encode()]
+        )
     ).hexdigest()[:16]
     return root / "kernels" / f"{_NAME}-{key}"
 
@@ -51,8 +52,14 @@ def load(build: bool = True) -> ModuleType | None:
     from torch.utils.cpp_extension import load as jit_load
 
     directory.mkdir(parents=True, exist_ok=True)
-    return jit_load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                    build_directory=str(directory), verbose=False)
+    return jit_load(
+        name=_NAME,
+        sources=[str(_SOURCE)],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        verbose=False,
+    )
 
 
 if __name__ == "__main__":

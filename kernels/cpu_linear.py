@@ -36,8 +36,12 @@ def pack_linears(model: nn.Module) -> int:
     """Swap every nn.Linear for a PackedLinear, in place; returns how many were swapped."""
     # Names only: holding the old modules until the end would keep every fp32 weight alive beside
     # its packed copy (twice the model's memory at the peak).
-    slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is nn.Linear]
+    slots = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear
+    ]
     for parent, name in slots:
         setattr(parent, name, PackedLinear(getattr(parent, name)))
     return len(slots)

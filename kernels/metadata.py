@@ -23,7 +23,9 @@ class AttentionMetadata:
     query_lens: list[int]
     query_start: list[int]
     block_size: int
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V, [num_blocks, block_size, kv_heads, head_dim]
+    kv_caches: list[
+        tuple[torch.Tensor, torch.Tensor]
+    ]  # per layer: K and V, [num_blocks, block_size, kv_heads, head_dim]
     backend_state: Any = None  # what the backend's `prepare` derived for this step
     extras: dict[str, Any] = field(default_factory=dict)
 

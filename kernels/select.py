@@ -9,7 +9,9 @@ from kernels.torch_backend import TorchBackend
 from kernels.xformers_backend import XformersBackend, xformers_available
 
 
-def select_backend(requested: str, device: torch.device, dtype: torch.dtype, block_size: int) -> tuple[AttentionBackend, str]:
+def select_backend(
+    requested: str, device: torch.device, dtype: torch.dtype, block_size: int
+) -> tuple[AttentionBackend, str]:
     """The backend and why it was chosen. `requested` is auto, torch, cpu or xformers."""
     if requested == "torch":
         return TorchBackend(), "forced by config"

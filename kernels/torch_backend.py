@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from kernels.metadata import AttentionMetadata
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Store the new tokens' K/V ([tokens, kv_heads, head_dim]) at their cache slots."""
     kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
@@ -35,9 +36,18 @@ def causal_mask(query_len: int, seq_len: int, sliding_window: int | None, device
     return mask
 
 
-def attend_sequence(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, i: int,
-                    scale: float, sliding_window: int | None) -> None:
+def attend_sequence(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    i: int,
+    scale: float,
+    sliding_window: int | None,
+) -> None:
     """Attention for sequence `i` of the batch, written into its rows of `out` ([tokens, heads, dim])."""
     start, n, length = meta.query_start[i], meta.query_lens[i], meta.seq_lens[i]
     q = query[start : start + n].transpose(0, 1)
@@ -50,8 +60,15 @@ def attend_sequence(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, v
     fresh_causal = n == length and sliding_window is None
     mask = None if fresh_causal else causal_mask(n, length, sliding_window, q.device)
     # 4-D inputs: with 3-D ones SDPA on CPU falls back to its slow "math" kernel.
-    o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=fresh_causal and n > 1,
-                                       scale=scale, enable_gqa=q.shape[0] != k.shape[0])
+    o = F.scaled_dot_product_attention(
+        q[None],
+        k[None],
+        v[None],
+        attn_mask=mask,
+        is_causal=fresh_causal and n > 1,
+        scale=scale,
+        enable_gqa=q.shape[0] != k.shape[0],
+    )
     out[start : start + n] = o[0].transpose(0, 1)
 
 
@@ -63,8 +80,16 @@ class TorchBackend:
     def prepare(self, meta: AttentionMetadata) -> None:
         meta.backend_state = None
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-                meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layer: int,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
         """query [tokens, heads, dim], key/value [tokens, kv_heads, dim] -> [tokens, heads, dim]."""
         k_cache, v_cache = meta.kv_caches[layer]
         write_kv(key, value, k_cache, v_cache, meta.slot_mapping)

@@ -63,8 +63,12 @@ def build_groups(meta: AttentionMetadata, paged_decodes: bool, device: torch.dev
     if decode:
         tables = meta.block_tables[decode].to(device=device, dtype=torch.int32)
         bias = PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-            q_seqlen=[1] * len(decode), kv_seqlen=[meta.seq_lens[i] for i in decode],
-            block_tables=tables, page_size=bs, device=device)
+            q_seqlen=[1] * len(decode),
+            kv_seqlen=[meta.seq_lens[i] for i in decode],
+            block_tables=tables,
+            page_size=bs,
+            device=device,
+        )
         groups.append(Group(decode, _query_rows(meta, decode, device), bias))
     if gathered:
         padding = max(meta.seq_lens[i] for i in gathered)
@@ -74,10 +78,12 @@ def build_groups(meta: AttentionMetadata, paged_decodes: bool, device: torch.dev
             pos = torch.arange(length)
             slots[row, :length] = meta.block_tables[i, pos // bs].to(torch.int64) * bs + pos % bs
         bias = BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-            q_seqlen=[meta.query_lens[i] for i in gathered], kv_padding=padding,
-            kv_seqlen=[meta.seq_lens[i] for i in gathered], device=device)
-        groups.append(Group(gathered, _query_rows(meta, gathered, device), bias,
-                            slots.flatten().to(device), padding))
+            q_seqlen=[meta.query_lens[i] for i in gathered],
+            kv_padding=padding,
+            kv_seqlen=[meta.seq_lens[i] for i in gathered],
+            device=device,
+        )
+        groups.append(Group(gathered, _query_rows(meta, gathered, device), bias, slots.flatten().to(device), padding))
     return groups
 
 
@@ -93,8 +99,16 @@ class XformersBackend:
         device = meta.slot_mapping.device
         meta.backend_state = XformersStepState(build_groups(meta, self.paged_decodes, device))
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-                meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layer: int,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
         if sliding_window is not None:
             raise NotImplementedError("the xformers backend has no sliding window; use attention_backend='torch'")
         from xformers.ops import memory_efficient_attention_forward
@@ -112,8 +126,16 @@ class XformersBackend:
                 k = k_cache.view(1, -1, kv_heads, 1, head_dim)
                 v = v_cache.view(1, -1, kv_heads, 1, head_dim)
             else:
-                k = k_cache.view(-1, kv_heads, head_dim).index_select(0, group.gather_index).view(1, -1, kv_heads, 1, head_dim)
-                v = v_cache.view(-1, kv_heads, head_dim).index_select(0, group.gather_index).view(1, -1, kv_heads, 1, head_dim)
+                k = (
+                    k_cache.view(-1, kv_heads, head_dim)
+                    .index_select(0, group.gather_index)
+                    .view(1, -1, kv_heads, 1, head_dim)
+                )
+                v = (
+                    v_cache.view(-1, kv_heads, head_dim)
+                    .index_select(0, group.gather_index)
+                    .view(1, -1, kv_heads, 1, head_dim)
+                )
             k = k.expand(-1, -1, -1, per_group, -1)
             v = v.expand(-1, -1, -1, per_group, -1)
             o = memory_efficient_attention_forward(q, k, v, attn_bias=group.bias, scale=scale)

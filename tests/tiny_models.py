@@ -18,25 +18,63 @@ def tiny_config(arch: str):  # noqa: ANN201 - a transformers config
     from transformers import GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
     if arch == "llama":
-        return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                           bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+        return LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=MAX_POSITIONS,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            tie_word_embeddings=True,
+        )
     if arch == "qwen2":
-        return Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                           num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=MAX_POSITIONS,
-                           bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+        return Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=MAX_POSITIONS,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            tie_word_embeddings=False,
+        )
     if arch == "gpt2":
-        return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=MAX_POSITIONS,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        return GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            n_positions=MAX_POSITIONS,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
     if arch == "opt":
-        return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
-                         max_position_embeddings=MAX_POSITIONS, word_embed_proj_dim=64, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=2)
+        return OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_POSITIONS,
+            word_embed_proj_dim=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-def build_tiny_model(arch: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float64,
-                     tokenizer_from: Path | None = None) -> Path:
+def build_tiny_model(
+    arch: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float64, tokenizer_from: Path | None = None
+) -> Path:
     """Random weights (fixed seed), saved as an HF folder; optionally with a tokenizer copied in."""
     from transformers import AutoModelForCausalLM
 

@@ -45,8 +45,17 @@ def main() -> None:
         first, arrival = getattr(metrics, "first_token_time", None), getattr(metrics, "arrival_time", None)
         if first and arrival:
             ttft.append(first - arrival)
-    print(json.dumps({"output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "seconds": elapsed,
-                      "ttft_s": ttft, "cold_start_s": cold - args.spawned_at, "peak_rss_mb": peak_rss_mb()}))
+    print(
+        json.dumps(
+            {
+                "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+                "seconds": elapsed,
+                "ttft_s": ttft,
+                "cold_start_s": cold - args.spawned_at,
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

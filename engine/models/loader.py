@@ -71,8 +71,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor] | None:
 
 def _eos_ids(config: Any, generation_config: Any, tokenizer: Any | None) -> frozenset[int]:
     ids: set[int] = set()
-    for source in (getattr(generation_config, "eos_token_id", None), getattr(config, "eos_token_id", None),
-                   getattr(tokenizer, "eos_token_id", None)):
+    for source in (
+        getattr(generation_config, "eos_token_id", None),
+        getattr(config, "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
         if isinstance(source, int):
             ids.add(source)
         elif isinstance(source, (list, tuple)):
@@ -80,7 +83,9 @@ def _eos_ids(config: Any, generation_config: Any, tokenizer: Any | None) -> froz
     return frozenset(ids)
 
 
-def load_model(model: str | None, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    model: str | None, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -90,13 +95,17 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype, trus
     state_dict = _read_safetensors(path) if device.type == "cpu" and not trust_remote_code else None
     if state_dict is not None:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        hf_model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype,
-                                               attn_implementation=ATTENTION_NAME)
+        model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        hf_model = model_class.from_pretrained(
+            None, config=config, state_dict=state_dict, dtype=dtype, attn_implementation=ATTENTION_NAME
+        )
         del state_dict
     else:
         hf_model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=ATTENTION_NAME, trust_remote_code=trust_remote_code,
+            path,
+            dtype=dtype,
+            attn_implementation=ATTENTION_NAME,
+            trust_remote_code=trust_remote_code,
             local_files_only=True,
         )
     hf_model = hf_model.to(device).eval()

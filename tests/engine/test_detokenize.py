@@ -17,8 +17,9 @@ def tokenizer(default_model_dir: Path):  # noqa: ANN201
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
-def _stream(tokenizer, token_ids: list[int], stop: list[str] | None = None, prompt: list[int] | None = None,
-            slow: bool = False) -> tuple[list[str], str, str | None]:
+def _stream(
+    tokenizer, token_ids: list[int], stop: list[str] | None = None, prompt: list[int] | None = None, slow: bool = False
+) -> tuple[list[str], str, str | None]:
     detok = IncrementalDetokenizer(tokenizer, prompt or [], stop or [])
     if slow:
         detok._stream = None  # exercise the window-decoding fallback used for slow tokenizers
@@ -48,7 +49,7 @@ def test_emoji_and_cjk_streamed_byte_by_byte(tokenizer, slow: bool) -> None:
 
 def test_leading_space_after_the_prompt(tokenizer) -> None:
     prompt = tokenizer.encode("The capital of France is", add_special_tokens=False)
-    ids = tokenizer.encode("The capital of France is Paris", add_special_tokens=False)[len(prompt):]
+    ids = tokenizer.encode("The capital of France is Paris", add_special_tokens=False)[len(prompt) :]
     _, text, _ = _stream(tokenizer, ids, prompt=prompt)
     assert text == " Paris"
 

@@ -16,12 +16,22 @@ def llm(tiny_llama: Path) -> LLM:
     return LLM(model=str(tiny_llama), dtype="float64", num_kv_blocks=64)
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"), ({"temperature": float("nan")}, "temperature"), ({"top_k": -5}, "top_k"),
-    ({"min_p": 2.0}, "min_p"), ({"logprobs": 50}, "logprobs"), ({"stop": [""]}, "stop"),
-    ({"max_tokens": True}, "max_tokens"), ({"seed": 1.5}, "seed"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": -5}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
 def test_sampling_params_name_the_bad_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
@@ -74,8 +84,9 @@ def test_stop_token_ids_and_strings(llm: LLM) -> None:
     base = llm.generate(["abc"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
     stop_id = base.token_ids[4]
     first = base.token_ids.index(stop_id)
-    out = llm.generate(["abc"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
-                                               stop_token_ids=[stop_id]))[0]
+    out = llm.generate(
+        ["abc"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_id])
+    )[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop_id and out.token_ids == base.token_ids[: first + 1]
     word = base.text[len(base.text) // 2 :].strip()[:3]
     if word:

@@ -40,12 +40,18 @@ def _hf_reference(model_dir: str, prompts: tuple[tuple[int, ...], ...], max_toke
     for prompt, n in zip(prompts, max_tokens, strict=True):
         config = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), generation_config=config, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+            out = model.generate(
+                torch.tensor([prompt]),
+                generation_config=config,
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            )
         outputs.append(out[0, len(prompt) :].tolist())
     return outputs
 
 
-def _run(model_dir: Path, prompts: list[list[int]], max_tokens: list[int], **engine_kwargs: object) -> tuple[LLM, list[list[int]]]:
+def _run(
+    model_dir: Path, prompts: list[list[int]], max_tokens: list[int], **engine_kwargs: object
+) -> tuple[LLM, list[list[int]]]:
     llm = LLM(model=str(model_dir), dtype="float64", **engine_kwargs)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in max_tokens]
     outs = llm.generate(prompts, params)
@@ -55,7 +61,9 @@ def _run(model_dir: Path, prompts: list[list[int]], max_tokens: list[int], **eng
 
 def _assert_same(got: list[list[int]], want: list[list[int]]) -> None:
     mismatched = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w]
-    assert not mismatched, f"prompts {mismatched} differ; first: got {got[mismatched[0]][:10]} want {want[mismatched[0]][:10]}"
+    assert not mismatched, (
+        f"prompts {mismatched} differ; first: got {got[mismatched[0]][:10]} want {want[mismatched[0]][:10]}"
+    )
 
 
 def _reference(model_dir: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
@@ -109,8 +117,14 @@ def test_prefix_cache_hits_match_transformers(tiny_models: dict[str, Path], arch
 def test_torch_backend_matches_transformers(tiny_models: dict[str, Path]) -> None:
     """The reference backend, with chunking and preemption together."""
     prompts, max_tokens = _workload()
-    llm, got = _run(tiny_models["qwen2"], prompts, max_tokens, attention_backend="torch",
-                    max_num_batched_tokens=64, num_kv_blocks=60)
+    llm, got = _run(
+        tiny_models["qwen2"],
+        prompts,
+        max_tokens,
+        attention_backend="torch",
+        max_num_batched_tokens=64,
+        num_kv_blocks=60,
+    )
     assert llm.engine.attention_backend == "torch"
     _assert_same(got, _reference(tiny_models["qwen2"], prompts, max_tokens))
 

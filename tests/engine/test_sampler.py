@@ -11,7 +11,9 @@ from engine.sampler import Sampler, apply_penalties, apply_top_k_top_p
 VOCAB = 10
 
 
-def _req(params: SamplingParams, rid: str = "r", output: list[int] | None = None, prompt: list[int] | None = None) -> Request:
+def _req(
+    params: SamplingParams, rid: str = "r", output: list[int] | None = None, prompt: list[int] | None = None
+) -> Request:
     r = Request(rid, prompt or [0], params)
     if params.seed is not None:
         r.generator = torch.Generator().manual_seed(params.seed)

@@ -15,8 +15,9 @@ def _scheduler(num_blocks: int = 64, block_size: int = 4, max_seqs: int = 8, bud
 
 
 def _add(s: Scheduler, rid: str, prompt_len: int, priority: int = 0, arrival: float = 0.0) -> Request:
-    r = Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=100), priority=priority,
-                arrival_time=arrival)
+    r = Request(
+        rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=100), priority=priority, arrival_time=arrival
+    )
     s.add(r)
     return r
 
@@ -32,13 +33,13 @@ def _complete(batch_requests: list[Request], tokens: list[int]) -> None:
 def test_budget_is_respected_and_long_prompts_are_chunked() -> None:
     s = _scheduler(budget=32)
     a = _add(s, "a", 50, arrival=1)
-    b = _add(s, "b", 10, arrival=2)
+    _add(s, "b", 10, arrival=2)
     batch = s.schedule()
     assert batch.total_tokens <= 32
     assert batch.requests == [a] and batch.num_tokens == [32]  # FCFS: a's first chunk takes it all
     _complete(batch.requests, batch.num_tokens)
     batch = s.schedule()
-    assert dict(zip([r.request_id for r in batch.requests], batch.num_tokens)) == {"a": 18, "b": 10}
+    assert dict(zip([r.request_id for r in batch.requests], batch.num_tokens, strict=True)) == {"a": 18, "b": 10}
 
 
 def test_decodes_run_beside_a_long_prefill() -> None:

@@ -18,8 +18,15 @@ class Batch:
     value: torch.Tensor
 
 
-def random_batch(shapes: list[tuple[int, int]], heads: int = 6, kv_heads: int = 2, head_dim: int = 16,
-                 block_size: int = 16, dtype: torch.dtype = torch.float64, seed: int = 0) -> Batch:
+def random_batch(
+    shapes: list[tuple[int, int]],
+    heads: int = 6,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> Batch:
     """`shapes` is (query_len, seq_len) per sequence: seq_len - query_len tokens are already cached."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -42,13 +49,22 @@ def random_batch(shapes: list[tuple[int, int]], heads: int = 6, kv_heads: int = 
     caches = [(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype))]
     tokens = sum(q for q, _ in shapes)
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64), block_tables=block_tables,
-        seq_lens=[s for _, s in shapes], query_lens=[q for q, _ in shapes], query_start=query_start,
-        block_size=block_size, kv_caches=caches)
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=block_tables,
+        seq_lens=[s for _, s in shapes],
+        query_lens=[q for q, _ in shapes],
+        query_start=query_start,
+        block_size=block_size,
+        kv_caches=caches,
+    )
     # The query arrives as transformers hands it over: a transposed, non-contiguous view.
     query = torch.randn(1, heads, tokens, head_dim, dtype=dtype).transpose(1, 2)[0]
-    return Batch(meta, query, torch.randn(tokens, kv_heads, head_dim, dtype=dtype),
-                 torch.randn(tokens, kv_heads, head_dim, dtype=dtype))
+    return Batch(
+        meta,
+        query,
+        torch.randn(tokens, kv_heads, head_dim, dtype=dtype),
+        torch.randn(tokens, kv_heads, head_dim, dtype=dtype),
+    )
 
 
 def dense_reference(batch: Batch, scale: float) -> torch.Tensor:

@@ -22,8 +22,9 @@ def cpu_backend() -> CpuBackend:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(6, 2, 16), (9, 3, 64), (4, 4, 128), (8, 1, 24)])
-def test_matches_torch_backend(cpu_backend: CpuBackend, dtype: torch.dtype, heads: int, kv_heads: int,
-                               head_dim: int) -> None:
+def test_matches_torch_backend(
+    cpu_backend: CpuBackend, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
+) -> None:
     batch = random_batch(SHAPES, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
     reference = TorchBackend()
     meta = batch.meta
@@ -45,5 +46,9 @@ def test_block_sizes(cpu_backend: CpuBackend) -> None:
         ref.prepare(batch.meta)
         expected = ref.forward(batch.query, batch.key, batch.value, 0, batch.meta, 0.3)
         cpu_backend.prepare(batch.meta)
-        torch.testing.assert_close(cpu_backend.forward(batch.query, batch.key, batch.value, 0, batch.meta, 0.3),
-                                   expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            cpu_backend.forward(batch.query, batch.key, batch.value, 0, batch.meta, 0.3),
+            expected,
+            rtol=1e-12,
+            atol=1e-12,
+        )

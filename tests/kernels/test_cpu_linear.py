@@ -8,8 +8,9 @@ from torch import nn
 
 from kernels.cpu_linear import PackedLinear, pack_linears, packing_available
 
-pytestmark = pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32),
-                                reason="this torch build has no oneDNN")
+pytestmark = pytest.mark.skipif(
+    not packing_available(torch.device("cpu"), torch.float32), reason="this torch build has no oneDNN"
+)
 
 
 @pytest.mark.parametrize("bias", [True, False])

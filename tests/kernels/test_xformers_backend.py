@@ -74,6 +74,12 @@ def test_cuda_kernels_match_the_torch_backend(block_size: int) -> None:
     meta.slot_mapping = meta.slot_mapping.to(dev)
     backend = XformersBackend(block_size)
     backend.prepare(meta)
-    out = backend.forward(batch.query.to(dev, torch.bfloat16), batch.key.to(dev, torch.bfloat16),
-                          batch.value.to(dev, torch.bfloat16), 0, meta, 0.125)
+    out = backend.forward(
+        batch.query.to(dev, torch.bfloat16),
+        batch.key.to(dev, torch.bfloat16),
+        batch.value.to(dev, torch.bfloat16),
+        0,
+        meta,
+        0.125,
+    )
     torch.testing.assert_close(out.float().cpu(), expected, rtol=3e-2, atol=3e-2)
