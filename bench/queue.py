@@ -83,8 +83,12 @@ def stop_worker(process: subprocess.Popen[bytes]) -> int:
     return process.wait(60)
 
 
-def collect(client: Client, ids: list[str], model: str) -> tuple[dict[str, Completion], dict[str, float], int]:
-    """Folds all result streams; returns completions, first-delta arrival times, and delta events read."""
+def collect(client: Client, ids: list[str], model: str,
+            done_at: dict[str, int] | None = None) -> tuple[dict[str, Completion], dict[str, float], int]:
+    """Folds all result streams; returns completions, first-delta arrival times, and delta events read.
+
+    `done_at`, when given, receives each terminal event's Redis timestamp (ms, from its entry id).
+    """
     keys = Keys(model)
     positions = {keys.result(i): "0-0" for i in ids}
     owner = {keys.result(i): i for i in ids}
@@ -104,6 +108,8 @@ def collect(client: Client, ids: list[str], model: str) -> tuple[dict[str, Compl
                     deltas += 1
                     first.setdefault(owner[key], now)
                 if completions[owner[key]].apply(event):
+                    if done_at is not None:
+                        done_at[owner[key]] = int(positions[key].split("-")[0])
                     del positions[key]
                     break
     return completions, first, deltas
@@ -139,11 +145,20 @@ def through_redis(url: str, log_dir: Path, workload: list[tuple[list[int], int]]
 
 
 def capacity(url: str, log_dir: Path, n_requests: int, n_streams: int, stream_tokens: int) -> dict[str, Any]:
+    client = Client(url, model="noop", max_queue_depth=0)
+    # the worker alone: drain a queue filled beforehand, timed by Redis's clock on the done events
+    backlog = [build_request("noop", "p", max_tokens=1, stream=False) for _ in range(n_requests)]
+    started = time.perf_counter()
+    client.submit_requests(backlog)
+    submit_rate = n_requests / (time.perf_counter() - started)
     worker = start_worker(url, log_dir, "--engine", "noop", "--max-num-seqs", "512")
     try:
+        done_at: dict[str, int] = {}
+        collect(client, [r.request_id for r in backlog], "noop", done_at)
+        drain_rate = n_requests / max(0.001, (max(done_at.values()) - min(done_at.values())) / 1000)
         wait_ready(url, "noop", worker)
-        client = Client(url, model="noop", max_queue_depth=0)
-        # requests/s: a producer thread submits in batches while the worker serves; done = terminal seen
+        # end to end: a producer thread submits in batches while the worker serves and this thread
+        # folds the result streams; all three share the machine's cores with Redis
         requests = [build_request("noop", "p", max_tokens=1, stream=False) for _ in range(n_requests)]
         started = time.perf_counter()
 
@@ -175,6 +190,7 @@ def capacity(url: str, log_dir: Path, n_requests: int, n_streams: int, stream_to
     finally:
         stop_worker(worker)
     return {"requests_per_s": round(request_rate), "requests": n_requests,
+            "worker_drain_requests_per_s": round(drain_rate), "batch_submit_requests_per_s": round(submit_rate),
             "token_events_per_s": round(tokens / elapsed), "tokens": tokens, "delta_entries": deltas,
             "tokens_per_delta_entry": round(tokens / max(1, deltas), 1),
             "idle_queue_added_ttft_ms": {"p50": round(1000 * percentile(added, 0.5), 3),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -134,3 +135,30 @@ def test_logprobs_travel_with_the_tokens(redis_url: str, tiny_llama: Path) -> No
             assert sampled == token_id and logprob <= 0.0 and len(top) >= 2
             assert max(lp for _, lp in top) == pytest.approx(logprob)  # greedy: the sampled token is the top one
     assert streamed.logprobs == whole.logprobs
+
+
+def test_the_step_loop_thread_never_touches_redis(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While serving, Redis I/O lives on the relay's threads; the loop only moves data through memory."""
+    from redis.connection import Connection
+
+    senders: set[str] = set()
+    serving = threading.Event()  # start-up and shutdown talk to Redis from the loop's thread: not counted
+    original = Connection.send_packed_command
+
+    def recording(self, command, check_health=True):  # noqa: ANN001, ANN202
+        if serving.is_set():
+            senders.add(threading.current_thread().name)
+        return original(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", recording)
+    client = Client(redis_url, model="noop")
+    with WorkerThread(NoopEngine(step_delay_s=0.001), redis_url, model_name="noop") as thread:
+        client.generate(["warm"], max_tokens=2)
+        serving.set()
+        results = client.generate(["a b"] * 20, max_tokens=30)
+        client.cancel(client.submit("c", max_tokens=10_000))
+        time.sleep(0.2)
+        serving.clear()
+        steps = thread.worker.timing.steps
+    assert all(len(r.token_ids) == 30 for r in results) and steps >= 30
+    assert "test-worker" not in senders and {"tokenrelay-read", "tokenrelay-write"} <= senders
