@@ -20,15 +20,17 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 import argparse
+import gc
 import json
 import os
-import random
+import statistics
 import subprocess
 import tempfile
 import threading
 import time
 from typing import Any
 
+from bench.workloads import mixed_workload
 from producer.client import Client, build_request
 from producer.protocol import EVENT_FIELD, EventType, Keys, decode_event
 from producer.results import Completion
@@ -36,18 +38,14 @@ from worker.redis_server import RedisServer
 from worker.status import gather
 
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def mixed_workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [([rng.randrange(vocab) for _ in range(rng.randint(16, 256))], rng.randint(16, 128)) for _ in range(n)]
+THREADS = 2  # torch threads, as bench/engine.py runs the engine
 
 
 def in_process(workload: list[tuple[list[int], int]]) -> dict[str, Any]:
     from engine.config import EngineConfig, SamplingParams
     from engine.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=None, dtype="float32", max_num_seqs=64))
+    engine = LLMEngine(EngineConfig(model=None, dtype="float32", max_num_seqs=64, num_threads=THREADS))
     engine.add_request("warmup", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0))
     while engine.has_unfinished():
         engine.step()
@@ -121,7 +119,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def through_redis(url: str, log_dir: Path, workload: list[tuple[list[int], int]]) -> dict[str, Any]:
-    worker = start_worker(url, log_dir, "--max-num-seqs", "64", "--dtype", "float32")
+    worker = start_worker(url, log_dir, "--max-num-seqs", "64", "--dtype", "float32", "--threads", str(THREADS))
     try:
         wait_ready(url, MODEL, worker)
         client = Client(url, model=MODEL, max_queue_depth=0)
@@ -201,6 +199,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 mixed requests and a smaller capacity run")
     parser.add_argument("--skip-model", action="store_true", help="only (b) and the idle part of (c)")
+    parser.add_argument("--rounds", type=int, default=None, help="mixed-workload rounds, each in-process then "
+                        "through Redis in alternating order (default 2, 1 with --quick)")
     args = parser.parse_args()
     from producer.logs import configure_logging
 
@@ -210,12 +210,23 @@ def main() -> None:
         result["capacity_noop"] = capacity(server.url, Path(logs), 5_000 if args.quick else 30_000,
                                            64 if args.quick else 256, 500 if args.quick else 2_000)
         if not args.skip_model:
-            workload = mixed_workload(16 if args.quick else 64, vocab=49_152)
-            result["mixed_in_process"] = in_process(workload)
-            result["mixed_through_redis"] = through_redis(server.url, Path(logs), workload)
-            result["mixed_ratio"] = round(result["mixed_through_redis"]["tokens_per_s"]
-                                          / result["mixed_in_process"]["tokens_per_s"], 3)
-    result["median_note"] = "single run per system; this machine drifts, compare ratios within one run"
+            workload = mixed_workload(16 if args.quick else 64)
+            rounds = args.rounds or (1 if args.quick else 2)
+            local, queued = [], []
+            for r in range(rounds):
+                # ABBA order, so a drift in the machine's speed does not favour either side
+                order = ("local", "queued") if r % 2 == 0 else ("queued", "local")
+                for side in order:
+                    if side == "local":
+                        local.append(in_process(workload))
+                        gc.collect()
+                    else:
+                        queued.append(through_redis(server.url, Path(logs), workload))
+            result["mixed_in_process"] = local
+            result["mixed_through_redis"] = queued
+            result["mixed_ratio"] = round(statistics.median(q["tokens_per_s"] for q in queued)
+                                          / statistics.median(x["tokens_per_s"] for x in local), 3)
+    result["note"] = "mixed_ratio: median tokens/s through Redis over median in-process, same run"
     print(json.dumps(result, indent=2))
 
 
