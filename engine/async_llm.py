@@ -75,6 +75,7 @@ class AsyncLLM:
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
     ) -> list[RequestOutput]:
         """Runs all prompts concurrently; the finished outputs, in order."""
+
         async def one(prompt: Prompt) -> RequestOutput:
             final = None
             async for out in self.stream(prompt, params):

@@ -8,6 +8,7 @@ from typing import Any
 
 _DTYPES = ("auto", "float32", "float64", "float16", "bfloat16")
 _BACKENDS = ("auto", "torch", "cpu", "xformers")
+_PREEMPTION_MODES = ("auto", "recompute", "swap")
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -139,6 +140,8 @@ class EngineConfig:
     cpu_weight_packing: bool = True  # fp32 on CPU: prepack Linear weights for oneDNN
     seed: int = 0
     trust_remote_code: bool = False
+    swap_space_gb: float = 0.0  # host memory for preempted requests' K/V (0: always recompute)
+    preemption_mode: str = "auto"  # auto (cost model) | recompute | swap
 
     def __post_init__(self) -> None:
         _check(
@@ -191,4 +194,15 @@ class EngineConfig:
             self.num_threads is None or (_is_int(self.num_threads) and self.num_threads >= 1),
             "num_threads",
             "must be an integer >= 1 or None",
+        )
+        _check(_is_number(self.swap_space_gb) and self.swap_space_gb >= 0, "swap_space_gb", "must be a number >= 0")
+        _check(
+            self.preemption_mode in _PREEMPTION_MODES,
+            "preemption_mode",
+            f"must be one of {_PREEMPTION_MODES}, got {self.preemption_mode!r}",
+        )
+        _check(
+            self.preemption_mode != "swap" or self.swap_space_gb > 0,
+            "preemption_mode",
+            "'swap' needs swap_space_gb > 0",
         )

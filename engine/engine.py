@@ -19,6 +19,7 @@ from engine.request import FinishReason, Request, RequestOutput
 from engine.runner import ModelRunner, kv_cache_bytes_per_block
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
+from engine.swap import HostBlockPool, PreemptionMode, SwapPolicy, default_costs
 from kernels.cpu_linear import pack_linears, packing_available
 from kernels.select import select_backend
 
@@ -54,8 +55,20 @@ class LLMEngine:
             config.max_model_len or loaded.max_model_len, loaded.max_model_len, num_blocks * config.block_size
         )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        swap_blocks = int(config.swap_space_gb * 2**30) // block_bytes
+        swap = SwapPolicy(
+            PreemptionMode(config.preemption_mode),
+            HostBlockPool(swap_blocks) if swap_blocks else None,
+            default_costs(
+                self.device.type, loaded.num_params, loaded.num_layers, loaded.num_heads, loaded.head_dim, block_bytes
+            ),
+        )
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, watermark_blocks=max(1, num_blocks // 100)
+            self.kv,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            watermark_blocks=max(1, num_blocks // 100),
+            swap=swap,
         )
         packed = 0
         if config.cpu_weight_packing and packing_available(self.device, self.dtype):
@@ -72,6 +85,8 @@ class LLMEngine:
             self.dtype,
             self.device,
         )
+        if swap.pool is not None:
+            self.runner.allocate_swap_space(swap.pool.num_blocks)
         self.sampler = Sampler(loaded.vocab_size, config.seed)
         self.num_generated_tokens = 0
         log.info(
@@ -170,6 +185,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        # Before the forward pass, and even when nothing runs: freed blocks may be reused next step.
+        self.runner.copy_blocks(batch.swap_out, batch.swap_in)
         if not batch:
             return []
         result = self.runner.execute(batch)
@@ -241,5 +258,6 @@ class LLMEngine:
             "kv_blocks_used": kv.pool.num_used,
             "prefix_cache_hit_rate": kv.prefix_hits / kv.prefix_queries if kv.prefix_queries else 0.0,
             "preemptions": self.scheduler.num_preemptions,
+            "swapped_out": self.scheduler.swap.num_swapped_out if self.scheduler.swap else 0,
             "generated_tokens": self.num_generated_tokens,
         }

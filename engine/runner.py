@@ -56,6 +56,27 @@ class ModelRunner:
             (alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
             for _ in range(num_layers)
         ]
+        self.host_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def allocate_swap_space(self, num_blocks: int) -> None:
+        """Host-memory twin of the KV pool for swapped-out blocks (pinned when the device is a GPU)."""
+        k_cache = self.kv_caches[0][0]
+        shape = (num_blocks, *k_cache.shape[1:])
+        pin = self.device.type == "cuda"
+        self.host_caches = [
+            (
+                torch.empty(shape, dtype=k_cache.dtype, pin_memory=pin),
+                torch.empty(shape, dtype=k_cache.dtype, pin_memory=pin),
+            )
+            for _ in self.kv_caches
+        ]
+
+    def copy_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Move preempted requests' K/V to swap space and back, before this step overwrites anything."""
+        if swap_out:
+            _copy_between(self.kv_caches, self.host_caches, swap_out)
+        if swap_in:
+            _copy_between(self.host_caches, self.kv_caches, swap_in)
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
         meta, input_ids, positions, sampling, logits_indices = self._prepare(batch)
@@ -113,6 +134,19 @@ class ModelRunner:
             sampling,
             torch.tensor(logits_indices, dtype=torch.int64, device=device),
         )
+
+
+def _copy_between(
+    sources: list[tuple[torch.Tensor, torch.Tensor]],
+    targets: list[tuple[torch.Tensor, torch.Tensor]],
+    pairs: list[tuple[int, int]],
+) -> None:
+    """Copy blocks `pairs[i][0]` of every source layer into blocks `pairs[i][1]` of the target layer."""
+    src_ids, dst_ids = zip(*pairs, strict=True)
+    for source_layer, target_layer in zip(sources, targets, strict=True):
+        for source, target in zip(source_layer, target_layer, strict=True):
+            rows = source.index_select(0, torch.tensor(src_ids, device=source.device))
+            target.index_copy_(0, torch.tensor(dst_ids, device=target.device), rows.to(target.device))
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:

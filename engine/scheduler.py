@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from engine.kv_cache import KVCacheManager
 from engine.request import FinishReason, Request, RequestStatus
+from engine.swap import SwapPolicy
 
 
 @dataclass(slots=True)
@@ -17,6 +18,9 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # Block copies to run before the forward pass: (device block, host block) and (host, device).
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -30,9 +34,15 @@ class Scheduler:
     """Decides each step's batch. Order is (priority, arrival): lower priority values run first."""
 
     def __init__(
-        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, watermark_blocks: int = 0
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        watermark_blocks: int = 0,
+        swap: SwapPolicy | None = None,
     ) -> None:
         self.kv = kv
+        self.swap = swap
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.watermark_blocks = watermark_blocks
@@ -69,6 +79,9 @@ class Scheduler:
         queue = self.running if request.status is RequestStatus.RUNNING else self.waiting
         queue.pop(bisect.bisect_left(queue, key, key=lambda item: item[0]))
         self.kv.free(request)
+        if request.host_block_ids and self.swap and self.swap.pool:
+            self.swap.pool.release(request.host_block_ids)
+            request.host_block_ids = []
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
@@ -89,7 +102,7 @@ class Scheduler:
             while not self.kv.allocate(request, num_new):
                 victim = self.running[-1][1]
                 budget += scheduled.pop(victim.request_id, 0)
-                self._preempt(victim)
+                self._preempt(victim, batch)
                 batch.preempted.append(victim)
                 if victim is request:
                     break
@@ -107,6 +120,8 @@ class Scheduler:
                 break
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
+            if request.host_block_ids:
+                self._swap_in(request, batch)
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, (key, request), key=lambda item: item[0])
@@ -118,13 +133,29 @@ class Scheduler:
             batch.num_tokens.append(num_new)
         return batch
 
-    def _preempt(self, request: Request) -> None:
-        """Recompute later: drop the KV blocks (they stay in the prefix cache) and requeue."""
+    def _preempt(self, request: Request, batch: ScheduledBatch) -> None:
+        """Free the victim's KV blocks and requeue it: its K/V either go to swap space (resumed
+        as they were) or are recomputed later (its blocks stay in the prefix cache meanwhile)."""
         key = self._keys[request.request_id]
         self.running.pop(bisect.bisect_left(self.running, key, key=lambda item: item[0]))
+        if self.swap is not None and self.swap.pool is not None and self.swap.should_swap(request):
+            request.host_block_ids = self.swap.pool.allocate(len(request.block_ids))
+            batch.swap_out.extend(zip(request.block_ids, request.host_block_ids, strict=True))
+            self.swap.num_swapped_out += 1
+        else:
+            request.num_computed_tokens = 0
         self.kv.free(request)
-        request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
         bisect.insort(self.waiting, (key, request), key=lambda item: item[0])
+
+    def _swap_in(self, request: Request, batch: ScheduledBatch) -> None:
+        """Copy a swapped request's K/V back into the device blocks just allocated for it. Admission
+        never happens in a step that preempted, so no copy of this step can clobber another."""
+        assert self.swap is not None and self.swap.pool is not None
+        host = request.host_block_ids
+        batch.swap_in.extend(zip(host, request.block_ids[: len(host)], strict=True))
+        self.swap.pool.release(host)
+        request.host_block_ids = []
+        self.swap.num_swapped_in += 1

@@ -19,11 +19,13 @@ class LoadedModel:
     tokenizer: Any | None
     path: Path
     num_layers: int
+    num_heads: int
     num_kv_heads: int
     head_dim: int
     vocab_size: int
     max_model_len: int
     eos_token_ids: frozenset[int]
+    num_params: int
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -121,9 +123,11 @@ def load_model(
         tokenizer=tokenizer,
         path=path,
         num_layers=config.num_hidden_layers,
+        num_heads=num_heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         vocab_size=hf_model.get_output_embeddings().weight.shape[0],
         max_model_len=int(max_len),
         eos_token_ids=_eos_ids(config, getattr(hf_model, "generation_config", None), tokenizer),
+        num_params=sum(p.numel() for p in hf_model.parameters()),
     )

@@ -137,3 +137,24 @@ def test_same_request_any_batch_mix(tiny_llama: Path) -> None:
     alone = llm.generate([prompts[5]], params)[0].token_ids
     together = llm.generate(prompts[:12], params)[5].token_ids
     assert alone == together
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_swap_preemption_matches_transformers(tiny_models: dict[str, Path], arch: str) -> None:
+    """Preempted requests go to host swap space and resume where they were: still exact."""
+    prompts, max_tokens = _workload()
+    llm, got = _run(
+        tiny_models[arch],
+        prompts,
+        max_tokens,
+        num_kv_blocks=40,
+        max_num_batched_tokens=512,
+        swap_space_gb=0.5,
+        preemption_mode="swap",
+    )
+    stats = llm.engine.stats()
+    assert stats["preemptions"] > 0 and stats["swapped_out"] == stats["preemptions"]
+    swap = llm.engine.scheduler.swap
+    assert swap is not None and swap.pool is not None and swap.pool.num_free == swap.pool.num_blocks
+    _assert_same(got, _reference(tiny_models[arch], prompts, max_tokens))
