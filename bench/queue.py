@@ -81,7 +81,7 @@ def stop_worker(process: subprocess.Popen[bytes]) -> int:
     return process.wait(60)
 
 
-def collect(client: Client, ids: list[str], model: str,
+def collect(client: Client, ids: list[str], model: str, worker: subprocess.Popen[bytes],
             done_at: dict[str, int] | None = None) -> tuple[dict[str, Completion], dict[str, float], int]:
     """Folds all result streams; returns completions, first-delta arrival times, and delta events read.
 
@@ -94,6 +94,8 @@ def collect(client: Client, ids: list[str], model: str,
     first: dict[str, float] = {}
     deltas = 0
     while positions:
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited with code {worker.returncode}; see its log in the bench's temp dir")
         chunk = list(positions)[:1000]
         reply = client.redis.xread({k: positions[k] for k in chunk}, count=1000, block=1000)
         now = time.perf_counter()
@@ -129,7 +131,7 @@ def through_redis(url: str, log_dir: Path, workload: list[tuple[list[int], int]]
         started = time.perf_counter()
         ids = client.submit_requests(requests)
         submitted = time.perf_counter()
-        completions, first, _ = collect(client, ids, MODEL)
+        completions, first, _ = collect(client, ids, MODEL, worker)
         elapsed = time.perf_counter() - started
         stats = next(s for s in gather(client.redis) if s.model == MODEL).workers[0]
     finally:
@@ -152,7 +154,7 @@ def capacity(url: str, log_dir: Path, n_requests: int, n_streams: int, stream_to
     worker = start_worker(url, log_dir, "--engine", "noop", "--max-num-seqs", "512")
     try:
         done_at: dict[str, int] = {}
-        collect(client, [r.request_id for r in backlog], "noop", done_at)
+        collect(client, [r.request_id for r in backlog], "noop", worker, done_at)
         drain_rate = n_requests / max(0.001, (max(done_at.values()) - min(done_at.values())) / 1000)
         wait_ready(url, "noop", worker)
         # end to end: a producer thread submits in batches while the worker serves and this thread
@@ -167,14 +169,14 @@ def capacity(url: str, log_dir: Path, n_requests: int, n_streams: int, stream_to
 
         thread = threading.Thread(target=produce)
         thread.start()
-        completions, _, _ = collect(client, [r.request_id for r in requests], "noop")
+        completions, _, _ = collect(client, [r.request_id for r in requests], "noop", worker)
         thread.join()
         request_rate = n_requests / (time.perf_counter() - started)
         assert all(c.finish_reason == "length" for c in completions.values())
         # token events/s: long streams, published as the no-op engine makes them (coalesced per round trip)
         started = time.perf_counter()
         ids = client.submit_requests([build_request("noop", "p", max_tokens=stream_tokens) for _ in range(n_streams)])
-        completions, _, deltas = collect(client, ids, "noop")
+        completions, _, deltas = collect(client, ids, "noop", worker)
         elapsed = time.perf_counter() - started
         tokens = sum(len(c.token_ids) for c in completions.values())
         assert tokens == n_streams * stream_tokens
@@ -183,7 +185,7 @@ def capacity(url: str, log_dir: Path, n_requests: int, n_streams: int, stream_to
         for _ in range(200):
             t0 = time.perf_counter()
             rid = client.submit("p", max_tokens=1)
-            completion, first, _ = collect(client, [rid], "noop")
+            completion, first, _ = collect(client, [rid], "noop", worker)
             added.append((first[rid] - t0) - completion[rid].usage["engine_ttft_s"])
     finally:
         stop_worker(worker)

@@ -17,7 +17,7 @@ import msgpack
 import redis
 
 from producer.protocol import EVENT_FIELD, Event, EventType, Keys, decode_event
-from worker.loop import Worker
+from worker.loop import EngineFailed, Worker
 from worker.settings import WorkerSettings
 
 # Fast recovery timings for tests: a worker silent for a second is presumed dead.
@@ -42,7 +42,14 @@ class WorkerThread:
         self.settings = WorkerSettings(redis_url=redis_url, **{**FAST, **settings})
         self.engine = engine
         self.worker = Worker(engine, self.settings)
-        self.thread = threading.Thread(target=self.worker.run, name="test-worker", daemon=True)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="test-worker", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except EngineFailed as exc:
+            self.error = exc
 
     def __enter__(self) -> WorkerThread:
         self.thread.start()

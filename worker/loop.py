@@ -36,6 +36,10 @@ class LoopTiming:
                 "overhead_pct": round(100 * self.overhead_s / busy, 3) if busy else 0.0}
 
 
+class EngineFailed(RuntimeError):
+    """engine.step() raised; the worker handed its requests back and stopped."""
+
+
 class Worker:
     """Serves one engine from the model's request streams until stopped."""
 
@@ -51,6 +55,7 @@ class Worker:
         self.deadlines: list[tuple[float, str, int]] = []
         self.timing = LoopTiming()
         self._stop = threading.Event()
+        self.failure: Exception | None = None
         self._drain_until = float("inf")
         self._stats: dict[str, Any] = {}
         self._stats_at = 0.0
@@ -69,6 +74,8 @@ class Worker:
                 self._ack(outputs)
         finally:
             self._close()
+        if self.failure is not None:
+            raise EngineFailed("the engine failed a step; in-flight requests were handed back") from self.failure
 
     def stop(self, drain: bool = True) -> None:
         """Stop reading new requests; finish in-flight ones within the grace period (or now, drain=False)."""
@@ -106,11 +113,14 @@ class Worker:
         started = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # noqa: BLE001 - one bad step must not take the worker down silently
-            log.exception("engine step failed; failing in-flight requests", in_flight=len(self.jobs))
-            for job in list(self.jobs.values()):
-                self._drop(job)
-                self._send_error(job, ErrorCode.INTERNAL, f"engine step failed: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - re-raised from run() once the work is handed back
+            # A broken engine must not drain the queue into errors: hand everything back and stop. Other
+            # workers restart the requests; one that breaks every engine reaches max_deliveries and is
+            # dead-lettered.
+            log.exception("engine step failed: handing in-flight requests back and stopping",
+                          in_flight=len(self.jobs))
+            self.failure = exc
+            self.stop(drain=False)
             return []
         self.timing.step_s += time.perf_counter() - started
         self.timing.steps += 1
@@ -264,7 +274,10 @@ class Worker:
     def _close(self) -> None:
         hand_back = bool(self.jobs) or self.relay.held > 0
         for job in list(self.jobs.values()):
-            self._drop(job)
+            try:
+                self._drop(job)
+            except Exception:  # noqa: BLE001 - a failed engine may fail this too; the hand-back matters more
+                log.warning("could not abort in the engine", request_id=job.request.request_id)
         self.relay.close(hand_back=hand_back)
         log.info("worker stopped", worker=self.name, handed_back=hand_back, round_trips=self.relay.round_trips,
                  **self.timing.summary())

@@ -276,7 +276,9 @@ class Relay:
             self._slots_freed.set()
 
     def _farewell(self) -> None:
-        if self._hand_back and self.claims:
+        # Whatever is still claimed now (past the grace period, or read just as the drain began)
+        # goes back at once rather than waiting out the claim threshold.
+        if self.claims:
             args: list[Any] = [GROUP, self.me, self.keys.request_prefix]
             for claim in self.claims.values():
                 args += [claim.request_id, claim.epoch, claim.queue_index, claim.entry_id]

@@ -29,7 +29,7 @@ def build_engine(settings: WorkerSettings) -> Any:
 
 def run_worker(settings: WorkerSettings) -> int:
     """Serves until SIGTERM/SIGINT: the first drains (finish in-flight, grace period), a second hands back."""
-    from worker.loop import Worker
+    from worker.loop import EngineFailed, Worker
 
     log.info("worker settings", **settings.describe())
     engine = build_engine(settings)
@@ -45,5 +45,8 @@ def run_worker(settings: WorkerSettings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    worker.run()
+    try:
+        worker.run()
+    except EngineFailed:
+        return 1  # logged with its traceback; a supervisor restarts the process
     return 0

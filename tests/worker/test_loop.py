@@ -162,3 +162,21 @@ def test_the_step_loop_thread_never_touches_redis(redis_url: str, monkeypatch: p
         steps = thread.worker.timing.steps
     assert all(len(r.token_ids) == 30 for r in results) and steps >= 30
     assert "test-worker" not in senders and {"tokenrelay-read", "tokenrelay-write"} <= senders
+
+
+class _BrokenEngine(NoopEngine):
+    def step(self) -> list:
+        raise RuntimeError("kernel exploded")
+
+
+def test_a_failing_engine_hands_its_work_back_and_stops(redis_url: str) -> None:
+    client = Client(redis_url, model="noop")
+    request_id = client.submit("a b", max_tokens=3)
+    broken = WorkerThread(_BrokenEngine(), redis_url, model_name="noop")
+    with broken:
+        broken.thread.join(10)  # it stops by itself
+        assert not broken.thread.is_alive() and isinstance(broken.worker.failure, RuntimeError)
+        assert broken.error is not None  # run() raised EngineFailed (the CLI exits 1 on it)
+    with WorkerThread(NoopEngine(), redis_url, model_name="noop"):
+        completion = client.result(request_id, timeout=30)
+    assert completion.token_ids == [2, 3, 4] and completion.restarts == 1  # handed back, not failed
