@@ -10,10 +10,10 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from producer.client import _READ_BLOCK_MS, ClientConfig, _block_ms, _Models, build_request
+from producer.client import _MAX_KEYS_PER_READ, _READ_BLOCK_MS, ClientConfig, _block_ms, _Models, build_request
 from producer.errors import QueueFull
 from producer.protocol import EVENT_FIELD, Event, Keys, Request, decode_event, done_event
-from producer.results import CancelOutcome, Completion
+from producer.results import CancelOutcome, Completion, ResultFold
 from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
 
 
@@ -110,8 +110,25 @@ class AsyncClient:
         """Submits every prompt, waits for all concurrently; completions in order."""
         model = kwargs.pop("model", None) or self.config.model
         ids = await self.submit_requests([build_request(model, p, **kwargs) for p in prompts])
-        results = await asyncio.gather(*(self.result(i, timeout, model=model) for i in ids))
-        return list(results)
+        done = await self.wait_all(ids, model=model, timeout=timeout)
+        return [done[i].raise_for_error() for i in ids]
+
+    async def wait_all(self, request_ids: Sequence[str], *, model: str | None = None,
+                       timeout: float | None = None) -> dict[str, Completion]:
+        """Folds many result streams over one connection (see Client.wait_all)."""
+        fold = ResultFold(self.keys(model), request_ids, _MAX_KEYS_PER_READ)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while fold.positions:
+            chunks = fold.chunks()
+            got = 0
+            for chunk in chunks:
+                block = _block_ms(deadline) if len(chunks) == 1 else None
+                got += fold.feed(await self.redis.xread(chunk, count=512, block=block))  # type: ignore[arg-type]
+            if deadline is not None and time.monotonic() >= deadline and fold.positions:
+                raise TimeoutError(f"{len(fold.positions)} of {len(request_ids)} requests unfinished after {timeout} s")
+            if not got and len(chunks) > 1:
+                await asyncio.sleep(0.005)
+        return fold.completions
 
     async def close(self) -> None:
         await self.redis.aclose()

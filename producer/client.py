@@ -28,7 +28,7 @@ from producer.protocol import (
     done_event,
     new_request_id,
 )
-from producer.results import CancelOutcome, Completion
+from producer.results import CancelOutcome, Completion, ResultFold
 from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -201,31 +201,19 @@ class Client:
     def wait_all(self, request_ids: Sequence[str], *, model: str | None = None,
                  timeout: float | None = None) -> dict[str, Completion]:
         """Folds many result streams at once (one XREAD over up to 1,000 streams per call)."""
-        keys = self.keys(model)
-        completions = {i: Completion(i) for i in request_ids}
-        positions = {keys.result(i): "0-0" for i in request_ids}
-        owners = {keys.result(i): i for i in request_ids}
+        fold = ResultFold(self.keys(model), request_ids, _MAX_KEYS_PER_READ)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while positions:
-            chunks = [list(positions)[i:i + _MAX_KEYS_PER_READ] for i in range(0, len(positions), _MAX_KEYS_PER_READ)]
+        while fold.positions:
+            chunks = fold.chunks()
             got = 0
             for chunk in chunks:
                 block = _block_ms(deadline) if len(chunks) == 1 else None
-                reply: Any = self.redis.xread({k: positions[k] for k in chunk}, count=512, block=block)
-                for raw_key, entries in reply or []:
-                    key = raw_key.decode()
-                    for entry_id, fields in entries:
-                        got += 1
-                        positions[key] = entry_id.decode()
-                        event = decode_event(fields.get(EVENT_FIELD.encode()), positions[key])
-                        if completions[owners[key]].apply(event):
-                            del positions[key]
-                            break
-            if deadline is not None and time.monotonic() >= deadline and positions:
-                raise TimeoutError(f"{len(positions)} of {len(request_ids)} requests unfinished after {timeout} s")
+                got += fold.feed(self.redis.xread(chunk, count=512, block=block))  # type: ignore[arg-type]
+            if deadline is not None and time.monotonic() >= deadline and fold.positions:
+                raise TimeoutError(f"{len(fold.positions)} of {len(request_ids)} requests unfinished after {timeout} s")
             if not got and len(chunks) > 1:
-                time.sleep(0.005)
-        return completions
+                time.sleep(0.005)  # nothing anywhere: the single-chunk case blocks in Redis instead
+        return fold.completions
 
     def close(self) -> None:
         self.redis.close()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from producer.errors import RequestFailed
-from producer.protocol import Event, EventType, Logprobs
+from producer.protocol import EVENT_FIELD, Event, EventType, Keys, Logprobs, decode_event
 
 
 class CancelOutcome(enum.StrEnum):
@@ -61,3 +62,32 @@ class Completion:
 
     def __str__(self) -> str:
         return self.text
+
+
+class ResultFold:
+    """Folds many result streams read together (XREAD over many keys): what to read next, what came."""
+
+    def __init__(self, keys: Keys, request_ids: Sequence[str], max_keys: int = 1_000) -> None:
+        self.completions = {i: Completion(i) for i in request_ids}
+        self.positions = {keys.result(i): "0-0" for i in request_ids}
+        self._owners = {keys.result(i): i for i in request_ids}
+        self._max_keys = max_keys
+
+    def chunks(self) -> list[dict[str, str]]:
+        """Stream key -> last entry id seen, for each XREAD to send (at most max_keys streams each)."""
+        keys = list(self.positions)
+        return [{k: self.positions[k] for k in keys[i:i + self._max_keys]} for i in range(0, len(keys), self._max_keys)]
+
+    def feed(self, reply: Any) -> int:
+        """An XREAD reply folded in; returns how many entries it held."""
+        got = 0
+        for raw_key, entries in reply or []:
+            key = raw_key.decode()
+            for entry_id, fields in entries:
+                got += 1
+                self.positions[key] = entry_id.decode()
+                if self.completions[self._owners[key]].apply(decode_event(fields.get(EVENT_FIELD.encode()),
+                                                                          self.positions[key])):
+                    del self.positions[key]
+                    break
+        return got
