@@ -9,6 +9,7 @@ from typing import Any
 _DTYPES = ("auto", "float32", "float64", "float16", "bfloat16")
 _BACKENDS = ("auto", "torch", "cpu", "xformers")
 _PREEMPTION_MODES = ("auto", "recompute", "swap")
+_QUANTIZATIONS = (None, "int8")
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -42,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives to return besides the sampled token
+    prompt_logprobs: int | None = None  # score the prompt too (perplexity, OpenAI's echo): top alternatives
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -93,11 +95,13 @@ class SamplingParams:
             "min_tokens",
             f"must be an integer in [0, max_tokens], got {self.min_tokens!r}",
         )
-        _check(
-            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
-            "logprobs",
-            f"must be None or an integer in [0, 20], got {self.logprobs!r}",
-        )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(
+                value is None or (_is_int(value) and 0 <= value <= 20),
+                name,
+                f"must be None or an integer in [0, 20], got {value!r}",
+            )
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, "must be a boolean")
 
@@ -140,7 +144,10 @@ class EngineConfig:
     cpu_weight_packing: bool = True  # fp32 on CPU: prepack Linear weights for oneDNN
     seed: int = 0
     trust_remote_code: bool = False
+    quantization: str | None = None  # None | "int8" (weight-only, per output channel)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 (per-token, per-head scales)
     swap_space_gb: float = 0.0  # host memory for preempted requests' K/V (0: always recompute)
+    cpu_offload_gb: float = 0.0  # weights of this many GB of decoder layers stay in host memory
     preemption_mode: str = "auto"  # auto (cost model) | recompute | swap
 
     def __post_init__(self) -> None:
@@ -206,3 +213,14 @@ class EngineConfig:
             "preemption_mode",
             "'swap' needs swap_space_gb > 0",
         )
+        _check(
+            self.quantization in _QUANTIZATIONS,
+            "quantization",
+            f"must be one of {_QUANTIZATIONS}, got {self.quantization!r}",
+        )
+        _check(
+            self.kv_cache_dtype in ("auto", "int8"),
+            "kv_cache_dtype",
+            f"must be auto or int8, got {self.kv_cache_dtype!r}",
+        )
+        _check(_is_number(self.cpu_offload_gb) and self.cpu_offload_gb >= 0, "cpu_offload_gb", "must be a number >= 0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from types import ModuleType
 from typing import Any
 
 import structlog
@@ -12,15 +13,18 @@ import torch
 from engine.config import EngineConfig, SamplingParams
 from engine.detokenize import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
-from engine.memory import kv_cache_num_blocks, tune_host_allocator
+from engine.memory import kv_cache_num_blocks, release_free_host_memory, tune_host_allocator
 from engine.models.adapter import ModelAdapter
 from engine.models.loader import load_model, resolve_device, resolve_dtype
-from engine.request import FinishReason, Request, RequestOutput
-from engine.runner import ModelRunner, kv_cache_bytes_per_block
+from engine.offload import offload_layers
+from engine.request import FinishReason, Request, RequestOutput, TokenLogprob
+from engine.runner import ModelRunner, PromptScores, kv_cache_bytes_per_block
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
 from engine.swap import HostBlockPool, PreemptionMode, SwapPolicy, default_costs
+from kernels import cpu_build
 from kernels.cpu_linear import pack_linears, packing_available
+from kernels.int8_linear import quantize_model_int8
 from kernels.select import select_backend
 
 log = structlog.get_logger(__name__)
@@ -44,10 +48,13 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = loaded.vocab_size
-        backend, reason = select_backend(config.attention_backend, self.device, self.dtype, config.block_size)
+        self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.dtype
+        backend, reason = select_backend(
+            config.attention_backend, self.device, self.dtype, config.block_size, self.kv_dtype
+        )
         self.attention_backend = backend.name
         block_bytes = kv_cache_bytes_per_block(
-            loaded.num_layers, config.block_size, loaded.num_kv_heads, loaded.head_dim, self.dtype
+            loaded.num_layers, config.block_size, loaded.num_kv_heads, loaded.head_dim, self.kv_dtype
         )
         num_blocks = config.num_kv_blocks or kv_cache_num_blocks(config.kv_cache_memory_gb, block_bytes, self.device)
         # A request must always fit in the pool on its own, or preemption could never make room.
@@ -71,8 +78,15 @@ class LLMEngine:
             swap=swap,
         )
         packed = 0
-        if config.cpu_weight_packing and packing_available(self.device, self.dtype):
+        if config.quantization == "int8":
+            quantize_model_int8(loaded.model, _cpu_kernels(self.device, self.dtype))
+        elif config.cpu_weight_packing and not config.cpu_offload_gb and packing_available(self.device, self.dtype):
             packed = pack_linears(loaded.model)
+        self.offloaded = (
+            offload_layers(loaded.model, config.cpu_offload_gb, self.device) if config.cpu_offload_gb else []
+        )
+        if self.device.type == "cpu":
+            release_free_host_memory()
         adapter = ModelAdapter(loaded.model)
         self.runner = ModelRunner(
             adapter,
@@ -84,6 +98,7 @@ class LLMEngine:
             loaded.head_dim,
             self.dtype,
             self.device,
+            self.kv_dtype,
         )
         if swap.pool is not None:
             self.runner.allocate_swap_space(swap.pool.num_blocks)
@@ -102,6 +117,7 @@ class LLMEngine:
             threads=torch.get_num_threads(),
             allocator_tuned=allocator_tuned,
             packed_linears=packed,
+            offloaded_layers=len(self.offloaded),
             seconds=round(time.monotonic() - started, 2),
             config={k: v for k, v in asdict(config).items() if v is not None},
         )
@@ -143,6 +159,8 @@ class LLMEngine:
             )
         if params.logprobs is not None:
             request.logprobs = []
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
         self.scheduler.add(request)
         return request
 
@@ -193,6 +211,8 @@ class LLMEngine:
         for request, n in zip(batch.requests, batch.num_tokens, strict=True):
             request.num_computed_tokens += n
             self.kv.cache_full_blocks(request)
+        for scores in result.prompt_scores:
+            _append_prompt_logprobs(scores)
         if not result.sampling_requests:
             return []
         sampled = self.sampler(result.logits, result.sampling_requests)
@@ -244,6 +264,7 @@ class LLMEngine:
             stop_reason=request.stop_reason,
             logprobs=request.logprobs,
             new_logprobs=[logprob] if logprob is not None else None,
+            prompt_logprobs=request.prompt_logprobs,
             num_cached_tokens=request.num_cached_tokens,
         )
 
@@ -261,3 +282,31 @@ class LLMEngine:
             "swapped_out": self.scheduler.swap.num_swapped_out if self.scheduler.swap else 0,
             "generated_tokens": self.num_generated_tokens,
         }
+
+
+def _cpu_kernels(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
+    """The compiled CPU kernels when they apply (float32 on CPU), else None (a slower fallback runs)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    try:
+        return cpu_build.load()
+    except Exception as exc:  # noqa: BLE001 - no compiler: the fallback still computes the same thing
+        log.warning("cpu kernels unavailable; int8 layers dequantise on the fly", error=str(exc))
+        return None
+
+
+def _append_prompt_logprobs(scores: PromptScores) -> None:
+    request = scores.request
+    assert request.prompt_logprobs is not None and request.params.prompt_logprobs is not None
+    first, count = scores.first, scores.logits.shape[0]
+    targets = torch.tensor(request.prompt_token_ids[first + 1 : first + 1 + count], device=scores.logits.device)
+    logits = scores.logits
+    logprobs = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    top_n = request.params.prompt_logprobs
+    tops: list[dict[int, float]] = [{} for _ in range(count)]
+    if top_n:
+        values, indices = logprobs.topk(top_n, dim=-1)
+        tops = [dict(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+    for token, value, top in zip(targets.tolist(), chosen, tops, strict=True):
+        request.prompt_logprobs.append(TokenLogprob(token, value, top))

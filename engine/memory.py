@@ -55,3 +55,33 @@ def tune_host_allocator() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3
     ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) == 1  # glibc's maximum on 64-bit
     return bool(ok and libc.mallopt(m_trim_threshold, 1 << 30) == 1)
+
+
+def release_free_host_memory() -> None:
+    """Hand pages freed inside the heap back to the OS (after load-time copies such as weight packing;
+    with the tuned thresholds above glibc would otherwise keep them resident)."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by a model's weights: parameters, buffers and tensors kept as attributes (packed or
+    quantized weights), each storage counted once (tied weights share one)."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+        for tensor in tensors:
+            key = id(tensor) if tensor.is_mkldnn else tensor.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += tensor.numel() * tensor.element_size()
+    return total

@@ -58,6 +58,7 @@ class Request:
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token; the first is None
     first_token_time: float | None = None
     eos_token_ids: frozenset[int] = frozenset()
 
@@ -101,6 +102,7 @@ class RequestOutput:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
     new_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0
 
     @property

@@ -11,19 +11,31 @@ from engine.models.adapter import ModelAdapter
 from engine.request import Request
 from engine.scheduler import ScheduledBatch
 from kernels import AttentionBackend
-from kernels.metadata import AttentionMetadata
+from kernels.metadata import AttentionMetadata, KVLayer
+
+
+@dataclass(slots=True)
+class PromptScores:
+    """Logits that score a request's own prompt tokens: row i predicts the token at `first + 1 + i`."""
+
+    request: Request
+    first: int
+    logits: torch.Tensor
 
 
 @dataclass(slots=True)
 class StepResult:
     sampling_requests: list[Request]  # requests whose last scheduled token was their last token
     logits: torch.Tensor  # [len(sampling_requests), vocab]
+    prompt_scores: list[PromptScores]
 
 
 def kv_cache_bytes_per_block(
-    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype
 ) -> int:
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    element = torch.iinfo(kv_dtype).bits // 8 if kv_dtype == torch.int8 else torch.finfo(kv_dtype).bits // 8
+    scales = 4 if kv_dtype == torch.int8 else 0  # one float32 per (token, kv head)
+    return 2 * num_layers * block_size * num_kv_heads * (head_dim * element + scales)
 
 
 class ModelRunner:
@@ -40,35 +52,27 @@ class ModelRunner:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
+        kv_dtype = kv_dtype or dtype
         self.adapter = adapter
         self.backend = backend
         self.block_size = block_size
         self.device = device
         # One extra block that is never handed out: block-table padding points at it.
         self.pad_block = num_blocks
-        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
-        # On CPU, uninitialised: our backends never read a slot before it is written, and untouched
-        # pages of a large host pool then cost no resident memory. GPU kernels may multiply masked
-        # garbage by zero (NaN * 0 = NaN), so there the pool starts zeroed.
-        alloc = torch.empty if device.type == "cpu" else torch.zeros
         self.kv_caches = [
-            (alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
+            _allocate_layer(num_blocks + 1, block_size, num_kv_heads, head_dim, dtype, kv_dtype, device)
             for _ in range(num_layers)
         ]
-        self.host_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.host_caches: list[KVLayer] = []
 
     def allocate_swap_space(self, num_blocks: int) -> None:
         """Host-memory twin of the KV pool for swapped-out blocks (pinned when the device is a GPU)."""
-        k_cache = self.kv_caches[0][0]
-        shape = (num_blocks, *k_cache.shape[1:])
         pin = self.device.type == "cuda"
         self.host_caches = [
-            (
-                torch.empty(shape, dtype=k_cache.dtype, pin_memory=pin),
-                torch.empty(shape, dtype=k_cache.dtype, pin_memory=pin),
-            )
-            for _ in self.kv_caches
+            KVLayer(*(torch.empty((num_blocks, *t.shape[1:]), dtype=t.dtype, pin_memory=pin) for t in layer.tensors()))
+            for layer in self.kv_caches
         ]
 
     def copy_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
@@ -79,14 +83,20 @@ class ModelRunner:
             _copy_between(self.host_caches, self.kv_caches, swap_in)
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        meta, input_ids, positions, sampling, logits_indices = self._prepare(batch)
+        meta, input_ids, positions, sampling, logits_indices, spans = self._prepare(batch)
         self.backend.prepare(meta)
         logits = self.adapter(input_ids, positions, meta, logits_indices)
-        return StepResult(sampling, logits)
+        scores, row = [], 0
+        for request, first, count in spans:
+            scores.append(PromptScores(request, first, logits[row : row + count]))
+            row += count
+        return StepResult(sampling, logits[row:], scores)
 
     def _prepare(
         self, batch: ScheduledBatch
-    ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, list[Request], torch.Tensor]:
+    ) -> tuple[
+        AttentionMetadata, torch.Tensor, torch.Tensor, list[Request], torch.Tensor, list[tuple[Request, int, int]]
+    ]:
         bs = self.block_size
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -95,6 +105,8 @@ class ModelRunner:
         query_start: list[int] = []
         sampling: list[Request] = []
         logits_indices: list[int] = []
+        prompt_indices: list[int] = []
+        spans: list[tuple[Request, int, int]] = []  # prompt positions scored: (request, first, count)
         max_blocks = max(len(r.block_ids) for r in batch.requests)
         tables = np.full((len(batch), max_blocks), self.pad_block, dtype=np.int32)
         offset = 0
@@ -112,6 +124,13 @@ class ModelRunner:
             tables[row, : len(request.block_ids)] = request.block_ids
             seq_lens.append(end)
             query_start.append(offset)
+            if request.prompt_logprobs is not None:
+                # Positions whose next token is a prompt token not scored yet (a recompute re-runs them).
+                first = max(start, len(request.prompt_logprobs) - 1)
+                stop = min(end, request.num_prompt_tokens - 1)
+                if first < stop:
+                    spans.append((request, first, stop - first))
+                    prompt_indices.extend(range(offset + first - start, offset + stop - start))
             offset += n
             if end == request.num_tokens:
                 sampling.append(request)
@@ -132,19 +151,39 @@ class ModelRunner:
             torch.tensor(ids, dtype=torch.int64, device=device),
             torch.from_numpy(np.concatenate(positions)).to(device),
             sampling,
-            torch.tensor(logits_indices, dtype=torch.int64, device=device),
+            torch.tensor(prompt_indices + logits_indices, dtype=torch.int64, device=device),
+            spans,
         )
 
 
-def _copy_between(
-    sources: list[tuple[torch.Tensor, torch.Tensor]],
-    targets: list[tuple[torch.Tensor, torch.Tensor]],
-    pairs: list[tuple[int, int]],
-) -> None:
+def _allocate_layer(
+    num_blocks: int,
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    device: torch.device,
+) -> KVLayer:
+    # On CPU, uninitialised: our backends never read a slot before it is written, and untouched
+    # pages of a large host pool then cost no resident memory. GPU kernels may multiply masked
+    # garbage by zero (NaN * 0 = NaN), so there the pool starts zeroed.
+    alloc = torch.empty if device.type == "cpu" else torch.zeros
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k, v = alloc(shape, dtype=kv_dtype, device=device), alloc(shape, dtype=kv_dtype, device=device)
+    if kv_dtype != torch.int8:
+        return KVLayer(k, v)
+    scales = (num_blocks, block_size, kv_heads)
+    return KVLayer(
+        k, v, alloc(scales, dtype=torch.float32, device=device), alloc(scales, dtype=torch.float32, device=device)
+    )
+
+
+def _copy_between(sources: list[KVLayer], targets: list[KVLayer], pairs: list[tuple[int, int]]) -> None:
     """Copy blocks `pairs[i][0]` of every source layer into blocks `pairs[i][1]` of the target layer."""
     src_ids, dst_ids = zip(*pairs, strict=True)
     for source_layer, target_layer in zip(sources, targets, strict=True):
-        for source, target in zip(source_layer, target_layer, strict=True):
+        for source, target in zip(source_layer.tensors(), target_layer.tensors(), strict=True):
             rows = source.index_select(0, torch.tensor(src_ids, device=source.device))
             target.index_copy_(0, torch.tensor(dst_ids, device=target.device), rows.to(target.device))
 

@@ -113,7 +113,9 @@ class Scheduler:
         # Waiting requests, unless we just had to preempt (admitting more would only thrash).
         while not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             key, request = self.waiting[0]
-            prefix = self.kv.match_prefix(request) if request.num_computed_tokens == 0 else None
+            # A prompt to be scored must run whole: cached positions would have no logits.
+            fresh = request.num_computed_tokens == 0 and request.prompt_logprobs is None
+            prefix = self.kv.match_prefix(request) if fresh else None
             num_cached = len(prefix.block_ids) * self.kv.block_size if prefix else 0
             num_new = min(request.num_tokens - request.num_computed_tokens - num_cached, budget)
             if not self.kv.allocate(request, num_new, prefix, reserve=self.watermark_blocks):

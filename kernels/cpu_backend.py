@@ -66,15 +66,25 @@ class CpuBackend:
         if sliding_window is not None:
             raise NotImplementedError("the cpu backend has no sliding window; use attention_backend='torch'")
         state: CpuStepState = meta.backend_state
-        k_cache, v_cache = meta.kv_caches[layer]
-        write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        cache = meta.kv_caches[layer]
+        write_kv(key, value, cache, meta.slot_mapping)
         out = query.new_empty(query.shape)
         if query.stride(2) != 1:
             query = query.contiguous()
         if state.rows.numel():
             self._kernel(
-                out, query, k_cache, v_cache, state.rows, state.seq_index, state.ctx_lens, state.block_tables, scale
+                out,
+                query,
+                cache.k,
+                cache.v,
+                cache.k_scale,
+                cache.v_scale,
+                state.rows,
+                state.seq_index,
+                state.ctx_lens,
+                state.block_tables,
+                scale,
             )
         for i in state.sdpa_seqs:
-            attend_sequence(out, query, key, value, k_cache, v_cache, meta, i, scale, None)
+            attend_sequence(out, query, key, value, cache, meta, i, scale, None)
         return out

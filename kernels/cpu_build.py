@@ -1,4 +1,4 @@
-"""Builds (once, cached) and loads the C++ CPU paged-attention kernel; `python -m kernels.cpu_build` prebuilds."""
+"""Builds (once, cached) and loads tokenrelay's C++ CPU kernels; `python -m kernels.cpu_build` prebuilds."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from types import ModuleType
 
 import torch
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
-_NAME = "tokenrelay_cpu_attention"
+_SOURCES = [
+    Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_attention_cpu.cpp", "int8_linear_cpu.cpp")
+]
+_NAME = "tokenrelay_cpu_kernels"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
 
 
@@ -30,14 +32,29 @@ def build_dir() -> Path:
     root = Path(os.environ.get("TOKENRELAY_CACHE_DIR", Path.home() / ".cache" / "tokenrelay"))
     key = hashlib.sha256(
         b"\0".join(
-            [_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_CFLAGS).encode(), _cpu_signature().encode()]
+            [
+                *(s.read_bytes() for s in _SOURCES),
+                torch.__version__.encode(),
+                " ".join(_CFLAGS).encode(),
+                _cpu_signature().encode(),
+            ]
         )
     ).hexdigest()[:16]
     return root / "kernels" / f"{_NAME}-{key}"
 
 
+_loaded: ModuleType | None = None
+
+
 def load(build: bool = True) -> ModuleType | None:
     """The compiled module, building it if needed (and allowed); None when it cannot be had."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _import_or_build(build)
+    return _loaded
+
+
+def _import_or_build(build: bool) -> ModuleType | None:
     directory = build_dir()
     built = sorted(directory.glob(f"{_NAME}*.so"))
     if built:
@@ -54,7 +71,7 @@ def load(build: bool = True) -> ModuleType | None:
     directory.mkdir(parents=True, exist_ok=True)
     return jit_load(
         name=_NAME,
-        sources=[str(_SOURCE)],
+        sources=[str(source) for source in _SOURCES],
         extra_cflags=_CFLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
@@ -64,4 +81,4 @@ def load(build: bool = True) -> ModuleType | None:
 
 if __name__ == "__main__":
     module = load()
-    print(f"cpu attention kernel ready in {build_dir()}" if module else "cpu attention kernel unavailable")
+    print(f"cpu kernels ready in {build_dir()}" if module else "cpu kernels unavailable")

@@ -9,6 +9,21 @@ import torch
 
 
 @dataclass(slots=True)
+class KVLayer:
+    """One layer's paged cache: K and V [blocks, block_size, kv_heads, head_dim], in the model's dtype,
+    or int8 with float32 scales [blocks, block_size, kv_heads]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything indexed by block first (what a block copy must move)."""
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """Built once per step by the runner and handed down to every attention layer explicitly.
 
@@ -23,9 +38,7 @@ class AttentionMetadata:
     query_lens: list[int]
     query_start: list[int]
     block_size: int
-    kv_caches: list[
-        tuple[torch.Tensor, torch.Tensor]
-    ]  # per layer: K and V, [num_blocks, block_size, kv_heads, head_dim]
+    kv_caches: list[KVLayer]
     backend_state: Any = None  # what the backend's `prepare` derived for this step
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -10,11 +10,15 @@ from kernels.xformers_backend import XformersBackend, xformers_available
 
 
 def select_backend(
-    requested: str, device: torch.device, dtype: torch.dtype, block_size: int
+    requested: str, device: torch.device, dtype: torch.dtype, block_size: int, kv_dtype: torch.dtype | None = None
 ) -> tuple[AttentionBackend, str]:
     """The backend and why it was chosen. `requested` is auto, torch, cpu or xformers."""
     if requested == "torch":
         return TorchBackend(), "forced by config"
+    if kv_dtype == torch.int8 and device.type == "cuda":
+        if requested == "xformers":
+            raise ValueError("attention_backend: xformers reads float KV caches only; kv_cache_dtype int8 needs torch")
+        return TorchBackend(), "int8 KV cache on CUDA: the torch backend dequantises as it gathers"
     if requested == "xformers" or (requested == "auto" and device.type == "cuda"):
         if device.type != "cuda":
             raise ValueError("attention_backend: xformers runs only on CUDA devices")

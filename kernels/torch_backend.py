@@ -5,23 +5,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.metadata import AttentionMetadata
+from kernels.metadata import AttentionMetadata, KVLayer
 
 
-def write_kv(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
+def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 with one float32 scale per (token, head): x [tokens, heads, dim] ~= q * scale[..., None]."""
+    scale = (x.abs().amax(dim=-1).float() / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, layer: KVLayer, slot_mapping: torch.Tensor) -> None:
     """Store the new tokens' K/V ([tokens, kv_heads, head_dim]) at their cache slots."""
-    kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    kv_heads, head_dim = layer.k.shape[-2:]
+    for cache, scales, new in ((layer.k, layer.k_scale, key), (layer.v, layer.v_scale, value)):
+        if scales is None:
+            cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, new.to(cache.dtype))
+        else:
+            q, s = quantize_heads(new)
+            cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, q)
+            scales.view(-1, kv_heads).index_copy_(0, slot_mapping, s)
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """One sequence's first `length` cached tokens, [length, kv_heads, head_dim] (a copy)."""
+def gather_kv(
+    cache: torch.Tensor, scales: torch.Tensor | None, block_table: torch.Tensor, length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """One sequence's first `length` cached tokens, [length, kv_heads, head_dim] in `dtype` (a copy)."""
     block_size = cache.shape[1]
-    num_blocks = -(-length // block_size)
-    return cache.index_select(0, block_table[:num_blocks]).flatten(0, 1)[:length]
+    blocks = block_table[: -(-length // block_size)]
+    rows = cache.index_select(0, blocks).flatten(0, 1)[:length].to(dtype)
+    if scales is not None:
+        rows *= scales.index_select(0, blocks).flatten(0, 1)[:length, :, None].to(dtype)
+    return rows
 
 
 def causal_mask(query_len: int, seq_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -41,8 +56,7 @@ def attend_sequence(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    layer: KVLayer,
     meta: AttentionMetadata,
     i: int,
     scale: float,
@@ -55,7 +69,8 @@ def attend_sequence(
         k, v = key[start : start + n], value[start : start + n]
     else:
         table = meta.block_tables[i]
-        k, v = gather_kv(k_cache, table, length), gather_kv(v_cache, table, length)
+        k = gather_kv(layer.k, layer.k_scale, table, length, q.dtype)
+        v = gather_kv(layer.v, layer.v_scale, table, length, q.dtype)
     k, v = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
     fresh_causal = n == length and sliding_window is None
     mask = None if fresh_causal else causal_mask(n, length, sliding_window, q.device)
@@ -91,9 +106,9 @@ class TorchBackend:
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         """query [tokens, heads, dim], key/value [tokens, kv_heads, dim] -> [tokens, heads, dim]."""
-        k_cache, v_cache = meta.kv_caches[layer]
-        write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        cache = meta.kv_caches[layer]
+        write_kv(key, value, cache, meta.slot_mapping)
         out = query.new_empty(query.shape)
         for i in range(meta.num_seqs):
-            attend_sequence(out, query, key, value, k_cache, v_cache, meta, i, scale, sliding_window)
+            attend_sequence(out, query, key, value, cache, meta, i, scale, sliding_window)
         return out

@@ -113,8 +113,11 @@ class XformersBackend:
             raise NotImplementedError("the xformers backend has no sliding window; use attention_backend='torch'")
         from xformers.ops import memory_efficient_attention_forward
 
-        k_cache, v_cache = meta.kv_caches[layer]
-        write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        cache = meta.kv_caches[layer]
+        if cache.k_scale is not None:
+            raise NotImplementedError("the xformers backend reads float caches only; int8 KV runs on cpu/torch")
+        k_cache, v_cache = cache.k, cache.v
+        write_kv(key, value, cache, meta.slot_mapping)
         num_heads, head_dim = query.shape[1:]
         kv_heads = k_cache.shape[2]
         per_group = num_heads // kv_heads

@@ -153,3 +153,23 @@ def test_default_model_knows_paris() -> None:
     llm = LLM(model=None)
     out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0.0))[0]
     assert out.text.lstrip().startswith("Paris"), out.text
+
+
+@pytest.mark.parametrize("budget", [2048, 7])
+def test_prompt_logprobs_match_transformers(tiny_llama: Path, budget: int) -> None:
+    """Scoring the prompt (perplexity, echo) gives transformers' log-probabilities, chunked or not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(model=str(tiny_llama), dtype="float64", max_num_batched_tokens=budget)
+    prompt = [11, 200, 3000, 45, 45, 9, 18000, 7, 7, 600, 12, 5]
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt)
+    assert out.prompt_logprobs[0] is None
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0], -1)
+    for position, lp in enumerate(out.prompt_logprobs[1:], start=1):
+        assert lp is not None and lp.token_id == prompt[position]
+        assert lp.logprob == pytest.approx(expected[position - 1, prompt[position]].item(), abs=1e-9)
+        assert len(lp.top) == 2 and max(lp.top.values()) == pytest.approx(expected[position - 1].max().item())

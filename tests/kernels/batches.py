@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.metadata import AttentionMetadata
+from kernels.metadata import AttentionMetadata, KVLayer
 
 
 @dataclass
@@ -46,7 +46,7 @@ def random_batch(
     width = max(need)
     block_tables = torch.tensor([t + [pad_block] * (width - len(t)) for t in tables], dtype=torch.int32)
     shape = (num_blocks + 1, block_size, kv_heads, head_dim)
-    caches = [(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype))]
+    caches = [KVLayer(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype))]
     tokens = sum(q for q, _ in shapes)
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64),
@@ -70,7 +70,7 @@ def random_batch(
 def dense_reference(batch: Batch, scale: float) -> torch.Tensor:
     """Attention computed the slow, obvious way: per sequence, per query, over explicit positions."""
     meta = batch.meta
-    k_cache, v_cache = (c.clone() for c in meta.kv_caches[0])
+    k_cache, v_cache = meta.kv_caches[0].k.clone(), meta.kv_caches[0].v.clone()
     kv_heads, dim = k_cache.shape[2:]
     k_cache.view(-1, kv_heads, dim)[meta.slot_mapping] = batch.key
     v_cache.view(-1, kv_heads, dim)[meta.slot_mapping] = batch.value
@@ -88,3 +88,22 @@ def dense_reference(batch: Batch, scale: float) -> torch.Tensor:
             scores = torch.einsum("hd,lhd->hl", q, k[:visible]) * scale
             out[start + j] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v[:visible])
     return out
+
+
+def quantize_cache(batch: Batch) -> Batch:
+    """The same batch over an int8 cache (per slot and head scales), as kv_cache_dtype='int8' stores it."""
+    from kernels.torch_backend import quantize_heads
+
+    layer = batch.meta.kv_caches[0]
+    blocks, block_size, kv_heads, dim = layer.k.shape
+    k_q, k_s = quantize_heads(layer.k.reshape(-1, kv_heads, dim))
+    v_q, v_s = quantize_heads(layer.v.reshape(-1, kv_heads, dim))
+    batch.meta.kv_caches = [
+        KVLayer(
+            k_q.view(layer.k.shape),
+            v_q.view(layer.v.shape),
+            k_s.view(blocks, block_size, kv_heads),
+            v_s.view(blocks, block_size, kv_heads),
+        )
+    ]
+    return batch

@@ -7,8 +7,9 @@ import torch
 
 from kernels import cpu_build
 from kernels.cpu_backend import KERNEL_MAX_QUERY_LEN, CpuBackend
+from kernels.metadata import KVLayer
 from kernels.torch_backend import TorchBackend
-from tests.kernels.batches import random_batch
+from tests.kernels.batches import quantize_cache, random_batch
 
 SHAPES = [(1, 1), (1, 17), (1, 300), (3, 40), (KERNEL_MAX_QUERY_LEN, 50), (20, 20), (40, 90), (1, 64)]
 
@@ -28,7 +29,7 @@ def test_matches_torch_backend(
     batch = random_batch(SHAPES, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
     reference = TorchBackend()
     meta = batch.meta
-    cache_copy = [(k.clone(), v.clone()) for k, v in meta.kv_caches]
+    cache_copy = [KVLayer(layer.k.clone(), layer.v.clone()) for layer in meta.kv_caches]
     reference.prepare(meta)
     expected = reference.forward(batch.query, batch.key, batch.value, 0, meta, head_dim**-0.5)
     meta.kv_caches = cache_copy
@@ -52,3 +53,26 @@ def test_block_sizes(cpu_backend: CpuBackend) -> None:
             rtol=1e-12,
             atol=1e-12,
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_int8_cache_matches_torch_backend(cpu_backend: CpuBackend, dtype: torch.dtype) -> None:
+    """Reading an int8 cache with its scales in the kernel equals dequantise-then-SDPA.
+
+    (A sequence with nothing cached is attended from its fresh, unquantized K/V by SDPA but from the
+    cache by the kernel; both are fine, they are just not the same numbers, so none is used here.)
+    """
+    shapes = [(n, length) for n, length in SHAPES if not (n == length and n <= KERNEL_MAX_QUERY_LEN)]
+    batch = quantize_cache(random_batch(shapes, heads=9, kv_heads=3, head_dim=64, dtype=dtype))
+    meta = batch.meta
+    layer = meta.kv_caches[0]
+    cache_copy = [KVLayer(*(t.clone() for t in layer.tensors()))]
+    reference = TorchBackend()
+    reference.prepare(meta)
+    expected = reference.forward(batch.query, batch.key, batch.value, 0, meta, 0.125)
+    meta.kv_caches = cache_copy
+    cpu_backend.prepare(meta)
+    out = cpu_backend.forward(batch.query, batch.key, batch.value, 0, meta, 0.125)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    assert meta.kv_caches[0].k.dtype == torch.int8

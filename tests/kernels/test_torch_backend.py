@@ -26,7 +26,7 @@ def test_writes_new_kv_at_the_slots() -> None:
     backend = TorchBackend()
     backend.prepare(batch.meta)
     backend.forward(batch.query, batch.key, batch.value, 0, batch.meta, 1.0)
-    k_cache = batch.meta.kv_caches[0][0]
+    k_cache = batch.meta.kv_caches[0].k
     stored = k_cache.view(-1, *k_cache.shape[2:])[batch.meta.slot_mapping]
     torch.testing.assert_close(stored, batch.key)
 
@@ -38,3 +38,18 @@ def test_sliding_window_limits_the_keys() -> None:
     windowed = backend.forward(batch.query, batch.key, batch.value, 0, batch.meta, 0.5, sliding_window=3)
     full = backend.forward(batch.query, batch.key, batch.value, 0, batch.meta, 0.5)
     assert not torch.allclose(windowed, full)
+
+
+def test_int8_cache_stays_close_to_float() -> None:
+    """An int8 cache (per slot and head scales) changes attention output by well under 1 %."""
+    from tests.kernels.batches import quantize_cache
+
+    batch = random_batch(SHAPES, dtype=torch.float32)
+    backend = TorchBackend()
+    backend.prepare(batch.meta)
+    full = backend.forward(batch.query, batch.key, batch.value, 0, batch.meta, 0.25)
+    quantized = quantize_cache(random_batch(SHAPES, dtype=torch.float32))
+    backend.prepare(quantized.meta)
+    out = backend.forward(quantized.query, quantized.key, quantized.value, 0, quantized.meta, 0.25)
+    assert quantized.meta.kv_caches[0].k_scale is not None
+    assert (out - full).abs().max() / full.abs().max() < 0.01

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.metadata import KVLayer
 from kernels.torch_backend import TorchBackend
 from kernels.xformers_backend import XformersBackend, build_groups, xformers_available
 from tests.kernels.batches import random_batch
@@ -24,7 +25,7 @@ def _torch_reference(batch, scale: float) -> torch.Tensor:  # noqa: ANN001
 def _attend_with_materialized_bias(batch, paged: bool, scale: float) -> torch.Tensor:  # noqa: ANN001
     """What xformers computes, done densely on CPU: softmax(q k^T * scale + bias) v, per group."""
     meta = batch.meta
-    k_cache, v_cache = meta.kv_caches[0]  # already holds the new K/V (the reference wrote them)
+    k_cache, v_cache = meta.kv_caches[0].k, meta.kv_caches[0].v  # already hold the new K/V (the reference wrote them)
     kv_heads, dim = k_cache.shape[2:]
     heads = batch.query.shape[1]
     flat_k, flat_v = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
@@ -70,7 +71,7 @@ def test_cuda_kernels_match_the_torch_backend(block_size: int) -> None:
     expected = _torch_reference(batch, 0.125)
     meta = batch.meta
     dev = torch.device("cuda")
-    meta.kv_caches = [(k.to(dev, torch.bfloat16), v.to(dev, torch.bfloat16)) for k, v in meta.kv_caches]
+    meta.kv_caches = [KVLayer(c.k.to(dev, torch.bfloat16), c.v.to(dev, torch.bfloat16)) for c in meta.kv_caches]
     meta.slot_mapping = meta.slot_mapping.to(dev)
     backend = XformersBackend(block_size)
     backend.prepare(meta)

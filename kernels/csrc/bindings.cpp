@@ -1,0 +1,12 @@
+// Python bindings of tokenrelay's CPU kernels (one extension module, built by kernels/cpu_build.py).
+#include <torch/extension.h>
+
+void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
+                     c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale, torch::Tensor rows,
+                     torch::Tensor seq_index, torch::Tensor ctx_lens, torch::Tensor block_tables, double scale);
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention, "paged attention over block tables for short queries (CPU)");
+  m.def("int8_linear", &int8_linear, "weight-only int8 linear, float32 activations (CPU)");
+}

@@ -1,0 +1,105 @@
+// Weight-only int8 linear on CPU: y = x @ (q * scale[:, None])^T + bias, with q int8 [N, K] and
+// x, y float32. Few rows (decoding) are memory-bound: a fused kernel reads each int8 weight once and
+// converts it in registers. Many rows (prefill) are compute-bound: each thread dequantises a tile of
+// weights into a cache-sized float32 buffer and hands it to the regular GEMM.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TR_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kRowBlock = 8;     // rows of x sharing one pass over a weight row
+constexpr int64_t kFusedMaxRows = 16;
+constexpr int64_t kTileRows = 128;   // weight rows dequantised at a time (128 x K floats, in L2)
+
+#ifdef TR_AVX2
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+#endif
+
+// Dot products of `rows` rows of x (stride K) with one int8 weight row, scaled.
+inline void dot_rows(const float* x, int64_t rows, int64_t K, const int8_t* w, float scale, float* out,
+                     int64_t out_stride) {
+  int64_t k = 0;
+  float partial[kRowBlock] = {0};
+#ifdef TR_AVX2
+  __m256 acc[kRowBlock];
+  for (int64_t m = 0; m < rows; ++m) acc[m] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k))));
+    for (int64_t m = 0; m < rows; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), wv, acc[m]);
+  }
+  for (int64_t m = 0; m < rows; ++m) partial[m] = hsum(acc[m]);
+#endif
+  for (; k < K; ++k) {
+    const float wk = static_cast<float>(w[k]);
+    for (int64_t m = 0; m < rows; ++m) partial[m] += x[m * K + k] * wk;
+  }
+  for (int64_t m = 0; m < rows; ++m) out[m * out_stride] = partial[m] * scale;
+}
+
+void fused_small(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scale, int64_t N, float* y) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+        dot_rows(x + m0 * K, std::min(kRowBlock, M - m0), K, q + n * K, scale[n], y + m0 * N + n, N);
+      }
+    }
+  });
+}
+
+void tiled_large(const torch::Tensor& x, const int8_t* q, const float* scale, int64_t N, int64_t K, torch::Tensor& y) {
+  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    torch::Tensor tile = torch::empty({kTileRows, K}, x.options());
+    float* t = tile.data_ptr<float>();
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n0 = i * kTileRows, rows = std::min(kTileRows, N - n0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* src = q + (n0 + r) * K;
+        const float s = scale[n0 + r];
+        float* dst = t + r * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k]) * s;
+      }
+      // Inside a parallel region ATen runs this GEMM on the calling thread.
+      y.narrow(1, n0, rows).copy_(at::mm(x, tile.narrow(0, 0, rows).t()));
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && q.scalar_type() == torch::kInt8 &&
+                  scale.scalar_type() == torch::kFloat32, "int8_linear: x float32, q int8, scale float32");
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && scale.is_contiguous() && q.size(0) == scale.size(0), "int8_linear: q [N, K]");
+  const int64_t K = q.size(1), N = q.size(0);
+  TORCH_CHECK(x.size(-1) == K, "int8_linear: x's last dim must be K");
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  torch::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  if (M > 0) {
+    if (M <= kFusedMaxRows) {
+      fused_small(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), scale.data_ptr<float>(), N, y.data_ptr<float>());
+    } else {
+      tiled_large(x2, q.data_ptr<int8_t>(), scale.data_ptr<float>(), N, K, y);
+    }
+  }
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return y.view(out_shape);
+}
