@@ -137,7 +137,7 @@ def main() -> None:
         results[mode] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"error": proc.stderr[-1500:]}
 
     base = results.get("fp32", {})
-    for mode, r in results.items():
+    for r in results.values():
         if "error" in r or "error" in base or not base:
             continue
         r["vs_fp32"] = {
