@@ -55,6 +55,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ignore_eos": (lambda v: isinstance(v, bool), "a boolean"),
     "min_tokens": (lambda v: _int(v) and 0 <= v <= MAX_TOKENS_LIMIT, "a non-negative integer"),
     "logprobs": (lambda v: v is None or (_int(v) and 0 <= v <= 20), "null or an integer in [0, 20]"),
+    "prompt_logprobs": (lambda v: v is None or (_int(v) and 0 <= v <= 20), "null or an integer in [0, 20]"),
     "include_stop_str_in_output": (lambda v: isinstance(v, bool), "a boolean"),
     "skip_special_tokens": (lambda v: isinstance(v, bool), "a boolean"),
 }

@@ -330,7 +330,7 @@ def delta_event(text: str, token_ids: list[int], logprobs: Logprobs | None = Non
 
 def done_event(finish_reason: str, usage: dict[str, Any], *, stop_reason: Any = None, metadata: Any = None,
                worker: str = "", text: str | None = None, token_ids: list[int] | None = None,
-               logprobs: Logprobs | None = None) -> bytes:
+               logprobs: Logprobs | None = None, prompt_logprobs: Logprobs | None = None) -> bytes:
     """The terminal event of a finished request; non-streamed requests carry their whole output here."""
     body: dict[str, Any] = {"v": SCHEMA_VERSION, "type": "done", "finish_reason": finish_reason,
                             "stop_reason": stop_reason, "usage": usage, "metadata": metadata, "worker": worker}
@@ -338,6 +338,8 @@ def done_event(finish_reason: str, usage: dict[str, Any], *, stop_reason: Any = 
         body["text"], body["token_ids"] = text, token_ids or []
     if logprobs is not None:
         body["logprobs"] = logprobs
+    if prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs  # the first prompt token has none: [] in its place
     return _pack(body)
 
 
@@ -367,6 +369,7 @@ class Event:
     metadata: Any = None
     worker: str = ""
     full_output: bool = False  # a done event of a non-streamed request: text/token_ids are the whole output
+    prompt_logprobs: Logprobs | None = None
 
 
 def decode_event(data: Any, entry_id: str = "") -> Event:
@@ -384,6 +387,7 @@ def decode_event(data: Any, entry_id: str = "") -> Event:
     if kind in (EventType.DELTA, EventType.DONE):
         event.logprobs = body.get("logprobs")
     if kind is EventType.DONE:
+        event.prompt_logprobs = body.get("prompt_logprobs")
         event.finish_reason, event.stop_reason = body.get("finish_reason"), body.get("stop_reason")
         event.usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
     elif kind is EventType.ERROR:

@@ -24,6 +24,7 @@ class Completion:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: Logprobs | None = None
+    prompt_logprobs: Logprobs | None = None  # when asked for: per prompt token, [] for the first
     finish_reason: str | None = None
     stop_reason: Any = None
     usage: dict[str, Any] = field(default_factory=dict)
@@ -48,6 +49,7 @@ class Completion:
                 self.text, self.token_ids = event.text, list(event.token_ids)
                 self.logprobs = event.logprobs
             self.finish_reason, self.stop_reason = event.finish_reason, event.stop_reason
+            self.prompt_logprobs = event.prompt_logprobs
             self.usage, self.metadata, self.worker = event.usage or {}, event.metadata, event.worker
         else:
             self.error = (event.code or "", event.message or "")

@@ -48,4 +48,6 @@ def wire_logprobs(logprobs: Any) -> Logprobs | None:
     """Engine TokenLogprobs -> [[token_id, logprob, [[alt_id, alt_logprob], ...]], ...]."""
     if logprobs is None:
         return None
-    return [[lp.token_id, lp.logprob, [[k, v] for k, v in lp.top.items()]] for lp in logprobs]
+    # prompt logprobs start with None (the first token has no context): [] keeps positions aligned
+    return [[lp.token_id, lp.logprob, [[k, v] for k, v in lp.top.items()]] if lp is not None else []
+            for lp in logprobs]

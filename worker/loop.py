@@ -56,6 +56,7 @@ class Worker:
         self.timing = LoopTiming()
         self._stop = threading.Event()
         self.failure: Exception | None = None
+        self.signalled: tuple[str, bool] | None = None  # (signal name, drain) left by a signal handler
         self._drain_until = float("inf")
         self._stats: dict[str, Any] = {}
         self._stats_at = 0.0
@@ -252,7 +253,8 @@ class Worker:
                              stop_reason=getattr(out, "stop_reason", None), metadata=request.metadata,
                              worker=self.name, text=out.text if full else None,
                              token_ids=list(out.token_ids) if full else None,
-                             logprobs=wire_logprobs(out.logprobs) if full else None)
+                             logprobs=wire_logprobs(out.logprobs) if full else None,
+                             prompt_logprobs=wire_logprobs(getattr(out, "prompt_logprobs", None)))
         self.outbox.add_terminal(request.request_id, job.epoch, payload)
         log.info("request finished", request_id=request.request_id, finish_reason=finish_reason,
                  prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
@@ -265,6 +267,11 @@ class Worker:
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def _finished(self) -> bool:
+        if self.signalled is not None:
+            name, drain = self.signalled
+            self.signalled = None
+            log.info("signal received", signal=name, drain=drain)
+            self.stop(drain)
         if not self._stop.is_set():
             return False
         if time.monotonic() >= self._drain_until:

@@ -97,7 +97,11 @@ if autoclaim == '1' then
     local r = redis.call('XAUTOCLAIM', KEYS[qi], group, consumer, min_idle, cursors[qi], 'COUNT', budget)
     cursors[qi] = r[1]
     for _, e in ipairs(r[2]) do
-      if type(e) == 'table' and type(e[2]) == 'table' then take(qi, e[1], e[2]) end
+      if type(e) == 'table' and type(e[2]) == 'table' then
+        take(qi, e[1], e[2])
+      elseif type(e) == 'table' then
+        redis.call('XACK', KEYS[qi], group, e[1])  -- Redis 6.2 returns deleted entries with nil fields
+      end
     end
   end
 end

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 from types import FrameType
 from typing import Any
 
@@ -37,11 +36,11 @@ def run_worker(settings: WorkerSettings) -> int:
     signals_seen = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        # Runs between two bytecodes of the main thread, which may be holding the logger's lock
+        # (or any other): take no lock here, only leave a note the step loop acts on.
         nonlocal signals_seen
         signals_seen += 1
-        log.info("signal received", signal=signal.Signals(signum).name, drain=signals_seen == 1)
-        # the handler runs between bytecodes of the main thread: only set flags here
-        threading.Thread(target=worker.stop, args=(signals_seen == 1,), daemon=True).start()
+        worker.signalled = (signal.Signals(signum).name, signals_seen == 1)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

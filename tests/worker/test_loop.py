@@ -180,3 +180,12 @@ def test_a_failing_engine_hands_its_work_back_and_stops(redis_url: str) -> None:
     with WorkerThread(NoopEngine(), redis_url, model_name="noop"):
         completion = client.result(request_id, timeout=30)
     assert completion.token_ids == [2, 3, 4] and completion.restarts == 1  # handed back, not failed
+
+
+def test_prompt_logprobs_come_back_in_the_done_event(redis_url: str, tiny_llama: Path) -> None:
+    client = Client(redis_url, model="tiny")
+    with WorkerThread(_tiny_engine(tiny_llama), redis_url, model_name="tiny"):
+        completion = client.result(client.submit([5, 6, 7, 8], max_tokens=2, prompt_logprobs=1), timeout=60)
+    scores = completion.prompt_logprobs
+    assert scores is not None and len(scores) == 4 and scores[0] == []  # the first token has no context
+    assert [s[0] for s in scores[1:]] == [6, 7, 8] and all(s[1] <= 0.0 for s in scores[1:])
