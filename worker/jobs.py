@@ -113,23 +113,6 @@ class Outbox:
             self._wake.clear()
         return taken
 
-    def put_back(self, taken: dict[str, Pending]) -> None:
-        """After a failed round trip: the older events go first again."""
-        with self._lock:
-            for request_id, newer in self._pending.items():
-                older = taken.get(request_id)
-                if older is None or older.epoch != newer.epoch:
-                    taken[request_id] = newer
-                    continue
-                older.text += newer.text
-                older.token_ids += newer.token_ids
-                if newer.logprobs is not None:
-                    older.logprobs = (older.logprobs or []) + newer.logprobs
-                if older.terminal is None:
-                    older.terminal, older.dead_letter = newer.terminal, newer.dead_letter
-            self._pending = taken
-            self._wake.set()
-
     def wake(self) -> None:
         self._wake.set()
 

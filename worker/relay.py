@@ -52,6 +52,10 @@ class Relay:
         self._next_heartbeat = 0.0
         self._next_autoclaim = 0.0
         self._last_publish = 0.0
+        # A publish that failed may still have run in Redis (the reply was lost): it is retried exactly as
+        # it was, with the same seq, before anything newer. Merging newer events into it would let the
+        # script skip them along with the already-applied part.
+        self._in_doubt: dict[str, Pending] | None = None
         self._script_keys = [*self.keys.queues, self.keys.dead, self.keys.workers, self.keys.cancels(self.me)]
         self._admit = client.register_script(scripts.ADMIT)
         self._publish = client.register_script(scripts.PUBLISH)
@@ -178,7 +182,7 @@ class Relay:
         stopping = self._stop.is_set()
         now = time.monotonic()
         heartbeat_due = now >= self._next_heartbeat
-        if not len(self.outbox) and not heartbeat_due:
+        if not len(self.outbox) and not heartbeat_due and self._in_doubt is None:
             if not stopping:
                 self.outbox.wait(min(0.5, self._next_heartbeat - now))
                 return False
@@ -189,11 +193,11 @@ class Relay:
         if gap > 0 and not stopping:
             time.sleep(gap)  # a floor on the publish interval: more tokens per round trip
         self.publish_once(heartbeat_due)
-        return stopping and not len(self.outbox) and (self._hand_back or not self.claims
-                                                     or time.monotonic() > self._stop_by)
+        settled = not len(self.outbox) and self._in_doubt is None
+        return stopping and settled and (self._hand_back or not self.claims or time.monotonic() > self._stop_by)
 
     def publish_once(self, heartbeat: bool) -> None:
-        batch = self.outbox.take()
+        batch = self._in_doubt if self._in_doubt is not None else self.outbox.take()
         with self._lock:
             items = {rid: p for rid, p in batch.items() if rid in self.claims and self.claims[rid].epoch == p.epoch}
             publish_args = self._publish_args(items) if items or self.claims else None
@@ -206,8 +210,9 @@ class Relay:
         try:
             replies: Any = pipe.execute() if len(pipe) else []
         except BaseException:
-            self.outbox.put_back(batch)
+            self._in_doubt = batch
             raise
+        self._in_doubt = None
         self.round_trips += 1
         self._last_publish = now = time.monotonic()
         if heartbeat:

@@ -7,12 +7,13 @@ import queue
 import time
 
 import msgpack
+import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from producer.client import Client
-from producer.protocol import GROUP, SCHEMA_VERSION, EventType, Keys, Priority, new_request_id
+from producer.protocol import GROUP, SCHEMA_VERSION, EventType, Keys, Priority, done_event, new_request_id
 from tests.queue_helpers import FAST, WorkerThread, read_events, wait_for
 from worker.jobs import Outbox
 from worker.noop_engine import NoopEngine
@@ -157,3 +158,35 @@ def test_a_starting_worker_prunes_what_dead_workers_left(redis_url: str) -> None
         wait_for(lambda: r.hexists(KEYS.workers, "long-gone") == 0, 10, what="the stale heartbeat pruned")
         names = {c["name"] for c in r.xinfo_consumers(KEYS.queue(Priority.NORMAL), GROUP)}
     assert b"long-gone" not in names and "long-gone" not in names
+
+
+def test_a_publish_whose_reply_was_lost_is_retried_as_it_was(redis_url: str) -> None:
+    """Redis ran the publish script but the reply never came: the retry must be that same publish, not
+    one merged with newer tokens (the script sees its seq already applied and writes nothing)."""
+    from tests.chaos.proxy import FaultProxy
+
+    client = Client(redis_url, model="noop")
+    request_id = client.submit("a b", max_tokens=3)
+    proxy = FaultProxy(redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"]).start()
+    try:
+        settings = WorkerSettings(redis_url=proxy.url(), model_name="noop", engine="noop", consumer="w", **FAST)
+        relay = Relay(redis.Redis.from_url(proxy.url()), settings, Outbox(), queue.SimpleQueue(), dict)
+        relay.ensure_groups()
+        relay.admit_once(1, autoclaim=False, preread=[])
+        relay.outbox.add_delta(request_id, 1, " x", [2])
+        proxy.lose_reply_to(b"EVALSHA")
+        with pytest.raises(redis.ConnectionError):
+            relay.publish_once(heartbeat=False)
+        assert proxy.lost_replies == 1
+        relay.outbox.add_delta(request_id, 1, " x", [3])  # made while the first publish was in doubt
+        relay.publish_once(heartbeat=False)
+        relay.outbox.add_delta(request_id, 1, " x", [4])
+        relay.outbox.add_terminal(request_id, 1, done_event("length", {}))
+        relay.publish_once(heartbeat=False)
+        relay.publish_once(heartbeat=False)  # nothing left over from the retry
+    finally:
+        proxy.close()
+    events = read_events(client.redis, KEYS, request_id)
+    assert sum((e.token_ids for e in events), []) == [2, 3, 4]  # none missing, none twice
+    assert [e.type for e in events][-1] is EventType.DONE and sum(e.type.terminal for e in events) == 1
+    assert relay.held == 0 and _pending(client.redis) == 0
