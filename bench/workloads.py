@@ -40,6 +40,7 @@ def median(values: list[float]) -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set size of this process or of any child it waited for, whichever is larger
+    (vLLM runs its engine core in a child process)."""
+    rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024

@@ -96,6 +96,15 @@ inline void block_values_64(const float* weights, const float* v, int64_t n, int
 }
 #endif
 
+// Blocks are scattered, so the hardware prefetcher restarts at every one; ask for the next block
+// (a few KB, contiguous) while the current one is being read.
+template <typename cache_t>
+inline void prefetch_block(const cache_t* block, int64_t elements) {
+  const char* bytes = reinterpret_cast<const char*>(block);
+  const int64_t size = elements * static_cast<int64_t>(sizeof(cache_t));
+  for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset);
+}
+
 template <typename scalar_t, typename cache_t>
 struct Problem {
   scalar_t* out;
@@ -148,8 +157,8 @@ void paged_attention_kernel(const Problem<scalar_t, cache_t>& p) {
       for (int64_t b = 0; b < num_blocks; ++b) {
         const int64_t block = table[b];
         const cache_t* kb = p.k_cache + block * block_stride;
-        if (b + 1 < num_blocks) __builtin_prefetch(p.k_cache + static_cast<int64_t>(table[b + 1]) * block_stride);
         const int64_t n = std::min(block_size, ctx - b * block_size);
+        if (b + 1 < num_blocks) prefetch_block(p.k_cache + static_cast<int64_t>(table[b + 1]) * block_stride, block_stride);
 #ifdef TR_AVX2
         if constexpr (avx2_64) {
           for (int64_t h = 0; h < num_heads; ++h) {
@@ -188,8 +197,8 @@ void paged_attention_kernel(const Problem<scalar_t, cache_t>& p) {
       for (int64_t b = 0; b < num_blocks; ++b) {
         const int64_t block = table[b];
         const cache_t* vb = p.v_cache + block * block_stride;
-        if (b + 1 < num_blocks) __builtin_prefetch(p.v_cache + static_cast<int64_t>(table[b + 1]) * block_stride);
         const int64_t n = std::min(block_size, ctx - b * block_size);
+        if (b + 1 < num_blocks) prefetch_block(p.v_cache + static_cast<int64_t>(table[b + 1]) * block_stride, block_stride);
 #ifdef TR_AVX2
         if constexpr (avx2_64) {
           for (int64_t h = 0; h < num_heads; ++h) {
