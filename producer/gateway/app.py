@@ -1,0 +1,52 @@
+"""create_app: the FastAPI application with its Redis clients, API keys, metrics and error handlers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+
+from producer.async_client import AsyncClient
+from producer.gateway.auth import APIKeys
+from producer.gateway.errors import APIError, api_error_handler
+from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from producer.gateway.routes import router
+from producer.gateway.service import Gateway
+from producer.gateway.settings import GatewaySettings
+from producer.metrics import FleetCollector
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings.from_env()
+    keys = APIKeys.load(settings.api_key_file)
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    admin = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    registry.register(FleetCollector(lambda: admin, settings.prefix))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = AsyncClient(settings.redis_url, prefix=settings.prefix, max_queue_depth=settings.max_queue_depth)
+        app.state.gateway = Gateway(settings, client, admin, keys, metrics)
+        try:
+            yield
+        finally:
+            await client.close()
+            admin.close()
+
+    app = FastAPI(title="tokenrelay", summary="OpenAI-compatible gateway over Redis Streams", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.add_exception_handler(APIError, api_error_handler)
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(APIError(400, str(exc)[:500]).body(), status_code=400)
+
+    app.add_exception_handler(RequestValidationError, unexpected)
+    app.include_router(router)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

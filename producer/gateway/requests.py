@@ -1,0 +1,222 @@
+"""OpenAI request bodies -> a checked GenerationPlan; every refusal is a 400 naming the field."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.errors import ProtocolError
+from producer.gateway.errors import APIError, from_protocol_error, invalid, unsupported
+from producer.params import validate_params
+
+# OpenAI fields accepted and ignored: they change nothing about the tokens produced.
+_IGNORED = frozenset({"user", "metadata", "service_tier", "parallel_tool_calls"})
+# Extensions in vLLM's spirit, passed to the engine under the same names.
+_EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+               "skip_special_tokens", "include_stop_str_in_output")
+_SAMPLING = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", *_EXTENSIONS)
+_COMMON = frozenset({"model", "n", "stream", "stream_options", "logit_bias", "priority", *_SAMPLING, *_IGNORED})
+_COMPLETION_FIELDS = _COMMON | {"prompt", "max_tokens", "echo", "logprobs", "best_of", "suffix"}
+_CHAT_FIELDS = _COMMON | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs",
+                          "response_format", "tools", "tool_choice", "functions", "function_call", "modalities",
+                          "store", "reasoning_effort", "audio", "prediction", "web_search_options"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class Endpoint(enum.StrEnum):
+    COMPLETIONS = "completions"
+    CHAT = "chat"
+
+
+@dataclass(slots=True)
+class GenerationPlan:
+    """What one HTTP request asks for: one or more prompts, n choices each, and how to answer."""
+
+    endpoint: Endpoint
+    model: str
+    prompts: list[dict[str, Any]]  # each {"prompt": str} | {"prompt_token_ids": [...]} | {"messages": [...]}
+    params: dict[str, Any] = field(default_factory=dict)  # wire sampling params
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    logprobs: int | None = None  # completions: top-k alternatives; chat: top_logprobs (when logprobs is true)
+    priority: str = "normal"
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    def choice_params(self, index: int) -> dict[str, Any]:
+        """Sampling params of choice `index`: with a seed and n > 1, choice i gets seed + i (reproducible, distinct)."""
+        params = dict(self.params)
+        if self.n > 1 and params.get("seed") is not None:
+            params["seed"] = params["seed"] + index % self.n
+        return params
+
+
+def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    for name in body:
+        if name not in allowed:
+            raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
+                           code="unsupported_parameter")
+
+
+def _int(body: dict[str, Any], name: str, low: int, high: int, default: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise invalid(name, f"must be an integer in [{low}, {high}], got {value!r}"[:200])
+    return value
+
+
+def _bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(name, f"must be a boolean, got {value!r}"[:200])
+    return value
+
+
+def _common(body: Any, allowed: frozenset[str], max_choices: int) -> tuple[str, dict[str, Any], int, bool, bool]:
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    _check_fields(body, allowed)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("model", "is required and must be a string")
+    if body.get("logit_bias"):
+        raise unsupported("logit_bias")
+    n = _int(body, "n", 1, max_choices, 1)
+    assert n is not None
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict)):
+        raise invalid("stream_options", "is only allowed with stream: true, as an object")
+    include_usage = bool((options or {}).get("include_usage", False))
+    params = {name: body[name] for name in _SAMPLING if body.get(name) is not None}
+    return model, params, n, stream, include_usage
+
+
+def _validated(params: dict[str, Any], renames: dict[str, str] | None = None) -> dict[str, Any]:
+    try:
+        return validate_params(params)
+    except ProtocolError as exc:
+        raise from_protocol_error(exc, renames) from None
+
+
+def _priority(body: dict[str, Any]) -> str:
+    value = body.get("priority", "normal")
+    if value not in ("high", "normal", "low"):
+        raise invalid("priority", "must be one of high, normal, low")
+    return str(value)
+
+
+def parse_completion(body: Any, max_choices: int) -> GenerationPlan:
+    model, params, n, stream, include_usage = _common(body, _COMPLETION_FIELDS, max_choices)
+    if body.get("suffix"):
+        raise unsupported("suffix")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        raise unsupported("best_of", "is not supported: leave it unset or equal to n")
+    params["max_tokens"] = _int(body, "max_tokens", 1, 1_000_000, COMPLETION_DEFAULT_MAX_TOKENS)
+    logprobs = _int(body, "logprobs", 0, 20, None)
+    echo = _bool(body, "echo")
+    if logprobs is not None:
+        params["logprobs"] = logprobs
+        if echo:
+            params["prompt_logprobs"] = logprobs  # echo with logprobs scores the prompt too
+    prompts = _completion_prompts(body.get("prompt"))
+    if len(prompts) * n > max_choices:
+        raise invalid("n", f"prompts x n must be at most {max_choices}")
+    return GenerationPlan(Endpoint.COMPLETIONS, model, prompts, _validated(params), n, stream, include_usage,
+                          echo, logprobs, _priority(body))
+
+
+def _is_tokens(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+
+def _completion_prompts(prompt: Any) -> list[dict[str, Any]]:
+    if isinstance(prompt, str) and prompt:
+        return [{"prompt": prompt}]
+    if _is_tokens(prompt):
+        return [{"prompt_token_ids": prompt}]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) and p for p in prompt):
+            return [{"prompt": p} for p in prompt]
+        if all(_is_tokens(p) for p in prompt):
+            return [{"prompt_token_ids": p} for p in prompt]
+    raise invalid("prompt", "must be a non-empty string, a list of strings, a list of token ids or a list of "
+                  "token-id lists")
+
+
+def parse_chat(body: Any, max_choices: int, default_max_tokens: int) -> GenerationPlan:
+    model, params, n, stream, include_usage = _common(body, _CHAT_FIELDS, max_choices)
+    for name in ("tools", "functions", "audio", "prediction", "web_search_options", "reasoning_effort"):
+        if body.get(name):
+            raise unsupported(name)
+    if body.get("tool_choice") not in (None, "none"):
+        raise unsupported("tool_choice")
+    if body.get("function_call") not in (None, "none"):
+        raise unsupported("function_call")
+    if body.get("store"):
+        raise unsupported("store", "is not supported: this server keeps no completions")
+    if body.get("modalities") not in (None, ["text"]):
+        raise unsupported("modalities", "only ['text'] is supported")
+    response_format = body.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise unsupported("response_format", "only {'type': 'text'} is supported")
+    limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    params["max_tokens"] = _int(body, limit_name, 1, 1_000_000, default_max_tokens)
+    want_logprobs = _bool(body, "logprobs")
+    top = _int(body, "top_logprobs", 0, 20, None)
+    if top is not None and not want_logprobs:
+        raise invalid("top_logprobs", "requires logprobs: true")
+    logprobs = (top or 0) if want_logprobs else None
+    if logprobs is not None:
+        params["logprobs"] = logprobs
+    messages = _messages(body.get("messages"))
+    checked = _validated(params, {"max_tokens": limit_name})
+    return GenerationPlan(Endpoint.CHAT, model, [{"messages": messages}], checked, n, stream, include_usage, False,
+                          logprobs, _priority(body))
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise invalid("messages", "must be a non-empty list of messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise invalid(where, "must be an object")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise unsupported(f"{where}.role", f"{str(role)[:32]!r} is not supported (system, developer, user, "
+                              "assistant)")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise unsupported(f"{where}.tool_calls")
+        messages.append({"role": _ROLES[role], "content": _content(message.get("content"), where, role)})
+    return messages
+
+
+def _content(content: Any, where: str, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and role == "assistant":
+        return ""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise unsupported(f"{where}.content[{j}].type", f"{str(kind)[:32]!r} parts are not supported "
+                                  "(text only)")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise invalid(f"{where}.content", "must be a string or a list of text parts")
