@@ -314,6 +314,7 @@ def _plain(value: Any, depth: int) -> bool:
 
 # -- events --------------------------------------------------------------------------------------
 # Top-K logprobs travel as [[token_id, logprob], ...]: msgpack map keys must be strings here.
+# With a tokenizer, a worker appends texts: [[id, logprob, [[alt_id, alt_logprob, alt_text], ...], text], ...]
 Logprobs = list[list[Any]]  # [[token_id, logprob, [[alt_id, alt_logprob], ...]], ...]
 
 

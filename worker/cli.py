@@ -1,4 +1,4 @@
-"""The `tokenrelay` command: worker, submit, status, demo. Only `worker` and `demo` import torch."""
+"""The `tokenrelay` command: worker, serve, batch, submit, status, demo. Only `worker` and `demo` import torch."""
 
 from __future__ import annotations
 
@@ -26,11 +26,35 @@ def _worker_parser(sub: Any) -> None:
     p.add_argument("--drain-grace", dest="drain_grace_s", type=float)
     p.add_argument("--publish-interval", dest="publish_interval_s", type=float)
     p.add_argument("--noop-step-delay", dest="noop_step_delay_s", type=float)
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis", dest="redis_url", help="Redis URL (env TOKENRELAY_REDIS_URL)")
     p.add_argument("--prefix", help="key prefix (default tr)")
+
+
+def _gateway_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="the OpenAI-compatible HTTP gateway (/v1/completions, /v1/chat/completions)")
+    _client_args(p)
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--api-key-file", help="bearer keys, one per line (or sha256:<hex>); env TOKENRELAY_API_KEYS")
+    p.add_argument("--max-queue-depth", type=int, help="backlog past which a model answers 429")
+    p.add_argument("--request-timeout", dest="request_timeout_s", type=float, help="seconds, queue time included")
+    p.add_argument("--default-max-tokens", type=int, help="for chat requests that set no limit")
+
+
+def _batch_parser(sub: Any) -> None:
+    p = sub.add_parser("batch", help="run an OpenAI Batch API JSONL file through the queue (resumable)")
+    p.add_argument("input", help="JSONL: custom_id, method, url, body per line")
+    p.add_argument("-o", "--output", required=True, help="JSONL results; rerunning skips custom_ids already in it")
+    p.add_argument("--errors", help="failed lines also go here (default: OUTPUT's name + .errors.jsonl)")
+    _client_args(p)
+    p.add_argument("--window", type=int, default=256, help="requests in flight at once")
+    p.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per request, queue time included")
+    p.add_argument("--priority", choices=["high", "normal", "low"], default="low")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
     p.add_argument("--timeout", type=float, help="deadline in seconds from now (queue time counts)")
     p.add_argument("--no-stream", action="store_true", help="print the whole answer at the end")
+    _gateway_parser(sub)
+    _batch_parser(sub)
     p = sub.add_parser("status", help="queues, pending, dead letters and live workers")
     _client_args(p)
     p.add_argument("--json", action="store_true")
@@ -68,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
 
         options = {k: v for k, v in vars(args).items() if k != "command"}
         return run_worker(WorkerSettings.from_env(**options))
+    if args.command == "serve":
+        from producer.gateway.server import run_gateway
+        from producer.gateway.settings import GatewaySettings
+
+        return run_gateway(GatewaySettings.from_env(**{k: v for k, v in vars(args).items() if k != "command"}))
+    if args.command == "batch":
+        from producer.batch.cli import run_batch_command
+
+        return run_batch_command(args)
     if args.command == "submit":
         return _submit(args)
     if args.command == "status":

@@ -44,10 +44,22 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
 
 
-def wire_logprobs(logprobs: Any) -> Logprobs | None:
-    """Engine TokenLogprobs -> [[token_id, logprob, [[alt_id, alt_logprob], ...]], ...]."""
+def wire_logprobs(logprobs: Any, tokenizer: Any = None) -> Logprobs | None:
+    """Engine TokenLogprobs -> [[token_id, logprob, [[alt_id, alt_logprob, alt_text], ...], text], ...].
+
+    The texts (present when the engine has a tokenizer) let producers without one, like the HTTP
+    gateway, show tokens as OpenAI does; readers that know only the first three fields are unaffected.
+    """
     if logprobs is None:
         return None
-    # prompt logprobs start with None (the first token has no context): [] keeps positions aligned
-    return [[lp.token_id, lp.logprob, [[k, v] for k, v in lp.top.items()]] if lp is not None else []
-            for lp in logprobs]
+    if tokenizer is None:
+        # prompt logprobs start with None (the first token has no context): [] keeps positions aligned
+        return [[lp.token_id, lp.logprob, [[k, v] for k, v in lp.top.items()]] if lp is not None else []
+                for lp in logprobs]
+    text = functools.partial(_token_text, tokenizer)
+    return [[lp.token_id, lp.logprob, [[k, v, text(k)] for k, v in lp.top.items()], text(lp.token_id)]
+            if lp is not None else [] for lp in logprobs]
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    return str(tokenizer.decode([token_id], skip_special_tokens=False))

@@ -45,6 +45,7 @@ class Worker:
 
     def __init__(self, engine: Any, settings: WorkerSettings, client: redis.Redis | None = None) -> None:
         self.engine = engine
+        self.tokenizer = getattr(engine, "tokenizer", None)  # token texts beside logprobs, for producers without one
         self.settings = settings
         self.name = settings.consumer
         self.redis = client if client is not None else connect(settings.redis_url)
@@ -139,7 +140,7 @@ class Worker:
             job.completion_tokens = len(out.token_ids)
             if job.request.stream and (out.new_text or out.new_token_ids):
                 self.outbox.add_delta(out.request_id, job.epoch, out.new_text, out.new_token_ids,
-                                      wire_logprobs(out.new_logprobs))
+                                      wire_logprobs(out.new_logprobs, self.tokenizer))
         self.timing.overhead_s += time.perf_counter() - started
 
     def _ack(self, outputs: list[Any]) -> None:
@@ -253,8 +254,8 @@ class Worker:
                              stop_reason=getattr(out, "stop_reason", None), metadata=request.metadata,
                              worker=self.name, text=out.text if full else None,
                              token_ids=list(out.token_ids) if full else None,
-                             logprobs=wire_logprobs(out.logprobs) if full else None,
-                             prompt_logprobs=wire_logprobs(getattr(out, "prompt_logprobs", None)))
+                             logprobs=wire_logprobs(out.logprobs, self.tokenizer) if full else None,
+                             prompt_logprobs=wire_logprobs(getattr(out, "prompt_logprobs", None), self.tokenizer))
         self.outbox.add_terminal(request.request_id, job.epoch, payload)
         log.info("request finished", request_id=request.request_id, finish_reason=finish_reason,
                  prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],

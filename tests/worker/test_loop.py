@@ -131,9 +131,9 @@ def test_logprobs_travel_with_the_tokens(redis_url: str, tiny_llama: Path) -> No
                               timeout=60)
     for completion in (streamed, whole):
         assert completion.logprobs is not None and len(completion.logprobs) == 5
-        for token_id, (sampled, logprob, top) in zip(completion.token_ids, completion.logprobs, strict=True):
+        for token_id, (sampled, logprob, top, _text) in zip(completion.token_ids, completion.logprobs, strict=True):
             assert sampled == token_id and logprob <= 0.0 and len(top) >= 2
-            assert max(lp for _, lp in top) == pytest.approx(logprob)  # greedy: the sampled token is the top one
+            assert max(alt[1] for alt in top) == pytest.approx(logprob)  # greedy: the sampled token is the top one
     assert streamed.logprobs == whole.logprobs
 
 
