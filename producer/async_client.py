@@ -7,12 +7,12 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import redis
 import redis.asyncio as aioredis
 
 from producer.client import _MAX_KEYS_PER_READ, _READ_BLOCK_MS, ClientConfig, _block_ms, _Models, build_request
 from producer.errors import QueueFull
 from producer.protocol import EVENT_FIELD, Event, Keys, Request, decode_event, done_event
+from producer.reconnect import RETRYABLE, Reconnect
 from producer.results import CancelOutcome, Completion, ResultFold
 from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
 
@@ -39,13 +39,20 @@ class AsyncClient:
         return (await self.submit_requests([build_request(model, prompt, **kwargs)]))[0]
 
     async def submit_requests(self, requests: Sequence[Request]) -> list[str]:
+        """See Client.submit_requests (same retry of a lost connection under the same ids)."""
         batches = submit_batches(requests)
-        pipe = self.redis.pipeline(transaction=False)
-        for batch in batches:
-            await self._submit(keys=submit_keys(self.keys(batch[0].model), batch),
-                               args=submit_args(batch, self.config.max_queue_depth, self.config.result_ttl_s),
-                               client=pipe)
-        replies: Any = await pipe.execute()
+        reconnect = Reconnect(self.config.reconnect_s)
+        while True:
+            pipe = self.redis.pipeline(transaction=False)
+            for batch in batches:
+                await self._submit(keys=submit_keys(self.keys(batch[0].model), batch),
+                                   args=submit_args(batch, self.config.max_queue_depth, self.config.result_ttl_s),
+                                   client=pipe)
+            try:
+                replies: Any = await pipe.execute()
+                break
+            except RETRYABLE as exc:
+                await asyncio.sleep(reconnect.delay(exc))
         accepted: list[str] = []
         full: QueueFull | None = None
         verdicts = [v for reply in replies for v in reply]
@@ -64,16 +71,13 @@ class AsyncClient:
                      timeout: float | None = None) -> AsyncIterator[Event]:
         key = self.keys(self._models.of(request_id, model)).result(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
-        last, lost_since = after, None
+        last, reconnect = after, Reconnect(self.config.reconnect_s, deadline)
         while True:
             try:
                 reply: Any = await self.redis.xread({key: last}, count=512, block=_block_ms(deadline))
-                lost_since = None
-            except (redis.ConnectionError, redis.TimeoutError):
-                lost_since = lost_since or time.monotonic()
-                if time.monotonic() - lost_since > self.config.reconnect_s:
-                    raise
-                await asyncio.sleep(0.2)
+                reconnect.ok()
+            except RETRYABLE as exc:
+                await asyncio.sleep(reconnect.delay(exc))
                 continue
             for _, entries in reply or []:
                 for entry_id, fields in entries:
@@ -118,12 +122,18 @@ class AsyncClient:
         """Folds many result streams over one connection (see Client.wait_all)."""
         fold = ResultFold(self.keys(model), request_ids, _MAX_KEYS_PER_READ)
         deadline = None if timeout is None else time.monotonic() + timeout
+        reconnect = Reconnect(self.config.reconnect_s, deadline)
         while fold.positions:
             chunks = fold.chunks()
             got = 0
-            for chunk in chunks:
-                block = _block_ms(deadline) if len(chunks) == 1 else None
-                got += fold.feed(await self.redis.xread(chunk, count=512, block=block))  # type: ignore[arg-type]
+            try:
+                for chunk in chunks:
+                    block = _block_ms(deadline) if len(chunks) == 1 else None
+                    got += fold.feed(await self.redis.xread(chunk, count=512, block=block))  # type: ignore[arg-type]
+                reconnect.ok()
+            except RETRYABLE as exc:
+                await asyncio.sleep(reconnect.delay(exc))
+                continue
             if deadline is not None and time.monotonic() >= deadline and fold.positions:
                 raise TimeoutError(f"{len(fold.positions)} of {len(request_ids)} requests unfinished after {timeout} s")
             if not got and len(chunks) > 1:

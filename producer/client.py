@@ -28,6 +28,7 @@ from producer.protocol import (
     done_event,
     new_request_id,
 )
+from producer.reconnect import RETRYABLE, Reconnect
 from producer.results import CancelOutcome, Completion, ResultFold
 from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
 
@@ -44,7 +45,7 @@ class ClientConfig:
     prefix: str = DEFAULT_PREFIX
     max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # 0: no limit
     result_ttl_s: int = DEFAULT_RESULT_TTL_S
-    reconnect_s: float = 30.0  # how long stream/result keep retrying a lost connection
+    reconnect_s: float = 30.0  # how long submit, stream, result and wait_all keep retrying a lost connection
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientConfig:
@@ -120,13 +121,24 @@ class Client:
         return self.submit_requests([build_request(model, prompt, **kwargs)])[0]
 
     def submit_requests(self, requests: Sequence[Request]) -> list[str]:
-        """Enqueues many in one round trip; on QueueFull, `.accepted` lists those that got in."""
+        """Enqueues many in one round trip; on QueueFull, `.accepted` lists those that got in.
+
+        A lost connection is retried (backoff, up to `reconnect_s`) under the same request ids: one that
+        did get in before its reply was lost comes back as a duplicate and counts as accepted.
+        """
         batches = submit_batches(requests)
-        pipe = self.redis.pipeline(transaction=False)
-        for batch in batches:
-            self._submit(keys=submit_keys(self.keys(batch[0].model), batch),
-                         args=submit_args(batch, self.config.max_queue_depth, self.config.result_ttl_s), client=pipe)
-        replies: Any = pipe.execute()
+        reconnect = Reconnect(self.config.reconnect_s)
+        while True:
+            pipe = self.redis.pipeline(transaction=False)
+            for batch in batches:
+                self._submit(keys=submit_keys(self.keys(batch[0].model), batch),
+                             args=submit_args(batch, self.config.max_queue_depth, self.config.result_ttl_s),
+                             client=pipe)
+            try:
+                replies: Any = pipe.execute()
+                break
+            except RETRYABLE as exc:
+                time.sleep(reconnect.delay(exc))
         accepted: list[str] = []
         full: QueueFull | None = None
         verdicts = [v for reply in replies for v in reply]
@@ -148,17 +160,14 @@ class Client:
         """Every event from entry `after` on, through the terminal one; survives reconnects."""
         key = self.keys(self._models.of(request_id, model)).result(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
-        last, lost_since = after, None
+        last, reconnect = after, Reconnect(self.config.reconnect_s, deadline)
         while True:
             block = _block_ms(deadline)
             try:
                 reply: Any = self.redis.xread({key: last}, count=512, block=block)
-                lost_since = None
-            except (redis.ConnectionError, redis.TimeoutError):
-                lost_since = lost_since or time.monotonic()
-                if time.monotonic() - lost_since > self.config.reconnect_s:
-                    raise
-                time.sleep(0.2)
+                reconnect.ok()
+            except RETRYABLE as exc:
+                time.sleep(reconnect.delay(exc))
                 continue
             for _, entries in reply or []:
                 for entry_id, fields in entries:
@@ -203,12 +212,18 @@ class Client:
         """Folds many result streams at once (one XREAD over up to 1,000 streams per call)."""
         fold = ResultFold(self.keys(model), request_ids, _MAX_KEYS_PER_READ)
         deadline = None if timeout is None else time.monotonic() + timeout
+        reconnect = Reconnect(self.config.reconnect_s, deadline)
         while fold.positions:
             chunks = fold.chunks()
             got = 0
-            for chunk in chunks:
-                block = _block_ms(deadline) if len(chunks) == 1 else None
-                got += fold.feed(self.redis.xread(chunk, count=512, block=block))  # type: ignore[arg-type]
+            try:
+                for chunk in chunks:
+                    block = _block_ms(deadline) if len(chunks) == 1 else None
+                    got += fold.feed(self.redis.xread(chunk, count=512, block=block))  # type: ignore[arg-type]
+                reconnect.ok()
+            except RETRYABLE as exc:
+                time.sleep(reconnect.delay(exc))
+                continue
             if deadline is not None and time.monotonic() >= deadline and fold.positions:
                 raise TimeoutError(f"{len(fold.positions)} of {len(request_ids)} requests unfinished after {timeout} s")
             if not got and len(chunks) > 1:

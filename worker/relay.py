@@ -22,6 +22,7 @@ import redis
 import structlog
 
 from producer.protocol import GROUP, ErrorCode, delta_event, done_event, error_event, restart_event
+from producer.reconnect import RETRYABLE, Reconnect
 from worker import scripts
 from worker.jobs import Claim, Note, NoteKind, Outbox, Pending
 from worker.settings import WorkerSettings
@@ -73,9 +74,18 @@ class Relay:
     def held(self) -> int:
         return len(self.claims)
 
-    def start(self) -> None:
-        self.ensure_groups()
-        self.redis.sadd(self.keys.models, self.keys.model)
+    def start(self, wait_s: float = 60.0) -> None:
+        """Creates the groups and registers the model; a Redis not up yet (restarting, still loading its
+        AOF, started beside this worker) is waited for with backoff, up to `wait_s`."""
+        reconnect = Reconnect(wait_s)
+        while True:
+            try:
+                self.ensure_groups()
+                self.redis.sadd(self.keys.models, self.keys.model)
+                break
+            except RETRYABLE as exc:
+                log.warning("redis unreachable at start; retrying", error=str(exc)[:300])
+                time.sleep(reconnect.delay(exc))
         self._safely(self._prune_the_dead)
         self._reader.start()
         self._writer.start()

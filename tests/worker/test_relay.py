@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import queue
+import threading
 import time
 
 import msgpack
@@ -190,3 +191,17 @@ def test_a_publish_whose_reply_was_lost_is_retried_as_it_was(redis_url: str) -> 
     assert sum((e.token_ids for e in events), []) == [2, 3, 4]  # none missing, none twice
     assert [e.type for e in events][-1] is EventType.DONE and sum(e.type.terminal for e in events) == 1
     assert relay.held == 0 and _pending(client.redis) == 0
+
+
+def test_a_worker_started_while_redis_is_down_waits_for_it() -> None:
+    from worker.redis_server import RedisServer
+
+    with RedisServer() as server:
+        server.kill()
+        restart = threading.Thread(target=lambda: (time.sleep(1.0), server.start()))
+        restart.start()
+        with WorkerThread(NoopEngine(), server.url, model_name="noop") as worker:
+            restart.join()
+            client = Client(server.url, model="noop")
+            assert client.result(client.submit("a b", max_tokens=2), timeout=30).token_ids == [2, 3]
+            assert worker.thread.is_alive()
