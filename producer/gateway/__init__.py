@@ -1,6 +1,5 @@
-"""The OpenAI-compatible HTTP gateway: a producer that speaks HTTP on one side and Redis on the other."""
+"""The OpenAI-compatible HTTP gateway: a producer that speaks HTTP on one side and Redis on the other.
 
-from producer.gateway.app import create_app
-from producer.gateway.settings import GatewaySettings
-
-__all__ = ["GatewaySettings", "create_app"]
+`producer.gateway.app.create_app` builds the FastAPI app; `requests`, `responses` and `errors` hold the
+OpenAI shapes and need no web framework (`tokenrelay batch` uses them too).
+"""

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -13,12 +14,17 @@ from prometheus_client import CollectorRegistry
 
 from producer.async_client import AsyncClient
 from producer.gateway.auth import APIKeys
-from producer.gateway.errors import APIError, api_error_handler
+from producer.gateway.errors import APIError
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from producer.gateway.routes import router
 from producer.gateway.service import Gateway
 from producer.gateway.settings import GatewaySettings
 from producer.metrics import FleetCollector
+
+
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -31,7 +37,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = AsyncClient(settings.redis_url, prefix=settings.prefix, max_queue_depth=settings.max_queue_depth)
+        # every open stream holds a connection in a blocking read: past the pool's size, requests wait for one
+        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.redis_connections,
+                                                        timeout=30, socket_connect_timeout=5, socket_timeout=11)
+        client = AsyncClient(settings.redis_url, prefix=settings.prefix, max_queue_depth=settings.max_queue_depth,
+                             client=aioredis.Redis(connection_pool=pool))
         app.state.gateway = Gateway(settings, client, admin, keys, metrics)
         try:
             yield

@@ -1,11 +1,8 @@
-"""OpenAI-style error bodies: `{"error": {"message", "type", "param", "code"}}` with the right status."""
+"""OpenAI-style error bodies `{"error": {"message", "type", "param", "code"}}`; no web framework (batch uses them)."""
 
 from __future__ import annotations
 
 from typing import Any
-
-from fastapi import Request
-from fastapi.responses import JSONResponse
 
 from producer.errors import ProtocolError, QueueFull, RequestFailed
 
@@ -67,7 +64,3 @@ def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model {model!r} does not exist or no worker serves it", param="model",
                     code="model_not_found")
 
-
-async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, APIError)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)

@@ -24,6 +24,7 @@ class GatewaySettings:
     default_max_tokens: int = 1024  # chat requests that set no limit; completions default to 16 like OpenAI
     max_choices: int = 128  # prompts x n of one request
     models_cache_s: float = 2.0  # how long the set of served models is trusted
+    redis_connections: int = 1024  # the pool's size: each open stream holds one while it waits for tokens
 
     def __post_init__(self) -> None:
         for name in ("retry_after_s", "request_timeout_s", "default_max_tokens", "max_choices"):

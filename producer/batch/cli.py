@@ -1,0 +1,64 @@
+"""`tokenrelay batch INPUT -o OUTPUT`: progress bar, Ctrl-C that stops cleanly, a summary line at the end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import signal
+import sys
+from pathlib import Path
+
+import redis
+from tqdm import tqdm
+
+from producer.batch.files import BatchInputError
+from producer.batch.runner import BatchOptions, BatchSummary, batch_client, run_batch_async
+
+INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    options = BatchOptions(window=args.window, request_timeout_s=args.request_timeout, priority=args.priority)
+    bar: tqdm | None = None
+
+    def on_start(total: int, done: int) -> None:
+        nonlocal bar
+        # throughput and ETA are tqdm's; `initial` makes a resumed run count from where it stands
+        bar = tqdm(total=total, initial=done, unit="req", smoothing=0.05, dynamic_ncols=True,
+                   disable=args.no_progress, file=sys.stderr)
+
+    def on_line(ok: bool) -> None:
+        if bar is not None:
+            bar.update(1)
+
+    async def main() -> BatchSummary:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def interrupt() -> None:
+            if stop.is_set():
+                raise SystemExit(INTERRUPTED)  # a second Ctrl-C: leave now
+            print("\ninterrupted: cancelling what is in flight; rerun the same command to resume", file=sys.stderr)
+            stop.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, interrupt)
+        async with batch_client(args.redis_url, args.prefix) as client:
+            return await run_batch_async(Path(args.input), Path(args.output), client, options,
+                                         Path(args.errors) if args.errors else None, on_start, on_line, stop)
+
+    try:
+        summary = asyncio.run(main())
+    except BatchInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:
+        print(f"error: Redis failed ({exc}); rerun the same command to resume", file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.close()
+    print(json.dumps(dataclasses.asdict(summary)))
+    return INTERRUPTED if summary.interrupted else 0
