@@ -27,7 +27,10 @@ def _is_number(value: Any) -> bool:
 
 @dataclass(slots=True)
 class SamplingParams:
-    """How to pick tokens and when to stop, per request (names follow vLLM and the OpenAI API)."""
+    """How to pick tokens and when to stop, per request (names follow vLLM and the OpenAI API).
+
+    The engine never modifies a SamplingParams: one instance may be shared by many requests.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
