@@ -16,6 +16,7 @@ from producer.errors import ProtocolError
 from producer.protocol import DEFAULT_LIMITS, ErrorCode, FinishReason, decode_request, done_event, error_event
 from worker.convert import build_prompt, connect, sampling_params, wire_logprobs
 from worker.jobs import Job, Note, NoteKind, Outbox
+from worker.metrics import WorkerMetrics
 from worker.relay import Relay
 from worker.settings import WorkerSettings
 
@@ -43,8 +44,10 @@ class EngineFailed(RuntimeError):
 class Worker:
     """Serves one engine from the model's request streams until stopped."""
 
-    def __init__(self, engine: Any, settings: WorkerSettings, client: redis.Redis | None = None) -> None:
+    def __init__(self, engine: Any, settings: WorkerSettings, client: redis.Redis | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics or WorkerMetrics(settings.served_model, settings.max_num_seqs)
         self.tokenizer = getattr(engine, "tokenizer", None)  # token texts beside logprobs, for producers without one
         self.settings = settings
         self.name = settings.consumer
@@ -183,6 +186,7 @@ class Worker:
                     "worker", self.name, "raw", note.payload]
             self.outbox.add_terminal(note.request_id, note.epoch, error_event(exc.code, exc.message,
                                                                                worker=self.name), dead)
+            self.metrics.failed(exc.code)
             return None
         return Job(request=request, epoch=note.epoch, raw=note.payload, admitted_at=time.time())
 
@@ -257,6 +261,7 @@ class Worker:
                              logprobs=wire_logprobs(out.logprobs, self.tokenizer) if full else None,
                              prompt_logprobs=wire_logprobs(getattr(out, "prompt_logprobs", None), self.tokenizer))
         self.outbox.add_terminal(request.request_id, job.epoch, payload)
+        self.metrics.finished(finish_reason or FinishReason.STOP.value, usage, job.first_token_at)
         log.info("request finished", request_id=request.request_id, finish_reason=finish_reason,
                  prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
                  ttft_s=usage.get("ttft_s"), total_s=usage["total_s"])
@@ -264,6 +269,7 @@ class Worker:
     def _send_error(self, job: Job, code: ErrorCode, message: str, dead: list[Any] | None = None) -> None:
         payload = error_event(code.value, message, job.request.metadata, self.name)
         self.outbox.add_terminal(job.request.request_id, job.epoch, payload, dead)
+        self.metrics.failed(code.value)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -297,6 +303,7 @@ class Worker:
         stats["tokens_per_s"] = round((generated - self._tokens_at_stats) / elapsed, 1) if elapsed else 0.0
         stats.update(self.timing.summary())
         self._stats, self._stats_at, self._tokens_at_stats = stats, now, generated
+        self.metrics.engine_stats(stats)
 
     def _stats_snapshot(self) -> dict[str, Any]:
         return self._stats

@@ -31,8 +31,13 @@ def run_worker(settings: WorkerSettings) -> int:
     from worker.loop import EngineFailed, Worker
 
     log.info("worker settings", **settings.describe())
+    from worker.metrics import WorkerMetrics, serve_metrics
+
     engine = build_engine(settings)
-    worker = Worker(engine, settings)
+    metrics = WorkerMetrics(settings.served_model, settings.max_num_seqs)
+    if settings.metrics_port:
+        serve_metrics(metrics, settings)
+    worker = Worker(engine, settings, metrics=metrics)
     signals_seen = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

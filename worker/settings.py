@@ -39,6 +39,8 @@ class WorkerSettings:
     publish_interval_s: float = 0.0  # minimum gap between publish round trips (0: one per step, coalesced)
     result_ttl_s: int = DEFAULT_RESULT_TTL_S
     dead_letter_maxlen: int = 10_000
+    metrics_port: int = 0  # Prometheus metrics over HTTP on this port; 0: none
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other hosts and containers
     consumer: str = field(default_factory=_consumer_name)
 
     def __post_init__(self) -> None:
