@@ -8,6 +8,7 @@ that touch a request's queue entry, its owner record and its result stream stay 
     {p}:{{m}}:res:<id>            result stream: delta* ... (restart delta*)* then done | error
     {p}:{{m}}:cancel:<worker>     set: ids the owning worker must cancel (the flag itself is in req:<id>)
     {p}:{{m}}:dead                dead letters
+    {p}:{{m}}:dead:cursor         the last dead letter a maintenance report covered
     {p}:{{m}}:workers             hash: worker name -> heartbeat (msgpack)
     {p}:models                    set of model names that workers serve (for `tokenrelay status`)
 """
@@ -158,6 +159,10 @@ class Keys:
     @property
     def dead(self) -> str:
         return f"{self.base}:dead"
+
+    @property
+    def dead_cursor(self) -> str:
+        return f"{self.base}:dead:cursor"
 
     @property
     def workers(self) -> str:
