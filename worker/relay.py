@@ -182,7 +182,7 @@ class Relay:
                 continue
             with self._lock:
                 if request_id in self.claims:  # our own earlier claim was taken over, by us
-                    self._lose(request_id)
+                    self._lose(request_id, self.claims[request_id].epoch)
                 self.claims[request_id] = claim = Claim(request_id, int(epoch), int(index), _text(entry_id))
             # decoding happens on the step loop's thread: this one's time is the queue's critical path
             self.inbox.put(Note(NoteKind.JOB, request_id, claim.epoch, payload, claim.entry_id))
@@ -212,6 +212,7 @@ class Relay:
             items = {rid: p for rid, p in batch.items() if rid in self.claims and self.claims[rid].epoch == p.epoch}
             publish_args = self._publish_args(items) if items or self.claims else None
             heartbeat_args = self._heartbeat_args() if heartbeat else None
+            beat_epochs = {c.request_id: c.epoch for c in self.claims.values()}
         pipe = self.redis.pipeline(transaction=False)
         if publish_args is not None:
             self._publish(keys=self._script_keys, args=publish_args, client=pipe)
@@ -232,7 +233,7 @@ class Relay:
                 self._after_publish(list(items.items()), replies[0])
             if heartbeat_args is not None:
                 for request_id in replies[-1]:
-                    self._lose(_text(request_id))
+                    self._lose(_text(request_id), beat_epochs[_text(request_id)])
 
     # -- script arguments and replies (callers hold _lock) -------------------------------------------
 
@@ -265,14 +266,15 @@ class Relay:
         freed = False
         for (request_id, pending), status in zip(items, statuses, strict=True):
             claim = self.claims.get(request_id)
-            if status == 2 or claim is None:
-                continue  # reported in `lost`
+            if status == 2 or claim is None or claim.epoch != pending.epoch:
+                continue  # reported in `lost`, or the request was claimed again while this round trip flew
             claim.seq += 1
             if pending.terminal is not None:
                 del self.claims[request_id]
                 freed = True
+        epochs = {request_id: pending.epoch for request_id, pending in items}
         for request_id in lost:
-            self._lose(_text(request_id))
+            self._lose(_text(request_id), epochs[_text(request_id)])
             freed = True
         if freed:
             self._slots_freed.set()
@@ -282,9 +284,12 @@ class Relay:
                 claim.cancel_seen = True
                 self.inbox.put(Note(NoteKind.CANCEL, claim.request_id, claim.epoch))
 
-    def _lose(self, request_id: str) -> None:
-        claim = self.claims.pop(request_id, None)
-        if claim is not None:
+    def _lose(self, request_id: str, epoch: int) -> None:
+        """Drops the claim of `request_id` under `epoch`; a newer claim of the same request (this worker took
+        its own idle entry back, e.g. after a Redis pause) is not what a late reply speaks of."""
+        claim = self.claims.get(request_id)
+        if claim is not None and claim.epoch == epoch:
+            del self.claims[request_id]
             log.warning("ownership lost: another worker took the request over", request_id=request_id,
                         epoch=claim.epoch)
             self.inbox.put(Note(NoteKind.LOST, request_id, claim.epoch))

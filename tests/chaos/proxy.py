@@ -3,7 +3,8 @@
 `cut_all()` severs every connection at once, wherever its requests are. `lose_reply_to(marker)`
 lets the next request that contains `marker` through to Redis, which executes it, and then cuts
 the connection before the reply comes back: the client cannot tell whether its command ran, the
-one case a retry must be idempotent for.
+one case a retry must be idempotent for. `hold(marker)` keeps the next request that contains
+`marker` from Redis until `release()`: a round trip caught in flight while others overtake it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class FaultProxy:
     _listener: socket.socket | None = None
     _pairs: list[_Pair] = field(default_factory=list)
     _marker: bytes | None = None
+    _hold_marker: bytes | None = None
+    _released: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> FaultProxy:
@@ -60,7 +63,16 @@ class FaultProxy:
         with self._lock:
             self._marker = marker
 
+    def hold(self, marker: bytes) -> None:
+        with self._lock:
+            self._hold_marker = marker
+            self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
     def close(self) -> None:
+        self._released.set()
         if self._listener is not None:
             self._listener.close()
         self.cut_all()
@@ -92,6 +104,11 @@ class FaultProxy:
                     with self._lock:
                         if self._marker is not None and self._marker in data:
                             pair.doomed, self._marker = True, None
+                        held = self._hold_marker is not None and self._hold_marker in data
+                        if held:
+                            self._hold_marker = None
+                    if held:
+                        self._released.wait()
                 elif pair.doomed:
                     self.lost_replies += 1
                     break  # Redis answered; the client never hears it

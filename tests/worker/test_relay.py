@@ -205,3 +205,35 @@ def test_a_worker_started_while_redis_is_down_waits_for_it() -> None:
             client = Client(server.url, model="noop")
             assert client.result(client.submit("a b", max_tokens=2), timeout=30).token_ids == [2, 3]
             assert worker.thread.is_alive()
+
+
+def test_a_stale_heartbeat_reply_does_not_drop_a_newer_claim_of_the_same_request(redis_url: str) -> None:
+    """After a Redis pause a worker may take its own idle entry back (a new epoch) while a heartbeat built
+    for the old epoch is still in flight; that heartbeat's 'lost' answer concerns the old claim only."""
+    from tests.chaos.proxy import FaultProxy
+
+    client = Client(redis_url, model="noop")
+    request_id = client.submit("a b", max_tokens=3)
+    proxy = FaultProxy(redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"]).start()
+    try:
+        settings = WorkerSettings(redis_url=proxy.url(), model_name="noop", engine="noop", consumer="w",
+                                  heartbeat_s=0.02, claim_idle_s=0.05)
+        relay = Relay(redis.Redis.from_url(proxy.url()), settings, Outbox(), queue.SimpleQueue(), dict)
+        relay.ensure_groups()
+        relay.admit_once(1, autoclaim=False, preread=[])
+        time.sleep(0.1)  # idle past the claim threshold, as during a pause
+        proxy.hold(relay._heartbeat.sha.encode())
+        heartbeat = threading.Thread(target=relay.publish_once, args=(True,))
+        heartbeat.start()  # built for epoch 1, held on its way to Redis
+        time.sleep(0.2)
+        relay.admit_once(1, autoclaim=True, preread=[])  # takes its own idle entry back: epoch 2
+        assert relay.claims[request_id].epoch == 2
+        proxy.release()
+        heartbeat.join(10)
+    finally:
+        proxy.close()
+    assert request_id in relay.claims and relay.claims[request_id].epoch == 2  # still ours, under the new epoch
+    notes = []
+    while not relay.inbox.empty():
+        notes.append(relay.inbox.get())
+    assert [(n.kind.value, n.epoch) for n in notes] == [("job", 1), ("lost", 1), ("job", 2)]
