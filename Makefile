@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench chaos clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: install
 lint: install
 	$(PY) -m ruff check engine kernels worker producer tests bench
 	$(PY) -m mypy engine kernels worker producer
+
+# The full fault, fuzz and load versions of tests/chaos (10,000 requests through killed workers, ...);
+# `make test` runs the short ones.
+chaos: install
+	TOKENRELAY_CHAOS=full $(PY) -m pytest -q tests/chaos
 
 bench: install
 	$(PY) bench/engine.py --quick

@@ -67,14 +67,16 @@ class WorkerThread:
 class WorkerProcess:
     """`python -m worker.cli worker` for a tiny float64 model, JSON logs to a file."""
 
-    def __init__(self, redis_url: str, model_dir: Path, log_path: Path, extra: list[str]) -> None:
+    def __init__(self, redis_url: str, model_dir: Path, log_path: Path, extra: list[str],
+                 env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         args = [sys.executable, "-m", "worker.cli", "worker", "--redis", redis_url, "--model", str(model_dir),
                 "--model-name", "tiny", "--dtype", "float64", "--threads", "1", "--num-kv-blocks", "256",
                 "--heartbeat", str(FAST["heartbeat_s"]), "--claim-idle", str(FAST["claim_idle_s"]), *extra]
-        env = {**os.environ, "TOKENRELAY_LOG_JSON": "1", "OMP_NUM_THREADS": "1"}
         with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "TOKENRELAY_LOG_JSON": "1", "OMP_NUM_THREADS": "1",
+                                                 **(env or {})})
         self.redis = redis.Redis.from_url(redis_url)
 
     @property
