@@ -35,6 +35,7 @@ WINDOW = 512
 MODES: dict[str, dict[str, Any]] = {
     "fp32": {},
     "int8": {"quantization": "int8"},
+    "gguf_q4_1": {"quantization": "gguf"},
     "kv_int8": {"kv_cache_dtype": "int8"},
     "int8+kv_int8": {"quantization": "int8", "kv_cache_dtype": "int8"},
     "offload": {"cpu_offload_gb": 0.25},

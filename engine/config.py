@@ -9,7 +9,7 @@ from typing import Any
 _DTYPES = ("auto", "float32", "float64", "float16", "bfloat16")
 _BACKENDS = ("auto", "torch", "cpu", "xformers")
 _PREEMPTION_MODES = ("auto", "recompute", "swap")
-_QUANTIZATIONS = (None, "int8")
+_QUANTIZATIONS = (None, "int8", "gguf")
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -147,7 +147,9 @@ class EngineConfig:
     cpu_weight_packing: bool = True  # fp32 on CPU: prepack Linear weights for oneDNN
     seed: int = 0
     trust_remote_code: bool = False
-    quantization: str | None = None  # None | "int8" (weight-only, per output channel)
+    quantization: str | None = (
+        None  # None | "int8" (weight-only, per channel) | "gguf" (the default model's Q4_1 blocks)
+    )
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 (per-token, per-head scales)
     swap_space_gb: float = 0.0  # host memory for preempted requests' K/V (0: always recompute)
     cpu_offload_gb: float = 0.0  # weights of this many GB of decoder layers stay in host memory
@@ -227,3 +229,8 @@ class EngineConfig:
             f"must be auto or int8, got {self.kv_cache_dtype!r}",
         )
         _check(_is_number(self.cpu_offload_gb) and self.cpu_offload_gb >= 0, "cpu_offload_gb", "must be a number >= 0")
+        _check(
+            self.quantization != "gguf" or self.model is None,
+            "quantization",
+            "'gguf' computes from the default model's GGUF file; use model=None",
+        )

@@ -15,6 +15,8 @@ from engine.detokenize import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
 from engine.memory import kv_cache_num_blocks, release_free_host_memory, tune_host_allocator
 from engine.models.adapter import ModelAdapter
+from engine.models.default_model import gguf_path
+from engine.models.gguf_weights import load_gguf_weights
 from engine.models.loader import load_model, resolve_device, resolve_dtype
 from engine.offload import offload_layers
 from engine.request import FinishReason, Request, RequestOutput, TokenLogprob
@@ -80,6 +82,8 @@ class LLMEngine:
         packed = 0
         if config.quantization == "int8":
             quantize_model_int8(loaded.model, _cpu_kernels(self.device, self.dtype))
+        elif config.quantization == "gguf":
+            load_gguf_weights(loaded.model, gguf_path(), _cpu_kernels(self.device, self.dtype))
         elif config.cpu_weight_packing and not config.cpu_offload_gb and packing_available(self.device, self.dtype):
             packed = pack_linears(loaded.model)
         self.offloaded = (

@@ -13,7 +13,8 @@ from types import ModuleType
 import torch
 
 _SOURCES = [
-    Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_attention_cpu.cpp", "int8_linear_cpu.cpp")
+    Path(__file__).parent / "csrc" / name
+    for name in ("bindings.cpp", "paged_attention_cpu.cpp", "int8_linear_cpu.cpp", "gguf_linear_cpu.cpp")
 ]
 _NAME = "tokenrelay_cpu_kernels"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]

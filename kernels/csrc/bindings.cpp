@@ -5,8 +5,12 @@ void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor k_cac
                      c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale, torch::Tensor rows,
                      torch::Tensor seq_index, torch::Tensor ctx_lens, torch::Tensor block_tables, double scale);
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias);
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype, c10::optional<torch::Tensor> bias);
+torch::Tensor gguf_rows(torch::Tensor weight, int64_t qtype, torch::Tensor ids, int64_t K);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over block tables for short queries (CPU)");
   m.def("int8_linear", &int8_linear, "weight-only int8 linear, float32 activations (CPU)");
+  m.def("gguf_linear", &gguf_linear, "linear over GGUF Q4_1 / Q8_0 blocks, float32 activations (CPU)");
+  m.def("gguf_rows", &gguf_rows, "rows of a GGUF Q4_1 / Q8_0 matrix, dequantised (embedding lookup)");
 }

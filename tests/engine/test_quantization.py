@@ -51,3 +51,20 @@ def test_int8_kv_cache_with_swapping(tiny_models: dict[str, Path]) -> None:
     got = [o.token_ids for o in tight.generate(prompts, params)]
     assert tight.engine.stats()["swapped_out"] > 0
     assert got == want
+
+
+@pytest.mark.slow
+def test_gguf_blocks_of_the_default_model() -> None:
+    """quantization='gguf' computes from the packaged Q4_1/Q8_0 blocks: a fifth of the memory, same answer."""
+    from engine.memory import model_weight_bytes
+
+    llm = LLM(model=None, quantization="gguf")
+    model = llm.engine.runner.adapter.model
+    assert model_weight_bytes(model) < 0.2 * 538 * 2**20  # float32 weights of SmolLM2-135M: 538 MiB
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert out.text.lstrip().startswith("Paris"), out.text
+
+
+def test_gguf_needs_the_default_model(tiny_llama: Path) -> None:
+    with pytest.raises(ValueError, match="quantization"):
+        LLM(model=str(tiny_llama), quantization="gguf")
