@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import OrderedDict
@@ -11,7 +12,7 @@ from typing import Any
 
 import redis
 
-from producer.errors import QueueFull
+from producer.errors import ProtocolError, QueueFull
 from producer.protocol import (
     DEFAULT_LIMITS,
     DEFAULT_MODEL_NAME,
@@ -68,6 +69,10 @@ def build_request(model: str, prompt: str | list[int] | None = None, *, messages
     if isinstance(prompt, list):
         prompt, prompt_token_ids = None, prompt
     if timeout is not None:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout):
+            raise ProtocolError("invalid_request", f"timeout: must be a finite number of seconds, got {timeout!r:.40}")
+        if deadline is not None and (not isinstance(deadline, (int, float)) or isinstance(deadline, bool)):
+            raise ProtocolError("invalid_request", f"deadline: must be seconds since the epoch, got {deadline!r:.40}")
         deadline = time.time() + timeout if deadline is None else min(deadline, time.time() + timeout)
     request = Request(request_id=request_id or new_request_id(), model=model, prompt=prompt, messages=messages,
                       prompt_token_ids=prompt_token_ids, params=params, stream=stream,

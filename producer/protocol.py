@@ -204,7 +204,11 @@ class Request:
 
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> Request:
         """Checks what the client built, with the same rules the worker applies on decode."""
-        return decode_request(self.encode(), limits, expected_id=self.request_id)
+        try:
+            encoded = self.encode()
+        except (TypeError, ValueError, OverflowError) as exc:  # msgpack: an object or an integer it cannot pack
+            raise _fail(f"request: cannot be encoded ({type(exc).__name__}: {str(exc)[:80]})") from None
+        return decode_request(encoded, limits, expected_id=self.request_id)
 
 
 def _reject_ext(code: int, data: bytes) -> Any:

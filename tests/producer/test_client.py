@@ -130,3 +130,17 @@ def test_stream_times_out_when_nothing_comes(redis_url: str) -> None:
         for _ in client.stream(request_id, timeout=0.3):
             done.set()
     assert not done.is_set()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"timeout": [1]}, "timeout"),
+    ({"timeout": float("nan")}, "timeout"),
+    ({"timeout": 5, "deadline": "soon"}, "deadline"),
+    ({"metadata": {"big": 2**70}}, "cannot be encoded"),
+    ({"metadata": {1, 2}}, "cannot be encoded"),
+    ({"temperature": object()}, "cannot be encoded"),
+])
+def test_wrong_types_are_value_errors_naming_the_field(kwargs: dict, match: str) -> None:
+    """Found by fuzzing build_request: these raised TypeError or OverflowError from inside the client."""
+    with pytest.raises(ValueError, match=match):
+        build_request("noop", "x", **kwargs)
