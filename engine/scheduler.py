@@ -118,7 +118,10 @@ class Scheduler:
             prefix = self.kv.match_prefix(request) if fresh else None
             num_cached = len(prefix.block_ids) * self.kv.block_size if prefix else 0
             num_new = min(request.num_tokens - request.num_computed_tokens - num_cached, budget)
-            if not self.kv.allocate(request, num_new, prefix, reserve=self.watermark_blocks):
+            # The watermark keeps room for running requests to grow; with none running it would only make
+            # a prompt that needs the whole pool (max_model_len allows it) wait forever.
+            reserve = self.watermark_blocks if self.running else 0
+            if not self.kv.allocate(request, num_new, prefix, reserve=reserve):
                 break
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached

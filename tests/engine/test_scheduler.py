@@ -130,3 +130,18 @@ def test_max_num_seqs_caps_the_batch() -> None:
     for i in range(5):
         _add(s, f"r{i}", 3, arrival=i)
     assert len(s.schedule()) == 2
+
+
+def test_a_prompt_that_needs_the_whole_pool_is_admitted_when_it_runs_alone() -> None:
+    """The admission watermark (room for running requests to grow) must not keep out a request that fits
+    the pool: max_model_len allows it, and nothing else could ever make the room (it used to wait forever)."""
+    s = Scheduler(KVCacheManager(8, 4, enable_prefix_caching=False), 8, 64, watermark_blocks=1)
+    whole = _add(s, "whole", 32)  # 8 blocks of 4
+    batch = s.schedule()
+    assert batch.requests == [whole] and batch.num_tokens == [32]
+    beside = Scheduler(KVCacheManager(9, 4, enable_prefix_caching=False), 8, 64, watermark_blocks=1)
+    _add(beside, "a", 28)  # 7 blocks; its next token takes the 8th
+    batch = beside.schedule()
+    _complete(batch.requests, batch.num_tokens)
+    late = _add(beside, "late", 1)
+    assert late not in beside.schedule().requests  # beside a running request the watermark still holds one back
