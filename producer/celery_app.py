@@ -19,12 +19,13 @@ import os
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 from producer import maintenance
 from producer.batch.runner import BatchOptions, run_batch
 from producer.client import DEFAULT_REDIS_URL, Client
 from producer.errors import RequestFailed
+from producer.logs import configure_logging
 from producer.protocol import DEFAULT_PREFIX
 from producer.results import Completion
 
@@ -68,6 +69,12 @@ app.conf.update(
                                           "schedule": _interval("dead_letter", 900.0)},
     },
 )
+
+
+@signals.setup_logging.connect
+def _logging(**_: Any) -> None:
+    """Celery's own log lines in tokenrelay's format (structlog JSON when not on a terminal)."""
+    configure_logging()
 
 
 @functools.cache
@@ -115,7 +122,7 @@ def run_batch_task(input_path: str, output_path: str, errors_path: str | None = 
     """Runs an OpenAI Batch JSONL file (paths the Celery worker can read and write); returns the counts."""
     summary = run_batch(input_path, output_path, REDIS_URL, errors_path=errors_path, prefix=PREFIX,
                         options=BatchOptions(window=window, request_timeout_s=request_timeout_s))
-    return {name: getattr(summary, name) for name in summary.__slots__}  # type: ignore[attr-defined]
+    return {name: getattr(summary, name) for name in summary.__slots__}
 
 
 @app.task(name="tokenrelay.maintenance.reclaim_sweep")

@@ -16,10 +16,16 @@ def configure_logging(level: str | None = None, json: bool | None = None) -> Non
         env = os.environ.get("TOKENRELAY_LOG_JSON")
         json = env.lower() in ("1", "true", "yes") if env else not sys.stderr.isatty()
     numeric = getattr(logging, level_name, logging.INFO)
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s")
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    # Libraries that log through the standard library (uvicorn, celery) come out in the same format.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True)]))
+    logging.basicConfig(level=numeric, handlers=[handler], force=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

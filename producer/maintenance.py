@@ -71,7 +71,7 @@ def reclaim_sweep(client: redis.Redis, prefix: str = DEFAULT_PREFIX, claim_idle_
         keys, counts = Keys(view.model, prefix), Counter[str]()
         stale = set(_heartbeat_names(client, keys)) - {w["name"] for w in view.workers}
         if stale:
-            counts["pruned_heartbeats"] = int(client.hdel(keys.workers, *stale))  # type: ignore[arg-type]
+            counts["pruned_heartbeats"] = int(client.hdel(keys.workers, *stale))
         for queue in keys.queues:
             entries: Any = client.xrange(queue, count=scan_count)
             try:
@@ -83,7 +83,7 @@ def reclaim_sweep(client: redis.Redis, prefix: str = DEFAULT_PREFIX, claim_idle_
             pending_ids = {p["message_id"] for p in idle}
             if pending_ids:
                 entries = [e for e in entries if e[0] not in pending_ids] + [
-                    e for pid in pending_ids for e in client.xrange(queue, pid, pid)]
+                    e for pid in pending_ids for e in _entries(client.xrange(queue, pid, pid))]
             for entry_id, fields in entries:
                 request_id, deadline = _deadline(fields)
                 if request_id is None or deadline is None or deadline > now:
@@ -96,6 +96,10 @@ def reclaim_sweep(client: redis.Redis, prefix: str = DEFAULT_PREFIX, claim_idle_
         if counts.get("expired") or (counts.get("orphaned") and not view.live):
             log.warning("reclaim sweep", model=view.model, live_workers=len(view.workers), **counts)
     return report
+
+
+def _entries(reply: Any) -> list[Any]:
+    return list(reply or [])
 
 
 def _heartbeat_names(client: redis.Redis, keys: Keys) -> list[str]:

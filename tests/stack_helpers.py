@@ -51,6 +51,16 @@ class GatewayProcess:
                 self.process.wait()
 
 
+def celery_client(broker_url: str):  # noqa: ANN201 - celery.Celery
+    """A Celery app of the test's own that sends tasks by name (the shared app caches its first broker)."""
+    from celery import Celery
+
+    app = Celery("tokenrelay-test-client", broker=broker_url, backend=broker_url)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                    result_accept_content=["json"], task_default_queue="tokenrelay")
+    return app
+
+
 def noop_worker(redis_url: str, log_path: Path, *extra: str) -> WorkerProcess:
     """A worker process with the no-op engine (no torch), serving the model name `tiny`."""
     return WorkerProcess(redis_url, log_path.parent, log_path, ["--engine", "noop", *extra])

@@ -18,7 +18,7 @@ from producer.client import Client
 from producer.protocol import GROUP, Keys, Priority
 from tests.compose.conftest import ROOT, ACLServer
 from tests.queue_helpers import wait_for
-from tests.stack_helpers import GatewayProcess, noop_worker
+from tests.stack_helpers import GatewayProcess, celery_client, noop_worker
 
 pytestmark = pytest.mark.slow
 KEYS = Keys("tiny")
@@ -132,9 +132,7 @@ def test_celery_runs_through_its_acl_user(acl_server: ACLServer, tmp_path: Path)
     try:
         worker.redis = admin
         worker.wait_ready()
-        from producer.celery_app import app
-
-        app.conf.broker_url = app.conf.result_backend = env["TOKENRELAY_CELERY_BROKER_URL"]
+        app = celery_client(env["TOKENRELAY_CELERY_BROKER_URL"])
         admin.acl_log_reset()
         result = app.send_task("tokenrelay.generate", args=["a"], kwargs={"model": "tiny", "max_tokens": 2})
         assert result.get(timeout=60)["text"] == " x x"

@@ -17,7 +17,7 @@ import redis
 from producer.client import Client
 from producer.protocol import Keys
 from tests.queue_helpers import WorkerProcess, read_events, wait_for
-from tests.stack_helpers import noop_worker
+from tests.stack_helpers import celery_client, noop_worker
 from worker.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -50,14 +50,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServe
 
 
 @pytest.fixture
-def app(stack: tuple[RedisServer, WorkerProcess, Path], monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
-    """The test's side of the Celery app (same config the worker reads from its environment)."""
-    from producer.celery_app import app as celery_app
-
-    server = stack[0]
-    celery_app.conf.broker_url = _env(server)["TOKENRELAY_CELERY_BROKER_URL"]
-    celery_app.conf.result_backend = celery_app.conf.broker_url
-    return celery_app
+def app(stack: tuple[RedisServer, WorkerProcess, Path]):  # noqa: ANN201
+    """The test's side: sends tasks by name to the broker the Celery worker reads."""
+    return celery_client(_env(stack[0])["TOKENRELAY_CELERY_BROKER_URL"])
 
 
 def test_configuration_is_json_only_acks_late_prefetch_one() -> None:
