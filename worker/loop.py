@@ -21,6 +21,9 @@ from worker.relay import Relay
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
+# A dead letter keeps the start of the payload, enough to see what it was: 10,000 dead letters of 4 MiB
+# each would be 40 GiB of Redis memory, and an oversize payload would defeat the very cap it broke.
+DEAD_LETTER_RAW_BYTES = 65_536
 
 
 @dataclass(slots=True)
@@ -183,7 +186,7 @@ class Worker:
             log.info("request rejected", request_id=note.request_id, code=exc.code, reason=exc.message,
                      bytes=len(note.payload))
             dead = ["reason", exc.code, "message", exc.message, "id", note.request_id, "entry", note.entry_id,
-                    "worker", self.name, "raw", note.payload]
+                    "worker", self.name, "bytes", len(note.payload), "raw", note.payload[:DEAD_LETTER_RAW_BYTES]]
             self.outbox.add_terminal(note.request_id, note.epoch, error_event(exc.code, exc.message,
                                                                                worker=self.name), dead)
             self.metrics.failed(exc.code)
@@ -206,7 +209,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - ValueError from the engine, template errors from chat input
             log.info("request refused by the engine", request_id=request.request_id, reason=str(exc))
             dead = ["reason", ErrorCode.INVALID_REQUEST.value, "message", str(exc), "id", request.request_id,
-                    "worker", self.name, "raw", job.raw]
+                    "worker", self.name, "bytes", len(job.raw), "raw", job.raw[:DEAD_LETTER_RAW_BYTES]]
             self._send_error(job, ErrorCode.INVALID_REQUEST, str(exc), dead)
             return
         job.added_at = time.monotonic()

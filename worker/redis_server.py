@@ -13,7 +13,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -39,12 +41,15 @@ def free_port() -> int:
 class RedisServer:
     """`with RedisServer() as server: Client(server.url)`; also kill()/restart() for failure tests."""
 
-    def __init__(self, directory: str | Path | None = None, port: int | None = None, persist: bool = False) -> None:
+    def __init__(self, directory: str | Path | None = None, port: int | None = None, persist: bool = False,
+                 extra_args: Sequence[str] = (), connection_kwargs: dict[str, Any] | None = None) -> None:
         self.binary = find_redis_server()
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="tokenrelay-redis-")
         self.directory = Path(directory or self._tmp.name)  # type: ignore[union-attr]
         self.port = port or free_port()
         self.persist = persist
+        self.extra_args = list(extra_args)  # appended last, so they override (e.g. TLS: --port 0 --tls-port N)
+        self.connection_kwargs = connection_kwargs or {}  # how start() reaches the server to see it is up
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,9 +62,10 @@ class RedisServer:
                 "--logfile", str(self.directory / "redis.log")]
         args += ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--save", "",
                                                                                             "--appendonly", "no"]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, **self.connection_kwargs)
         deadline = time.monotonic() + timeout
         while True:
             try:

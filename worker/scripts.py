@@ -51,7 +51,7 @@ local function claim(qi, entry, fields)
     redis.call('EXPIRE', result, ttl)
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', 'max_deliveries', 'message',
                'delivered ' .. (epoch - 1) .. ' times without finishing', 'id', id, 'queue', queue,
-               'entry', entry, 'worker', consumer, 'raw', payload)
+               'entry', entry, 'worker', consumer, 'bytes', #payload, 'raw', string.sub(payload, 1, 65536))
     settle(queue, entry)
     return {qi, entry, id, '', epoch, 'dead'}
   end
