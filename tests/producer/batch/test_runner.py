@@ -49,10 +49,11 @@ def _write_input(path: Path, lines: int, chat_every: int = 0) -> None:
             out.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body}) + "\n")
 
 
-def _batch(server: RedisServer, *args: str) -> subprocess.Popen[str]:
+def _batch(server: RedisServer, *args: str, progress: bool = False) -> subprocess.Popen[str]:
     env = {**os.environ, "TOKENRELAY_LOG_JSON": "1"}
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "batch", *args, "--redis", server.url,
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    quiet = [] if progress else ["--no-progress"]
+    return subprocess.Popen([sys.executable, "-m", "worker.cli", "batch", *args, "--redis", server.url, *quiet],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _records(path: Path) -> list[dict]:
@@ -124,9 +125,10 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(server: RedisServer, worker: 
     running = [k for k in client.scan_iter(match=f"{Keys('tiny').request_prefix}*")
                if client.hget(k, "state") in (b"running", b"queued")]
     wait_for(lambda: all(client.hget(k, "state") == b"done" for k in running), 30, what="in-flight cancelled")
-    rerun = _batch(server, str(source), "-o", str(output))
+    rerun = _batch(server, str(source), "-o", str(output), progress=True)
     _, stderr = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, stderr
+    assert "300/300" in stderr and "req/s" in stderr  # the bar: resumed count, throughput (and ETA while running)
     assert Counter(r["custom_id"] for r in _records(output)) == Counter(f"req-{i}" for i in range(300))
     assert all(r["error"] is None for r in _records(output))
 
