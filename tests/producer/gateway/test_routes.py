@@ -61,6 +61,20 @@ def test_completion_streamed_matches_and_ends_with_done(noop_stack: Stack) -> No
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
 
 
+def test_streamed_choices_interleave_and_each_finishes(noop_stack: Stack) -> None:
+    chunks = list(_openai(noop_stack).completions.create(model="tiny", prompt=["a", "b c"], n=2, max_tokens=3,
+                                                         stream=True, stream_options={"include_usage": True}))
+    texts: dict[int, str] = {}
+    finished: dict[int, str | None] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert texts == dict.fromkeys(range(4), " x x x") and finished == dict.fromkeys(range(4), "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 1 + 2
+
+
 def test_async_client_streamed_and_not(noop_stack: Stack) -> None:
     async def scenario() -> tuple[str, str]:
         client = openai.AsyncOpenAI(base_url=f"{noop_stack.gateway.url}/v1", api_key="unused", max_retries=0)
