@@ -40,6 +40,13 @@ class LoopTiming:
                 "overhead_pct": round(100 * self.overhead_s / busy, 3) if busy else 0.0}
 
 
+def _field(message: str) -> str:
+    """The field an error names (`params.stop: must be ..., got [...]` -> `params.stop`): error messages may
+    quote what the client sent, which may be prompt text, so info logs carry only the field."""
+    head = message.split(":", 1)[0]
+    return head if len(head) <= 64 and head.replace(".", "").replace("_", "").isalnum() else "?"
+
+
 class EngineFailed(RuntimeError):
     """engine.step() raised; the worker handed its requests back and stopped."""
 
@@ -183,8 +190,9 @@ class Worker:
                 raise ProtocolError(ErrorCode.UNKNOWN_MODEL.value, f"model: this stream serves "
                                     f"{self.settings.served_model!r}, not {request.model!r}")
         except ProtocolError as exc:
-            log.info("request rejected", request_id=note.request_id, code=exc.code, reason=exc.message,
+            log.info("request rejected", request_id=note.request_id, code=exc.code, field=_field(exc.message),
                      bytes=len(note.payload))
+            log.debug("request rejected: reason", request_id=note.request_id, reason=exc.message)
             dead = ["reason", exc.code, "message", exc.message, "id", note.request_id, "entry", note.entry_id,
                     "worker", self.name, "bytes", len(note.payload), "raw", note.payload[:DEAD_LETTER_RAW_BYTES]]
             self.outbox.add_terminal(note.request_id, note.epoch, error_event(exc.code, exc.message,
@@ -207,7 +215,8 @@ class Worker:
             self.engine.add_request(request.request_id, prompt, params, priority=request.priority.rank,
                                     arrival_time=time.monotonic() - waited)
         except Exception as exc:  # noqa: BLE001 - ValueError from the engine, template errors from chat input
-            log.info("request refused by the engine", request_id=request.request_id, reason=str(exc))
+            log.info("request refused by the engine", request_id=request.request_id, field=_field(str(exc)))
+            log.debug("request refused by the engine: reason", request_id=request.request_id, reason=str(exc))
             dead = ["reason", ErrorCode.INVALID_REQUEST.value, "message", str(exc), "id", request.request_id,
                     "worker", self.name, "bytes", len(job.raw), "raw", job.raw[:DEAD_LETTER_RAW_BYTES]]
             self._send_error(job, ErrorCode.INVALID_REQUEST, str(exc), dead)
