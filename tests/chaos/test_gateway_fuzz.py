@@ -18,14 +18,14 @@ pytestmark = pytest.mark.slow
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[Stack]:
     # the tiny model, so chat requests go through a real chat template; a short request deadline, since
     # negative cases may ask for a million tokens (they end in 504)
-    stack = start_stack(tmp_path_factory.mktemp("fuzz-stack"), gateway_env={"TOKENRELAY_REQUEST_TIMEOUT_S": "2"},
+    stack = start_stack(tmp_path_factory.mktemp("fuzz-stack"), gateway_env={"TOKENRELAY_REQUEST_TIMEOUT_S": "0.5"},
                         model_dir=tiny_llama)
     yield stack
     stack.close()
 
 
 def test_no_generated_request_gets_a_500(stack: Stack) -> None:
-    report = run_gateway_fuzz(stack.gateway.url, 1_000 if full_scale() else 40)
+    report = run_gateway_fuzz(stack.gateway.url, 1_000 if full_scale() else 30)
     assert report.server_errors == [], report.as_dict()
     assert report.statuses[200] > 0 and report.statuses[400] > 0  # both valid and refused bodies were reached
     logs = [Path(stack.gateway.log_path).read_text(), Path(stack.worker.log_path).read_text()]
