@@ -64,8 +64,10 @@ class Audit:
 class Ledger:
     """Submits specs at a pace (retrying a batch under the same ids while Redis is away) and reads results."""
 
-    def __init__(self, redis_url: str, model: str, specs: list[Spec], rate: float, batch: int = 20) -> None:
-        self.client = Client(redis_url, model=model, max_queue_depth=0, reconnect_s=120.0)
+    def __init__(self, redis_url: str, model: str, specs: list[Spec], rate: float, batch: int = 20,
+                 result_ttl_s: int | None = None) -> None:
+        ttl = {"result_ttl_s": result_ttl_s} if result_ttl_s else {}
+        self.client = Client(redis_url, model=model, max_queue_depth=0, reconnect_s=120.0, **ttl)
         self.reader = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
         self.keys = Keys(model)
         self.model, self.specs, self.rate, self.batch = model, specs, rate, batch
