@@ -37,28 +37,13 @@ def _traffic(client: Client) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("level", ["info", "debug"])
-def test_worker_logs_carry_no_prompt_text_at_info(redis_url: str, tiny_llama: Path, tmp_path: Path,
-                                                  level: str) -> None:
-    worker = WorkerProcess(redis_url, tiny_llama, tmp_path / "worker.log", [], env={"TOKENRELAY_LOG_LEVEL": level})
-    try:
-        worker.wait_ready()
-        _traffic(Client(redis_url, model="tiny"))
-        worker.signal(15)
-        assert worker.wait(60) == 0
-    finally:
-        worker.kill()
-    text = worker.log_path.read_text()
-    assert "request admitted" in text and "request rejected" in text  # the lines that describe requests are there
-    assert (MARKER in text) is (level == "debug")
-
-
-def test_gateway_logs_carry_no_prompt_text_at_info(redis_url: str, tiny_llama: Path, tmp_path: Path) -> None:
+def test_no_prompt_text_in_worker_or_gateway_logs_at_info(redis_url: str, tiny_llama: Path, tmp_path: Path) -> None:
     worker = WorkerProcess(redis_url, tiny_llama, tmp_path / "worker.log", [])
     gateway = GatewayProcess(redis_url, tmp_path / "gateway.log")
     try:
         worker.wait_ready()
         gateway.wait_ready()
+        _traffic(Client(redis_url, model="tiny"))
         prompt = f"Tell me about {MARKER} please"
         replies = [
             httpx.post(f"{gateway.url}/v1/completions", timeout=120,
@@ -69,11 +54,25 @@ def test_gateway_logs_carry_no_prompt_text_at_info(redis_url: str, tiny_llama: P
             httpx.post(f"{gateway.url}/v1/completions", timeout=120,  # refused: the reply may echo, logs may not
                        json={"model": "tiny", "prompt": prompt, "stop": [MARKER, 5]}),
         ]
+        worker.signal(15)
+        assert worker.wait(60) == 0
     finally:
         gateway.stop()
         worker.kill()
     assert [r.status_code for r in replies] == [200, 200, 400]
-    for log in (gateway.log_path, worker.log_path):
-        text = log.read_text()
-        assert "generation submitted" in text or "request admitted" in text
-        assert MARKER not in text, log
+    worker_log, gateway_log = worker.log_path.read_text(), gateway.log_path.read_text()
+    # the lines that describe requests are there, without what the requests said
+    assert "request admitted" in worker_log and "request rejected" in worker_log
+    assert "generation submitted" in gateway_log
+    assert MARKER not in worker_log and MARKER not in gateway_log
+
+
+def test_at_debug_level_the_prompt_is_logged(redis_url: str, tiny_llama: Path, tmp_path: Path) -> None:
+    """The same capture sees the marker once prompt logging is asked for: the test above could fail."""
+    worker = WorkerProcess(redis_url, tiny_llama, tmp_path / "worker.log", [], env={"TOKENRELAY_LOG_LEVEL": "debug"})
+    try:
+        worker.wait_ready()
+        _traffic(Client(redis_url, model="tiny"))
+    finally:
+        worker.kill()
+    assert MARKER in worker.log_path.read_text()
