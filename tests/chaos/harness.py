@@ -37,14 +37,16 @@ def full_scale() -> bool:
 class Cluster:
     """Worker processes with the no-op engine, replaceable by slot."""
 
-    def __init__(self, redis_url: str, log_dir: Path, workers: int, *extra: str) -> None:
+    def __init__(self, redis_url: str, log_dir: Path, workers: int, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.redis_url, self.log_dir, self.extra = redis_url, log_dir, list(extra)
+        self.env = {"TOKENRELAY_LOG_LEVEL": "warning", **(env or {})}
         self.started: list[WorkerProcess] = []
         self.slots = [self._spawn() for _ in range(workers)]
 
     def _spawn(self) -> WorkerProcess:
         process = WorkerProcess(self.redis_url, Path("no-model"), self.log_dir / f"worker-{len(self.started)}.log",
-                                ["--engine", "noop", *self.extra], env={"TOKENRELAY_LOG_LEVEL": "warning"})
+                                ["--engine", "noop", *self.extra], env=self.env)
         self.started.append(process)
         return process
 
