@@ -145,6 +145,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | cpu | xformers
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     cpu_weight_packing: bool = True  # fp32 on CPU: prepack Linear weights for oneDNN
+    fused_layers: bool = True  # CPU, Llama/Mistral/Qwen2: merged projections and fused elementwise kernels
     seed: int = 0
     trust_remote_code: bool = False
     quantization: str | None = (

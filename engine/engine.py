@@ -16,6 +16,7 @@ from engine.kv_cache import KVCacheManager
 from engine.memory import kv_cache_num_blocks, release_free_host_memory, tune_host_allocator
 from engine.models.adapter import ModelAdapter
 from engine.models.default_model import gguf_path
+from engine.models.fused_layers import fuse_decoder_layers
 from engine.models.gguf_weights import load_gguf_weights
 from engine.models.loader import load_model, resolve_device, resolve_dtype
 from engine.offload import offload_layers
@@ -26,6 +27,7 @@ from engine.scheduler import Scheduler
 from engine.swap import HostBlockPool, PreemptionMode, SwapPolicy, default_costs
 from kernels import cpu_build
 from kernels.cpu_linear import pack_linears, packing_available
+from kernels.fused_ops import FusedOps
 from kernels.int8_linear import quantize_model_int8
 from kernels.select import select_backend
 
@@ -80,6 +82,12 @@ class LLMEngine:
             swap=swap,
         )
         packed = 0
+        fused = 0  # decoder layers given the fused forward (engine/models/fused_layers.py)
+        if config.fused_layers and self.device.type == "cpu" and config.quantization != "gguf":
+            # before quantization and packing: those then see the merged q/k/v and gate/up projections
+            compiled = _cpu_kernels(self.device, self.dtype, (torch.float32, torch.float64))
+            fused = fuse_decoder_layers(loaded.model, FusedOps(compiled))
+        self.fused_layers = fused
         if config.quantization == "int8":
             quantize_model_int8(loaded.model, _cpu_kernels(self.device, self.dtype))
         elif config.quantization == "gguf":
@@ -121,6 +129,7 @@ class LLMEngine:
             threads=torch.get_num_threads(),
             allocator_tuned=allocator_tuned,
             packed_linears=packed,
+            fused_layers=fused,
             offloaded_layers=len(self.offloaded),
             seconds=round(time.monotonic() - started, 2),
             config={k: v for k, v in asdict(config).items() if v is not None},
@@ -288,14 +297,16 @@ class LLMEngine:
         }
 
 
-def _cpu_kernels(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
-    """The compiled CPU kernels when they apply (float32 on CPU), else None (a slower fallback runs)."""
-    if device.type != "cpu" or dtype != torch.float32:
+def _cpu_kernels(
+    device: torch.device, dtype: torch.dtype, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> ModuleType | None:
+    """The compiled CPU kernels when they apply (CPU, one of `dtypes`), else None (a slower fallback runs)."""
+    if device.type != "cpu" or dtype not in dtypes:
         return None
     try:
         return cpu_build.load()
     except Exception as exc:  # noqa: BLE001 - no compiler: the fallback still computes the same thing
-        log.warning("cpu kernels unavailable; int8 layers dequantise on the fly", error=str(exc))
+        log.warning("cpu kernels unavailable; torch fallbacks run instead", error=str(exc))
         return None
 
 

@@ -14,8 +14,15 @@ import torch
 
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("bindings.cpp", "paged_attention_cpu.cpp", "int8_linear_cpu.cpp", "gguf_linear_cpu.cpp")
+    for name in (
+        "bindings.cpp",
+        "paged_attention_cpu.cpp",
+        "int8_linear_cpu.cpp",
+        "gguf_linear_cpu.cpp",
+        "fused_ops_cpu.cpp",
+    )
 ]
+_HEADERS = [Path(__file__).parent / "csrc" / "vec_math.h"]
 _NAME = "tokenrelay_cpu_kernels"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
 
@@ -34,7 +41,7 @@ def build_dir() -> Path:
     key = hashlib.sha256(
         b"\0".join(
             [
-                *(s.read_bytes() for s in _SOURCES),
+                *(s.read_bytes() for s in (*_SOURCES, *_HEADERS)),
                 torch.__version__.encode(),
                 " ".join(_CFLAGS).encode(),
                 _cpu_signature().encode(),

@@ -10,7 +10,7 @@ from transformers import AttentionInterface
 from kernels.metadata import AttentionMetadata
 
 ATTENTION_NAME = "tokenrelay_paged"
-_META_KWARG = "tokenrelay_attention"
+META_KWARG = "tokenrelay_attention"
 
 
 def paged_attention_forward(
@@ -24,7 +24,7 @@ def paged_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The transformers attention interface: [1, heads, tokens, dim] in, [1, tokens, heads, dim] out."""
-    meta: AttentionMetadata | None = kwargs.get(_META_KWARG)
+    meta: AttentionMetadata | None = kwargs.get(META_KWARG)
     if meta is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention called without metadata; run the model through ModelAdapter")
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
@@ -66,6 +66,6 @@ class ModelAdapter:
             position_ids=positions[None],
             use_cache=False,
             logits_to_keep=logits_indices,
-            **{_META_KWARG: meta},
+            **{META_KWARG: meta},
         )
         return out.logits[0]

@@ -7,10 +7,18 @@ void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor k_cac
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias);
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype, c10::optional<torch::Tensor> bias);
 torch::Tensor gguf_rows(torch::Tensor weight, int64_t qtype, torch::Tensor ids, int64_t K);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+torch::Tensor silu_mul(torch::Tensor gate_up);
+void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over block tables for short queries (CPU)");
   m.def("int8_linear", &int8_linear, "weight-only int8 linear, float32 activations (CPU)");
   m.def("gguf_linear", &gguf_linear, "linear over GGUF Q4_1 / Q8_0 blocks, float32 activations (CPU)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row (CPU)");
+  m.def("add_rms_norm", &add_rms_norm, "residual + x, and its RMSNorm, in one pass (CPU)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up from a merged [rows, 2 * inter] projection (CPU)");
+  m.def("rotary_", &rotary_, "rotary embedding of q and k in place (CPU)");
   m.def("gguf_rows", &gguf_rows, "rows of a GGUF Q4_1 / Q8_0 matrix, dequantised (embedding lookup)");
 }

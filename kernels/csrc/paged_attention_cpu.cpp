@@ -11,31 +11,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec_math.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 
 namespace {
-
-// exp(x) for x <= 0 in float: 2^(x log2 e) split into an integer power (built in the exponent bits)
-// and a degree-6 polynomial for the fraction; relative error ~2e-7, and unlike std::exp it vectorises.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.4426950408889634f;
-  const float whole = std::floor(t);
-  const float f = t - whole;
-  float p = 1.5316e-4f;
-  p = p * f + 1.3395e-3f;
-  p = p * f + 9.6181e-3f;
-  p = p * f + 5.5504e-2f;
-  p = p * f + 2.4023e-1f;
-  p = p * f + 6.9315e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(whole) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 template <typename scalar_t>
 inline void softmax_numerators(scalar_t* s, int64_t n, scalar_t m, scalar_t& sum) {
