@@ -88,7 +88,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small versions of everything, to check the script")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "RELIABILITY.md")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="run nothing: write the page from the JSON "
+                        "an earlier run printed (e.g. bench/results/reliability.json)")
     args = parser.parse_args()
+    if args.render is not None:
+        args.page.write_text(render(json.loads(args.render.read_text())))
+        return
     q = args.quick
     from producer.logs import configure_logging
 
