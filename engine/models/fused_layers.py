@@ -132,4 +132,4 @@ def _layer_forward(
         attn_out, x, self.post_attention_layernorm.weight, self.post_attention_layernorm.variance_epsilon
     )
     mlp_out = mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(normed)))
-    return (summed + mlp_out)[None]
+    return summed.add_(mlp_out)[None]
