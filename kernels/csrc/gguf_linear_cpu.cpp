@@ -6,6 +6,7 @@
 // handed to the regular GEMM.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstring>
@@ -146,7 +147,11 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype, 
     });
   } else if (M > 0) {
     const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+    // The tensor ops below run on OpenMP worker threads too, which do not inherit the caller's
+    // thread-local state (inference mode): without it the copy_ into y is refused there.
+    const at::ThreadLocalState caller_state;
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard state_guard(caller_state);
       torch::Tensor tile = torch::empty({kTileRows, K}, x.options());
       float* tp = tile.data_ptr<float>();
       for (int64_t i = begin; i < end; ++i) {

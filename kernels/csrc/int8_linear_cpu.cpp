@@ -4,6 +4,7 @@
 // weights into a cache-sized float32 buffer and hands it to the regular GEMM.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <vector>
@@ -62,7 +63,11 @@ void fused_small(const float* x, int64_t M, int64_t K, const int8_t* q, const fl
 
 void tiled_large(const torch::Tensor& x, const int8_t* q, const float* scale, int64_t N, int64_t K, torch::Tensor& y) {
   const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+  // The tensor ops below run on OpenMP worker threads too, which do not inherit the caller's
+  // thread-local state (inference mode): without it the copy_ into y is refused there.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     torch::Tensor tile = torch::empty({kTileRows, K}, x.options());
     float* t = tile.data_ptr<float>();
     for (int64_t i = begin; i < end; ++i) {
