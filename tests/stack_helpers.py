@@ -82,16 +82,22 @@ def start_stack(directory: Path, worker_args: tuple[str, ...] = (), gateway_args
                 model_dir: Path | None = None, gateway_env: dict[str, str] | None = None) -> Stack:
     """redis-server + one worker (noop unless `model_dir`) + the gateway, ready to serve `tiny`."""
     server = RedisServer().start()
-    if model_dir is None:
-        worker = noop_worker(server.url, directory / "worker.log", *worker_args)
-    else:
-        worker = WorkerProcess(server.url, model_dir, directory / "worker.log", list(worker_args))
-    gateway = GatewayProcess(server.url, directory / "gateway.log", *gateway_args, env=gateway_env)
+    worker: WorkerProcess | None = None
+    gateway: GatewayProcess | None = None
     started = time.monotonic()
-    try:
+    try:  # whatever fails to start, what did start is stopped (a leaked redis-server outlives the tests)
+        if model_dir is None:
+            worker = noop_worker(server.url, directory / "worker.log", *worker_args)
+        else:
+            worker = WorkerProcess(server.url, model_dir, directory / "worker.log", list(worker_args))
+        gateway = GatewayProcess(server.url, directory / "gateway.log", *gateway_args, env=gateway_env)
         worker.wait_ready()
         gateway.wait_ready(max(10.0, 90 - (time.monotonic() - started)))
     except BaseException:
-        Stack(server, worker, gateway).close()
+        if gateway is not None:
+            gateway.stop()
+        if worker is not None:
+            worker.kill()
+        server.close()
         raise
     return Stack(server, worker, gateway)
