@@ -60,16 +60,9 @@ def test_embedding_rows(kernels, with_kernels: bool) -> None:  # noqa: ANN001
     torch.testing.assert_close(embedding(ids), dequantize(blocks, Q8_0, 64)[ids])
 
 
-def test_tiled_path_on_several_threads_in_inference_mode(kernels) -> None:  # noqa: ANN001
+def test_tiled_path_on_several_threads_in_inference_mode(kernels, engine_threading) -> None:  # noqa: ANN001
     """As the engine calls it: several threads, inference mode (the suite itself runs on one thread)."""
     blocks = random_blocks(300, 192, Q4_1, seed=3)
-    layer = GGUFLinear(blocks, Q4_1, 192, None, kernels)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.inference_mode():
-            x = torch.randn(200, 192)
-            out = layer(x)
-    finally:
-        torch.set_num_threads(threads)
+    x = torch.randn(200, 192)
+    out = GGUFLinear(blocks, Q4_1, 192, None, kernels)(x)
     torch.testing.assert_close(out, F.linear(x, dequantize(blocks, Q4_1, 192)), rtol=1e-4, atol=1e-4)

@@ -76,17 +76,9 @@ def test_quantized_model_stays_close(tiny_models: dict[str, Path], kernels, arch
         assert model.get_input_embeddings().qweight is model.get_output_embeddings().qweight
 
 
-def test_tiled_path_on_several_threads_in_inference_mode(kernels) -> None:  # noqa: ANN001
-    """The suite runs on one thread; the engine runs on several, under inference mode, where the tiles'
-    tensor ops execute on OpenMP worker threads (which once lacked the caller's inference mode)."""
+def test_tiled_path_on_several_threads_in_inference_mode(kernels, engine_threading) -> None:  # noqa: ANN001
+    """The tiles' tensor ops run on OpenMP worker threads, which once lacked the caller's inference mode."""
     q, scale = quantize_per_channel(torch.randn(333, 200))
-    layer = Int8Linear(q, scale, None, kernels)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.inference_mode():
-            x = torch.randn(300, 200)
-            out = layer(x)
-    finally:
-        torch.set_num_threads(threads)
+    x = torch.randn(300, 200)
+    out = Int8Linear(q, scale, None, kernels)(x)
     torch.testing.assert_close(out, F.linear(x, q.float() * scale[:, None]), rtol=1e-4, atol=1e-4)
