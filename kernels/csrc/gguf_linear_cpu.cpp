@@ -6,11 +6,12 @@
 // handed to the regular GEMM.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
+
+#include "tiled_matmul.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -22,7 +23,6 @@ namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRowBlock = 8;
 constexpr int64_t kFusedMaxRows = 16;
-constexpr int64_t kTileRows = 128;
 
 enum class QType : int64_t { Q4_1 = 3, Q8_0 = 8 };
 
@@ -146,23 +146,8 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype, 
       }
     });
   } else if (M > 0) {
-    const int64_t tiles = (N + kTileRows - 1) / kTileRows;
-    // The tensor ops below run on OpenMP worker threads too, which do not inherit the caller's
-    // thread-local state (inference mode): without it the copy_ into y is refused there.
-    const at::ThreadLocalState caller_state;
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      at::ThreadLocalStateGuard state_guard(caller_state);
-      torch::Tensor tile = torch::empty({kTileRows, K}, x.options());
-      float* tp = tile.data_ptr<float>();
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t n0 = i * kTileRows, rows = std::min(kTileRows, N - n0);
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t b = 0; b < blocks; ++b) {
-            dequant_block(t, w + (n0 + r) * row_bytes + b * block_bytes(t), tp + r * K + b * kBlock);
-          }
-        }
-        y.narrow(1, n0, rows).copy_(at::mm(x2, tile.narrow(0, 0, rows).t()));
-      }
+    dequantised_matmul(x2, N, y, [&](int64_t n, float* dst) {
+      for (int64_t b = 0; b < blocks; ++b) dequant_block(t, w + n * row_bytes + b * block_bytes(t), dst + b * kBlock);
     });
   }
   if (bias.has_value() && bias->defined()) y.add_(*bias);

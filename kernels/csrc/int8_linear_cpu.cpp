@@ -4,10 +4,11 @@
 // weights into a cache-sized float32 buffer and hands it to the regular GEMM.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <vector>
+
+#include "tiled_matmul.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -18,7 +19,6 @@ namespace {
 
 constexpr int64_t kRowBlock = 8;     // rows of x sharing one pass over a weight row
 constexpr int64_t kFusedMaxRows = 16;
-constexpr int64_t kTileRows = 128;   // weight rows dequantised at a time (128 x K floats, in L2)
 
 #ifdef TR_AVX2
 inline float hsum(__m256 v) {
@@ -61,30 +61,6 @@ void fused_small(const float* x, int64_t M, int64_t K, const int8_t* q, const fl
   });
 }
 
-void tiled_large(const torch::Tensor& x, const int8_t* q, const float* scale, int64_t N, int64_t K, torch::Tensor& y) {
-  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
-  // The tensor ops below run on OpenMP worker threads too, which do not inherit the caller's
-  // thread-local state (inference mode): without it the copy_ into y is refused there.
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard state_guard(caller_state);
-    torch::Tensor tile = torch::empty({kTileRows, K}, x.options());
-    float* t = tile.data_ptr<float>();
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n0 = i * kTileRows, rows = std::min(kTileRows, N - n0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int8_t* src = q + (n0 + r) * K;
-        const float s = scale[n0 + r];
-        float* dst = t + r * K;
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k]) * s;
-      }
-      // Inside a parallel region ATen runs this GEMM on the calling thread.
-      y.narrow(1, n0, rows).copy_(at::mm(x, tile.narrow(0, 0, rows).t()));
-    }
-  });
-}
-
 }  // namespace
 
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
@@ -102,7 +78,14 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
     if (M <= kFusedMaxRows) {
       fused_small(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), scale.data_ptr<float>(), N, y.data_ptr<float>());
     } else {
-      tiled_large(x2, q.data_ptr<int8_t>(), scale.data_ptr<float>(), N, K, y);
+      const int8_t* qp = q.data_ptr<int8_t>();
+      const float* sp = scale.data_ptr<float>();
+      dequantised_matmul(x2, N, y, [&](int64_t n, float* dst) {
+        const int8_t* src = qp + n * K;
+        const float s = sp[n];
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k]) * s;
+      });
     }
   }
   if (bias.has_value() && bias->defined()) y.add_(*bias);
