@@ -7,6 +7,16 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from kernels import cpu_build
+
+
+@pytest.fixture(scope="session")
+def kernels():  # noqa: ANN201 - the compiled module
+    """The compiled CPU kernels (the suite's setup builds them: their absence is a failure here)."""
+    module = cpu_build.load()
+    assert module is not None
+    return module
+
 
 @pytest.fixture
 def engine_threading() -> Iterator[None]:

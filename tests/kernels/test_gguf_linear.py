@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_build
 from kernels.gguf_linear import BLOCK_BYTES, Q4_1, Q8_0, GGUFEmbedding, GGUFLinear, dequantize
 
 
@@ -21,13 +20,6 @@ def random_blocks(rows: int, columns: int, qtype: int, seed: int = 0) -> torch.T
         minima = (-torch.rand(rows, count, 1, generator=g) * 0.1).half()
         raw[..., 2:4] = minima.view(torch.uint8)
     return raw.reshape(rows, -1)
-
-
-@pytest.fixture(scope="module")
-def kernels():  # noqa: ANN201
-    module = cpu_build.load()
-    assert module is not None
-    return module
 
 
 def test_dequantize_q4_1_layout() -> None:

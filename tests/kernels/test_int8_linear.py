@@ -9,15 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_build
 from kernels.int8_linear import Int8Embedding, Int8Linear, quantize_model_int8, quantize_per_channel
-
-
-@pytest.fixture(scope="module")
-def kernels():  # noqa: ANN201
-    module = cpu_build.load()
-    assert module is not None
-    return module
 
 
 def test_per_channel_quantization_error_is_bounded() -> None:
