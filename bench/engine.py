@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-from bench.workloads import median, percentile  # noqa: E402
+from bench.workloads import emit_report, median, percentile  # noqa: E402
 
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", Path.home() / ".cache" / "peers"))
 TARGETS = {
@@ -182,12 +182,7 @@ def main() -> None:
         "ratios": ratios,
         "targets_met": checks,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.save:
-        out = ROOT / "bench" / "results" / f"engine-{args.workload}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    emit_report(report, f"engine-{args.workload}", args.save)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]  # bench/engine.py shadows engine
 sys.path.insert(0, str(ROOT))
 
-from bench.workloads import mixed_workload, peak_rss_mb  # noqa: E402
+from bench.workloads import emit_report, mixed_workload, peak_rss_mb  # noqa: E402
 
 PROSE = ROOT / "bench" / "data" / "prose.txt"
 KV_BUDGET_GB = 0.25
@@ -170,12 +170,7 @@ def main() -> None:
         "when": datetime.now().isoformat(timespec="seconds"),
         "modes": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.save:
-        out = ROOT / "bench" / "results" / f"memory-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    emit_report(report, "memory", args.save)
 
 
 if __name__ == "__main__":

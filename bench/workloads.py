@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 import resource
 import statistics
 import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 Request = tuple[list[int], int]  # prompt token ids, tokens to generate
 
@@ -44,3 +48,13 @@ def peak_rss_mb() -> float:
     (vLLM runs its engine core in a child process)."""
     rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def emit_report(report: dict[str, Any], name: str, save: bool) -> None:
+    """Prints a benchmark's JSON; with `save`, also writes it to bench/results/<name>-<local time>.json."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if save:
+        out = Path(__file__).resolve().parent / "results" / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
