@@ -42,12 +42,17 @@ class RedisServer:
     """`with RedisServer() as server: Client(server.url)`; also kill()/restart() for failure tests."""
 
     def __init__(self, directory: str | Path | None = None, port: int | None = None, persist: bool = False,
-                 extra_args: Sequence[str] = (), connection_kwargs: dict[str, Any] | None = None) -> None:
+                 extra_args: Sequence[str] = (), connection_kwargs: dict[str, Any] | None = None,
+                 fsync: str = "everysec") -> None:
         self.binary = find_redis_server()
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="tokenrelay-redis-")
         self.directory = Path(directory or self._tmp.name)  # type: ignore[union-attr]
         self.port = port or free_port()
         self.persist = persist
+        # AOF fsync policy when persisted. "everysec" acknowledges before the disk has the write, and while
+        # an fsync is slow Redis postpones writing the AOF for up to 2 s: a SIGKILL in that window loses
+        # acknowledged writes. "always" writes and fsyncs before any reply goes out.
+        self.fsync = fsync
         self.extra_args = list(extra_args)  # appended last, so they override (e.g. TLS: --port 0 --tls-port N)
         self.connection_kwargs = connection_kwargs or {}  # how start() reaches the server to see it is up
         self.process: subprocess.Popen[bytes] | None = None
@@ -60,7 +65,7 @@ class RedisServer:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
                 "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning",
                 "--logfile", str(self.directory / "redis.log")]
-        args += ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--save", "",
+        args += ["--appendonly", "yes", "--appendfsync", self.fsync] if self.persist else ["--save", "",
                                                                                             "--appendonly", "no"]
         args += self.extra_args
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

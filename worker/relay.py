@@ -45,6 +45,8 @@ class Relay:
         self.reading = True  # cleared when draining: no new requests
         self.cursors = ["0-0", "0-0", "0-0"]
         self.round_trips = 0
+        self.rollbacks = 0  # claims Redis forgot writes of (restart from a lagging AOF, failover to a replica)
+        self.handed_back = 0
         self._lock = threading.Lock()
         self._slots_freed = threading.Event()
         self._stop = threading.Event()
@@ -62,9 +64,10 @@ class Relay:
         self._publish = client.register_script(scripts.PUBLISH)
         self._heartbeat = client.register_script(scripts.HEARTBEAT)
         self._hand_back_script = client.register_script(scripts.HAND_BACK)
+        self._restart = restart_event(self.me)
         self._claim_args = [GROUP, self.me, self.keys.request_prefix, self.keys.result_prefix,
                             settings.result_ttl_s, settings.max_deliveries, settings.dead_letter_maxlen,
-                            restart_event(self.me), done_event("cancelled", {}, worker=self.me),
+                            self._restart, done_event("cancelled", {}, worker=self.me),
                             error_event(ErrorCode.MAX_DELIVERIES.value, f"gave up after {settings.max_deliveries} "
                                         "deliveries: workers kept failing on this request", worker=self.me)]
         self._reader = threading.Thread(target=self._loop, args=(self._read,), name="tokenrelay-read", daemon=True)
@@ -174,6 +177,7 @@ class Relay:
         if autoclaim:
             self._next_autoclaim = time.monotonic() + self.settings.claim_idle_s / 4
         self.cursors = [_text(c) for c in reply[:3]]
+        forgotten: list[Any] = []
         for index, entry_id, raw_id, payload, epoch, verdict in reply[3]:
             request_id, verdict = _text(raw_id), _text(verdict)
             if verdict != "ok":
@@ -181,11 +185,25 @@ class Relay:
                          entry=_text(entry_id))
                 continue
             with self._lock:
-                if request_id in self.claims:  # our own earlier claim was taken over, by us
-                    self._lose(request_id, self.claims[request_id].epoch)
+                held = self.claims.get(request_id)
+                if held is not None:  # our own earlier claim was taken over, by us
+                    self._lose(request_id, held.epoch)
+                    if int(epoch) <= held.epoch:
+                        # Not a takeover: Redis forgot our claim (and what we published under it) and
+                        # delivered the entry again. Running it under the same epoch would mix the old
+                        # run's unsent tokens into the new one with no restart for the client; handing it
+                        # back makes the next claim a new epoch that starts the client over.
+                        forgotten += [request_id, epoch, index, entry_id]
+                        continue
                 self.claims[request_id] = claim = Claim(request_id, int(epoch), int(index), _text(entry_id))
             # decoding happens on the step loop's thread: this one's time is the queue's critical path
             self.inbox.put(Note(NoteKind.JOB, request_id, claim.epoch, payload, claim.entry_id))
+        if forgotten:
+            self.rollbacks += len(forgotten) // 4
+            log.warning("redis forgot claims it had acknowledged; the requests affected start over",
+                        requests=len(forgotten) // 4)
+            self.handed_back += self._hand_back_script(keys=self._script_keys,
+                                                       args=[GROUP, self.me, self.keys.request_prefix, *forgotten])
 
     def _write(self) -> bool:
         """One publish: wait for events (or a due heartbeat), then one round trip for all of them."""
@@ -238,8 +256,8 @@ class Relay:
     # -- script arguments and replies (callers hold _lock) -------------------------------------------
 
     def _publish_args(self, items: dict[str, Pending]) -> list[Any]:
-        args: list[Any] = [GROUP, self.keys.request_prefix, self.keys.result_prefix, self.settings.result_ttl_s,
-                           self.settings.dead_letter_maxlen, len(items)]
+        args: list[Any] = [GROUP, self.me, self.keys.request_prefix, self.keys.result_prefix,
+                           self.settings.result_ttl_s, self.settings.dead_letter_maxlen, self._restart, len(items)]
         for request_id, pending in items.items():
             events = []
             if pending.has_delta:
@@ -262,7 +280,11 @@ class Relay:
         return args
 
     def _after_publish(self, items: list[tuple[str, Pending]], reply: list[Any]) -> None:
-        statuses, lost, cancelled = reply
+        statuses, lost, cancelled, rolled_back = reply
+        if rolled_back:
+            self.rollbacks += rolled_back
+            log.warning("redis lost writes it had acknowledged; the requests affected start over",
+                        requests=rolled_back, lost_so_far=self.rollbacks)
         freed = False
         for (request_id, pending), status in zip(items, statuses, strict=True):
             claim = self.claims.get(request_id)

@@ -1,9 +1,10 @@
 """Worker-side Lua scripts: admit (take over + read + claim), publish (fenced), heartbeat, hand back.
 
-Fencing: every claim of a request increments `epoch` in its `req:<id>` hash. A worker publishes,
-acks and refreshes only while the epoch it holds is still the current one, checked inside the
-same atomic script that writes. A worker that was paused and resumes after another took its
-requests over finds a newer epoch and writes nothing; it is told which requests it lost.
+Fencing: every claim of a request increments `epoch` in its `req:<id>` hash and records the claiming
+`worker`. A worker publishes, acks and refreshes only while the epoch and owner it holds are still the
+current ones, checked inside the same atomic script that writes. A worker that was paused and resumes
+after another took its requests over finds a newer epoch and writes nothing; it is told which requests
+it lost. A Redis that comes back with older data (see PUBLISH) is caught by the same records.
 
 All scripts take KEYS = [queue high, queue normal, queue low, dead letters, workers hash, this
 worker's cancel set]; keys
@@ -115,16 +116,27 @@ end
 return {cursors[1], cursors[2], cursors[3], out}
 """
 
-# ARGV: group, req prefix, res prefix, ttl, dead maxlen, n items, then per item:
+# ARGV: group, consumer, req prefix, res prefix, ttl, dead maxlen, restart payload, n items, then per item:
 #   id, epoch, seq, n events, events..., terminal (0/1), n dead fields, dead fields...
 # Returns {statuses (0 written, 1 already written by an earlier try, 2 lost), lost ids, ids to cancel}.
+#
+# Redis that forgets acknowledged writes (restarted from an AOF that lagged, a failover to a replica that
+# had not caught up) shows up here as a claim record older than the worker's: a lower seq (events this
+# claim wrote are gone from the result stream), a lower epoch (the claim itself is gone), or the same
+# epoch under another owner (the request was claimed again after the claim was forgotten). None of that
+# happens otherwise. The stream may then lack events a client already saw, so the script never writes
+# on top of it: a running claim is forfeited (owner cleared, entry handed back as long idle), and the
+# next claim starts the request over with a `restart`; a request no longer claimed gets the `restart`
+# now, ahead of whatever its next claim writes.
 PUBLISH = """
-local group, req_prefix, res_prefix, ttl, dead_maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local group, consumer, req_prefix, res_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ttl, dead_maxlen, restart_payload = ARGV[5], ARGV[6], ARGV[7]
 local queues = {high = KEYS[1], normal = KEYS[2], low = KEYS[3]}
 local statuses, lost, cancelled = {}, {}, {}
 local to_ack = {high = {}, normal = {}, low = {}}
-local i = 7
-for n = 1, tonumber(ARGV[6]) do
+local rolled_back = 0
+local i = 9
+for n = 1, tonumber(ARGV[8]) do
   local id, epoch, seq, n_events = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local first_event = i + 4
   local terminal = ARGV[first_event + n_events] == '1'
@@ -132,13 +144,24 @@ for n = 1, tonumber(ARGV[6]) do
   local first_dead = first_event + n_events + 2
   i = first_dead + n_dead
   local meta = req_prefix .. id
-  local m = redis.call('HMGET', meta, 'epoch', 'state', 'seq', 'prio', 'entry')
+  local m = redis.call('HMGET', meta, 'epoch', 'state', 'seq', 'prio', 'entry', 'worker')
   local status = 0
-  if m[1] ~= epoch then
-    status = 2
-  elseif tonumber(m[3] or '0') > seq then
+  local ours = m[1] == epoch and m[6] == consumer
+  if ours and tonumber(m[3] or '0') > seq then
     status = 1
-  elseif m[2] ~= 'running' then
+  elseif m[2] and m[2] ~= 'done' and (tonumber(m[1]) or 0) <= tonumber(epoch)
+      and not (ours and tonumber(m[3] or '0') == seq) then
+    status, rolled_back = 2, rolled_back + 1
+    if m[2] == 'running' then
+      redis.call('HSET', meta, 'worker', '')  -- fences out whoever holds it now, this worker included
+      if queues[m[4]] and m[5] then
+        redis.call('XCLAIM', queues[m[4]], group, consumer, 0, m[5], 'IDLE', 1000000000000, 'JUSTID')
+      end
+    else
+      redis.call('XADD', res_prefix .. id, '*', 'm', restart_payload)
+      redis.call('EXPIRE', res_prefix .. id, ttl)
+    end
+  elseif not ours or m[2] ~= 'running' then
     status = 2
   else
     local result = res_prefix .. id
@@ -167,7 +190,7 @@ for prio, ids in pairs(to_ack) do
 end
 -- cancellations: O(requests being cancelled), not O(requests held)
 cancelled = redis.call('SPOP', KEYS[6], 1000)
-return {statuses, lost, cancelled}
+return {statuses, lost, cancelled, rolled_back}
 """
 
 # ARGV: group, consumer, req prefix, ttl, heartbeat payload, then (id, epoch, queue index, entry) quads.
@@ -177,7 +200,8 @@ local group, consumer, req_prefix, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local lost = {}
 for i = 6, #ARGV, 4 do
   local meta = req_prefix .. ARGV[i]
-  if redis.call('HGET', meta, 'epoch') == ARGV[i + 1] then
+  local m = redis.call('HMGET', meta, 'epoch', 'worker')
+  if m[1] == ARGV[i + 1] and m[2] == consumer then
     redis.call('XCLAIM', KEYS[tonumber(ARGV[i + 2])], group, consumer, 0, ARGV[i + 3], 'JUSTID')
     redis.call('EXPIRE', meta, ttl)
   else
@@ -194,7 +218,8 @@ HAND_BACK = """
 local group, consumer, req_prefix = ARGV[1], ARGV[2], ARGV[3]
 local n = 0
 for i = 4, #ARGV, 4 do
-  if redis.call('HGET', req_prefix .. ARGV[i], 'epoch') == ARGV[i + 1] then
+  local m = redis.call('HMGET', req_prefix .. ARGV[i], 'epoch', 'worker')
+  if m[1] == ARGV[i + 1] and m[2] == consumer then
     redis.call('XCLAIM', KEYS[tonumber(ARGV[i + 2])], group, consumer, 0, ARGV[i + 3], 'IDLE', 1000000000000,
                'JUSTID')
     n = n + 1
