@@ -253,8 +253,7 @@ def decode_request(data: Any, limits: Limits = DEFAULT_LIMITS, expected_id: str 
     request = Request(request_id=str(request_id), model=model)
     _decode_prompt(body, request, limits)
     request.params = validate_params(body.get("params", {}))
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
+    if not isinstance(stream := body.get("stream", True), bool):
         raise _fail("stream: must be a boolean")
     request.stream = stream
     try:
@@ -302,23 +301,19 @@ def _decode_prompt(body: dict[str, Any], request: Request, limits: Limits) -> No
 
 
 def _optional_time(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or not math.isfinite(value) or value < 0):
         raise _fail(f"{name}: must be null or a finite number of seconds since the epoch")
-    return float(value)
+    return None if value is None else float(value)
 
 
 def _plain(value: Any, depth: int) -> bool:
-    if depth > 32:
-        return False
+    """Only msgpack's own types, nested at most 32 deep (metadata is echoed back to other clients)."""
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return True
-    if isinstance(value, list):
-        return all(_plain(v, depth + 1) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
-    return False
+        return depth < 32 and all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    return depth < 32 and isinstance(value, list) and all(_plain(v, depth + 1) for v in value)
 
 
 # -- events --------------------------------------------------------------------------------------
