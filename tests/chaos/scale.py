@@ -32,6 +32,8 @@ class ScalePoint:
     of_ideal: float
     cpu_cores_used: float  # Redis and the workers, CPU seconds per wall second
     client_cpu_cores: float  # this process: the submitting and stream-folding client
+    workers_used: int  # workers that finished at least one request
+    peak_in_flight: int  # most requests streaming at once (first to last result entry, Redis's clock)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,8 +77,11 @@ def scale_point(log_dir: Path, workers: int, *, slots: int, step_s: float, max_t
             cpu, own = _cpu_s(pids) - cpu_before, me.cpu_times()
             pipe = client.redis.pipeline(transaction=False)
             for request_id in ids:
+                pipe.xrange(client.keys().result(request_id), count=1)
                 pipe.xrevrange(client.keys().result(request_id), count=1)
-            finished_ms = max(int(entries[0][0].split(b"-")[0]) for entries in pipe.execute())
+            ends = [int(entries[0][0].split(b"-")[0]) for entries in pipe.execute()]
+            spans = list(zip(ends[::2], ends[1::2], strict=True))
+            finished_ms = max(last for _, last in spans)
         finally:
             cluster.stop()
     wrong = [c.request_id for c in done.values() if c.finish_reason != "length" or len(c.token_ids) != max_tokens]
@@ -85,4 +90,15 @@ def scale_point(log_dir: Path, workers: int, *, slots: int, step_s: float, max_t
     ideal = workers * slots / (max_tokens * step_s)
     own_s = own.user + own.system - own_before.user - own_before.system
     return ScalePoint(workers, n, round(seconds, 3), round(n / seconds, 1), round(ideal, 1),
-                      round(n / seconds / ideal, 3), round(cpu / wall, 3), round(own_s / wall, 3))
+                      round(n / seconds / ideal, 3), round(cpu / wall, 3), round(own_s / wall, 3),
+                      len({c.worker for c in done.values()}), _peak(spans))
+
+
+def _peak(spans: list[tuple[int, int]]) -> int:
+    """The most intervals open at one instant (an interval ending as another starts counts once)."""
+    edges = sorted([(first, 1) for first, _ in spans] + [(last, -1) for _, last in spans], key=lambda e: (e[0], e[1]))
+    open_now = peak = 0
+    for _, step in edges:
+        open_now += step
+        peak = max(peak, open_now)
+    return peak
