@@ -35,6 +35,24 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: floa
         time.sleep(interval)
 
 
+def attempt_in_turn(attempts: list[Callable[[], Any]],
+                    errors: tuple[type[BaseException], ...]) -> tuple[threading.Thread, list[type[BaseException]]]:
+    """Runs `attempts` one after another on a thread, recording the type of each expected error; the
+    caller joins the thread with a guard against a hang and then reads the outcomes."""
+    outcomes: list[type[BaseException]] = []
+
+    def run() -> None:
+        for attempt in attempts:
+            try:
+                attempt()
+            except errors as exc:
+                outcomes.append(type(exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcomes
+
+
 class WorkerThread:
     """A Worker serving `engine` on a background thread of the test process."""
 

@@ -12,7 +12,6 @@ stream lost a delta). tests/chaos/test_redis_rollback.py covers what workers do 
 from __future__ import annotations
 
 import signal
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from producer.client import Client
 from tests.chaos.harness import full_scale
 from tests.chaos.ledger import random_specs
 from tests.chaos.redis_faults import FAULTS, run_redis_chaos
+from tests.queue_helpers import attempt_in_turn
 from worker.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -49,17 +49,9 @@ def test_a_call_while_redis_is_stopped_ends_in_an_error_not_a_hang() -> None:
         request_id = client.submit("a", max_tokens=1)
         assert server.process is not None
         server.process.send_signal(signal.SIGSTOP)
-        outcomes: list[type[BaseException]] = []
-
-        def call() -> None:
-            for attempt in (lambda: client.result(request_id, timeout=0.5), lambda: client.submit("b")):
-                try:
-                    attempt()
-                except (TimeoutError, redis.RedisError) as exc:
-                    outcomes.append(type(exc))
-
-        thread = threading.Thread(target=call)
-        thread.start()
+        thread, outcomes = attempt_in_turn(
+            [lambda: client.result(request_id, timeout=0.5), lambda: client.submit("b")],
+            (TimeoutError, redis.RedisError))
         thread.join(60)
         hung = thread.is_alive()
         server.process.send_signal(signal.SIGCONT)

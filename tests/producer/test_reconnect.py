@@ -12,7 +12,7 @@ import redis
 from producer.async_client import AsyncClient
 from producer.client import Client
 from producer.reconnect import Reconnect
-from tests.queue_helpers import WorkerThread
+from tests.queue_helpers import WorkerThread, attempt_in_turn
 from worker.noop_engine import NoopEngine
 from worker.redis_server import RedisServer
 
@@ -74,19 +74,9 @@ def test_an_outage_past_the_window_or_the_deadline_is_an_error_not_a_hang() -> N
         client = Client(server.url, model="noop", reconnect_s=0.5)
         request_id = client.submit("a", max_tokens=2)
         server.kill()
-        outcomes: list[type[BaseException]] = []
-
-        def calls() -> None:
-            attempts = (lambda: client.submit("b"), lambda: client.result(request_id, timeout=0.3),
-                        lambda: client.wait_all([request_id], timeout=0.3))
-            for attempt in attempts:
-                try:
-                    attempt()
-                except (TimeoutError, redis.ConnectionError) as exc:
-                    outcomes.append(type(exc))
-
-        thread = threading.Thread(target=calls)
-        thread.start()
+        thread, outcomes = attempt_in_turn(
+            [lambda: client.submit("b"), lambda: client.result(request_id, timeout=0.3),
+             lambda: client.wait_all([request_id], timeout=0.3)], (TimeoutError, redis.ConnectionError))
         thread.join(120)  # a guard against a hang, not a speed check: each call gives up in about a second
         hung = thread.is_alive()
         server.start()
