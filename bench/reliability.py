@@ -115,8 +115,11 @@ def main() -> None:
         done("worker_chaos", run_worker_chaos(
             logs, random_specs(600 if q else 10_000, seed=7), rate=100.0 if q else 150.0, interval=(0.3, 0.9),
             seed=7).as_dict())
-        done("redis_faults", [run_redis_chaos(logs, random_specs(400 if q else 3_000, seed=11), fault=fault,
-                                              rate=80.0 if q else 100.0, seed=11).as_dict() for fault in FAULTS])
+        # a seed per fault kind: each run gets its own fault schedule (the runs in reliability.json before
+        # this change all used seed 11, so they shared one schedule)
+        done("redis_faults", [run_redis_chaos(logs, random_specs(400 if q else 3_000, seed=11 + i), fault=fault,
+                                              rate=80.0 if q else 100.0, seed=11 + i).as_dict()
+                              for i, fault in enumerate(FAULTS)])
         with RedisServer() as server:
             fuzz = run_worker_fuzz(server.url, logs, 3_000 if q else 100_000, 1_000 if q else 10_000,
                                    100 if q else 1_000)
