@@ -153,6 +153,13 @@ def capacity(url: str, log_dir: Path, n_requests: int, n_streams: int, stream_to
     submit_rate = n_requests / (time.perf_counter() - started)
     worker = start_worker(url, log_dir, "--engine", "noop", "--max-num-seqs", "512")
     try:
+        # nothing reads the result streams while the worker drains (a reader folding 30,000 streams would
+        # take CPU from it): wait for the queue to empty, then read the done events' Redis timestamps
+        keys = client.keys()
+        while sum(client.redis.xlen(k) for k in keys.queues):
+            if worker.poll() is not None:
+                raise RuntimeError(f"the worker exited with code {worker.returncode}")
+            time.sleep(0.1)
         done_at: dict[str, int] = {}
         collect(client, [r.request_id for r in backlog], "noop", worker, done_at)
         drain_rate = n_requests / max(0.001, (max(done_at.values()) - min(done_at.values())) / 1000)
