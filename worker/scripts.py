@@ -118,7 +118,8 @@ return {cursors[1], cursors[2], cursors[3], out}
 
 # ARGV: group, consumer, req prefix, res prefix, ttl, dead maxlen, restart payload, n items, then per item:
 #   id, epoch, seq, n events, events..., terminal (0/1), n dead fields, dead fields...
-# Returns {statuses (0 written, 1 already written by an earlier try, 2 lost), lost ids, ids to cancel}.
+# Returns {statuses (0 written, 1 already written by an earlier try, 2 lost), lost ids, ids to cancel,
+# how many of the lost were found rolled back (below)}.
 #
 # Redis that forgets acknowledged writes (restarted from an AOF that lagged, a failover to a replica that
 # had not caught up) shows up here as a claim record older than the worker's: a lower seq (events this
