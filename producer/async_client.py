@@ -9,11 +9,19 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from producer.client import _MAX_KEYS_PER_READ, _READ_BLOCK_MS, ClientConfig, _block_ms, _Models, build_request
-from producer.errors import QueueFull
+from producer.client import (
+    _MAX_KEYS_PER_READ,
+    _READ_BLOCK_MS,
+    _UNKNOWN_CHECK_S,
+    ClientConfig,
+    _block_ms,
+    _Models,
+    build_request,
+)
+from producer.errors import QueueFull, RequestFailed
 from producer.protocol import EVENT_FIELD, Event, Keys, Request, decode_event, done_event
 from producer.reconnect import RETRYABLE, Reconnect
-from producer.results import CancelOutcome, Completion, ResultFold
+from producer.results import UNKNOWN, CancelOutcome, Completion, ResultFold
 from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
 
 
@@ -69,16 +77,21 @@ class AsyncClient:
 
     async def events(self, request_id: str, *, model: str | None = None, after: str = "0-0",
                      timeout: float | None = None) -> AsyncIterator[Event]:
-        key = self.keys(self._models.of(request_id, model)).result(request_id)
+        keys = self.keys(self._models.of(request_id, model))
+        key = keys.result(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         last, reconnect = after, Reconnect(self.config.reconnect_s, deadline)
         while True:
             try:
                 reply: Any = await self.redis.xread({key: last}, count=512, block=_block_ms(deadline))
+                # nothing came: does Redis know the request at all? (else this would wait forever)
+                known = bool(reply) or bool(await self.redis.exists(keys.request(request_id), key))
                 reconnect.ok()
             except RETRYABLE as exc:
                 await asyncio.sleep(reconnect.delay(exc))
                 continue
+            if not known:
+                raise RequestFailed(request_id, *UNKNOWN)
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id.decode()
@@ -123,10 +136,17 @@ class AsyncClient:
         fold = ResultFold(self.keys(model), request_ids, _MAX_KEYS_PER_READ)
         deadline = None if timeout is None else time.monotonic() + timeout
         reconnect = Reconnect(self.config.reconnect_s, deadline)
+        checked = time.monotonic()
         while fold.positions:
             chunks = fold.chunks()
             got = 0
             try:
+                if time.monotonic() - checked >= _UNKNOWN_CHECK_S:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for record, result in fold.existence_checks():
+                        pipe.exists(record, result)
+                    fold.settle_unknown(await pipe.execute())
+                    checked = time.monotonic()
                 for chunk in chunks:
                     block = _block_ms(deadline) if len(chunks) == 1 else None
                     got += fold.feed(await self.redis.xread(chunk, count=512, block=block))  # type: ignore[arg-type]

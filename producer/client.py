@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from producer.errors import ProtocolError, QueueFull
+from producer.errors import ProtocolError, QueueFull, RequestFailed
 from producer.protocol import (
     DEFAULT_LIMITS,
     DEFAULT_MODEL_NAME,
@@ -30,13 +30,14 @@ from producer.protocol import (
     new_request_id,
 )
 from producer.reconnect import RETRYABLE, Reconnect
-from producer.results import CancelOutcome, Completion, ResultFold
+from producer.results import UNKNOWN, CancelOutcome, Completion, ResultFold
 from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_MAX_QUEUE_DEPTH = 10_000
 _READ_BLOCK_MS = 1_000
 _MAX_KEYS_PER_READ = 1_000
+_UNKNOWN_CHECK_S = 2.0  # wait_all: how often it asks whether Redis still knows the requests it waits for
 
 
 @dataclass(slots=True)
@@ -163,17 +164,22 @@ class Client:
     def events(self, request_id: str, *, model: str | None = None, after: str = "0-0",
                timeout: float | None = None) -> Iterator[Event]:
         """Every event from entry `after` on, through the terminal one; survives reconnects."""
-        key = self.keys(self._models.of(request_id, model)).result(request_id)
+        keys = self.keys(self._models.of(request_id, model))
+        key = keys.result(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         last, reconnect = after, Reconnect(self.config.reconnect_s, deadline)
         while True:
             block = _block_ms(deadline)
             try:
                 reply: Any = self.redis.xread({key: last}, count=512, block=block)
+                # nothing came: does Redis know the request at all? (else this would wait forever)
+                known = bool(reply) or bool(self.redis.exists(keys.request(request_id), key))
                 reconnect.ok()
             except RETRYABLE as exc:
                 time.sleep(reconnect.delay(exc))
                 continue
+            if not known:
+                raise RequestFailed(request_id, *UNKNOWN)
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id.decode()
@@ -218,10 +224,17 @@ class Client:
         fold = ResultFold(self.keys(model), request_ids, _MAX_KEYS_PER_READ)
         deadline = None if timeout is None else time.monotonic() + timeout
         reconnect = Reconnect(self.config.reconnect_s, deadline)
+        checked = time.monotonic()
         while fold.positions:
             chunks = fold.chunks()
             got = 0
             try:
+                if time.monotonic() - checked >= _UNKNOWN_CHECK_S:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for record, result in fold.existence_checks():
+                        pipe.exists(record, result)
+                    fold.settle_unknown(pipe.execute())
+                    checked = time.monotonic()
                 for chunk in chunks:
                     block = _block_ms(deadline) if len(chunks) == 1 else None
                     got += fold.feed(self.redis.xread(chunk, count=512, block=block))  # type: ignore[arg-type]

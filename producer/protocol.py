@@ -73,6 +73,7 @@ class ErrorCode(enum.StrEnum):
     DEADLINE = "deadline"
     MAX_DELIVERIES = "max_deliveries"  # workers kept dying on it; dead-lettered
     INTERNAL = "internal"
+    UNKNOWN_REQUEST = "unknown_request"  # client side: Redis holds neither its record nor its results
 
 
 class FinishReason(enum.StrEnum):
@@ -316,9 +317,8 @@ def _plain(value: Any, depth: int) -> bool:
     return depth < 32 and isinstance(value, list) and all(_plain(v, depth + 1) for v in value)
 
 
-# -- events --------------------------------------------------------------------------------------
-# Top-K logprobs travel as [[token_id, logprob], ...]: msgpack map keys must be strings here.
-# With a tokenizer, a worker appends texts: [[id, logprob, [[alt_id, alt_logprob, alt_text], ...], text], ...]
+# -- events: top-K logprobs travel as [[token_id, logprob], ...] (msgpack map keys must be strings here);
+# with a tokenizer, a worker appends texts: [[id, logprob, [[alt_id, alt_logprob, alt_text], ...], text], ...]
 Logprobs = list[list[Any]]  # [[token_id, logprob, [[alt_id, alt_logprob], ...]], ...]
 
 

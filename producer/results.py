@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.errors import RequestFailed
-from producer.protocol import EVENT_FIELD, Event, EventType, Keys, Logprobs, decode_event
+from producer.protocol import EVENT_FIELD, ErrorCode, Event, EventType, Keys, Logprobs, decode_event
+
+UNKNOWN = (ErrorCode.UNKNOWN_REQUEST.value,
+           "Redis has no record of this request: its results expired (result_ttl_s), no request was submitted "
+           "under this id for this model, or Redis lost it (restarted or failed over without the data); "
+           "submit it again")
 
 
 class CancelOutcome(enum.StrEnum):
@@ -57,6 +62,11 @@ class Completion:
         self.finished = event.type.terminal
         return self.finished
 
+    def unknown(self) -> Completion:
+        """Ends it with the `unknown_request` error: Redis has neither its record nor a result stream."""
+        self.error, self.finished = UNKNOWN, True
+        return self
+
     def raise_for_error(self) -> Completion:
         if self.error is not None:
             raise RequestFailed(self.request_id, self.error[0], self.error[1], self.metadata)
@@ -70,6 +80,7 @@ class ResultFold:
     """Folds many result streams read together (XREAD over many keys): what to read next, what came."""
 
     def __init__(self, keys: Keys, request_ids: Sequence[str], max_keys: int = 1_000) -> None:
+        self.keys = keys
         self.completions = {i: Completion(i) for i in request_ids}
         self.positions = {keys.result(i): "0-0" for i in request_ids}
         self._owners = {keys.result(i): i for i in request_ids}
@@ -79,6 +90,19 @@ class ResultFold:
         """Stream key -> last entry id seen, for each XREAD to send (at most max_keys streams each)."""
         keys = list(self.positions)
         return [{k: self.positions[k] for k in keys[i:i + self._max_keys]} for i in range(0, len(keys), self._max_keys)]
+
+    def existence_checks(self) -> list[tuple[str, str]]:
+        """(record key, result key) of each request still open: an EXISTS of both that answers 0 means
+        nothing will ever arrive for it (see settle_unknown)."""
+        return [(self.keys.request(self._owners[k]), k) for k in self.positions]
+
+    def settle_unknown(self, counts: Sequence[int]) -> int:
+        """Given EXISTS answers in existence_checks' order, ends the requests Redis knows nothing of."""
+        gone = [k for k, n in zip(list(self.positions), counts, strict=True) if not n]
+        for key in gone:
+            self.completions[self._owners[key]].unknown()
+            del self.positions[key]
+        return len(gone)
 
     def feed(self, reply: Any) -> int:
         """An XREAD reply folded in; returns how many entries it held."""

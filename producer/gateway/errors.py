@@ -14,6 +14,7 @@ _FAILED: dict[str, tuple[int, str]] = {
     "max_deliveries": (500, "server_error"),
     "unsupported_version": (500, "server_error"),
     "internal": (500, "server_error"),
+    "unknown_request": (503, "server_error"),  # Redis lost it after the submit (a crash or failover): retry
 }
 
 

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from producer.client import Client
+from producer.errors import RequestFailed
 from producer.protocol import EventType, Keys
 from producer.results import Completion
 from tests.queue_helpers import WorkerThread, read_events, terminal_count, wait_for
@@ -120,3 +121,17 @@ def test_two_claims_under_one_epoch_are_both_fenced_out(server: RedisServer) -> 
         assert worker.worker.relay.rollbacks >= 1
     _assert_exact(check, request_id, completion)
     assert int(check.hget(KEYS.request(request_id), "epoch")) == 2  # one re-run, not a dead letter's worth
+
+
+def test_a_submit_redis_forgot_is_reported_to_whoever_waits_for_it(server: RedisServer) -> None:
+    """The one loss no worker can repair: Redis acknowledged the submit, then came back without it. The
+    producer cannot get it back, but a client waiting on it is told, rather than waiting forever."""
+    check = redis.Redis.from_url(server.url)
+    client = Client(server.url, model="noop", reconnect_s=60.0)
+    check.execute_command("SAVE")
+    request_id = client.submit("a b", max_tokens=2)  # acknowledged after the snapshot
+    server.kill()
+    server.start(timeout=30)
+    with pytest.raises(RequestFailed) as info:
+        client.result(request_id, timeout=60)
+    assert info.value.code == "unknown_request"

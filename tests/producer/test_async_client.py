@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from producer.async_client import AsyncClient
-from producer.errors import QueueFull
+from producer.errors import QueueFull, RequestFailed
 from producer.protocol import EventType
 from producer.results import CancelOutcome
 from tests.queue_helpers import WorkerThread
@@ -43,5 +43,17 @@ def test_async_submit_raises_queue_full(redis_url: str) -> None:
             await client.submit("x")
             with pytest.raises(QueueFull):
                 await client.submit("y")
+
+    asyncio.run(scenario())
+
+
+def test_async_waits_for_an_unknown_request_end_in_an_error(redis_url: str) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(redis_url, model="noop") as client:
+            with pytest.raises(RequestFailed) as info:
+                await client.result("1" * 32, timeout=60)
+            assert info.value.code == "unknown_request"
+            done = await client.wait_all(["2" * 32], timeout=60)
+            assert done["2" * 32].error is not None and done["2" * 32].error[0] == "unknown_request"
 
     asyncio.run(scenario())

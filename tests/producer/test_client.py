@@ -144,3 +144,20 @@ def test_wrong_types_are_value_errors_naming_the_field(kwargs: dict, match: str)
     """Found by fuzzing build_request: these raised TypeError or OverflowError from inside the client."""
     with pytest.raises(ValueError, match=match):
         build_request("noop", "x", **kwargs)
+
+
+def test_waiting_for_a_request_redis_does_not_know_is_an_error_not_a_hang(redis_url: str) -> None:
+    """An id never submitted (a typo, another model) or whose results expired: nothing will ever arrive,
+    so waiting with no timeout would wait forever. The client asks Redis once a read comes back empty."""
+    client = Client(redis_url, model="noop")
+    unknown = "0" * 32
+    with pytest.raises(RequestFailed) as info:
+        client.result(unknown, timeout=60)  # a regression shows as TimeoutError here, not as a hang
+    assert info.value.code == "unknown_request" and "submit it again" in info.value.message
+    with WorkerThread(NoopEngine(), redis_url, model_name="noop"):
+        known = client.submit("a b", max_tokens=2)
+        done = client.wait_all([known, unknown], timeout=60)
+    assert done[known].token_ids == [2, 3] and done[known].error is None
+    assert done[unknown].finished and done[unknown].error is not None and done[unknown].error[0] == "unknown_request"
+    with pytest.raises(RequestFailed, match="unknown_request"):
+        done[unknown].raise_for_error()
