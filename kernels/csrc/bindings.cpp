@@ -5,6 +5,9 @@ void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor k_cac
                      c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale, torch::Tensor rows,
                      torch::Tensor seq_index, torch::Tensor ctx_lens, torch::Tensor block_tables, double scale);
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias);
+std::vector<torch::Tensor> int8_pack(torch::Tensor q, torch::Tensor scale);
+torch::Tensor int8_linear_packed(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t N,
+                                 c10::optional<torch::Tensor> bias);
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype, c10::optional<torch::Tensor> bias);
 torch::Tensor gguf_rows(torch::Tensor weight, int64_t qtype, torch::Tensor ids, int64_t K);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
@@ -15,6 +18,8 @@ void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over block tables for short queries (CPU)");
   m.def("int8_linear", &int8_linear, "weight-only int8 linear, float32 activations (CPU)");
+  m.def("int8_pack", &int8_pack, "int8 [N, K] and scales -> the interleaved layout of int8_linear_packed");
+  m.def("int8_linear_packed", &int8_linear_packed, "weight-only int8 linear over int8_pack's layout (CPU)");
   m.def("gguf_linear", &gguf_linear, "linear over GGUF Q4_1 / Q8_0 blocks, float32 activations (CPU)");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (CPU)");
   m.def("add_rms_norm", &add_rms_norm, "residual + x, and its RMSNorm, in one pass (CPU)");

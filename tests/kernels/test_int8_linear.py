@@ -21,16 +21,31 @@ def test_per_channel_quantization_error_is_bounded() -> None:
     assert (error <= scale[:, None] / 2 + 1e-6).all()  # at most half a step, per row
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 300])  # fused path up to 16 rows, tiled beyond
+# row layout: fused path up to 16 rows, tiled beyond; packed layout: int8 kernel below 24 rows (and for
+# the odd rows of a block of 6), float panels from 24 rows, chunks of rows past what fits in L2
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 23, 24, 300])
 @pytest.mark.parametrize("bias", [True, False])
-def test_kernel_matches_dequantised_linear(kernels, rows: int, bias: bool) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("pack", [True, False])
+def test_kernel_matches_dequantised_linear(kernels, rows: int, bias: bool, pack: bool) -> None:  # noqa: ANN001
     torch.manual_seed(rows)
     linear = nn.Linear(200, 333, bias=bias)  # sizes that are not multiples of the vector width or tile
     q, scale = quantize_per_channel(linear.weight)
-    layer = Int8Linear(q, scale, None if linear.bias is None else linear.bias.detach().clone(), kernels)
+    layer = Int8Linear(q, scale, None if linear.bias is None else linear.bias.detach().clone(), kernels, pack=pack)
+    assert layer.packed is pack
     x = torch.randn(2, rows, 200)
     expected = F.linear(x, q.float() * scale[:, None], linear.bias)
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+    plain_q, plain_scale = layer.plain()
+    assert torch.equal(plain_q, q) and torch.equal(plain_scale, scale)  # the packed layout loses nothing
+
+
+def test_packed_kernel_over_many_row_chunks(kernels) -> None:  # noqa: ANN001
+    """K = 2048: 30 rows of x fill the kernel's L2 budget, so 100 rows take four chunks (the last a tail)."""
+    torch.manual_seed(1)
+    q, scale = quantize_per_channel(torch.randn(40, 2048))
+    x = torch.randn(100, 2048)
+    got = Int8Linear(q, scale, None, kernels)(x)
+    torch.testing.assert_close(got, F.linear(x, q.float() * scale[:, None]), rtol=1e-4, atol=1e-3)
 
 
 def test_fallback_without_kernels_computes_the_same(kernels) -> None:  # noqa: ANN001
@@ -63,14 +78,17 @@ def test_quantized_model_stays_close(tiny_models: dict[str, Path], kernels, arch
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert (got - expected).abs().max() / expected.abs().max() < 0.05
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
-    if arch == "llama":  # tied: the embedding reads the LM head's int8 matrix
+    if arch == "llama":  # tied: the embedding reads the LM head's int8 matrix, so that one stays unpacked
         assert stats["tied_embedding"] == 1
         assert model.get_input_embeddings().qweight is model.get_output_embeddings().qweight
+        assert not model.get_output_embeddings().packed
+        assert all(m.packed for m in model.modules() if isinstance(m, Int8Linear) and m is not model.lm_head)
 
 
 def test_tiled_path_on_several_threads_in_inference_mode(kernels, engine_threading) -> None:  # noqa: ANN001
     """The tiles' tensor ops run on OpenMP worker threads, which once lacked the caller's inference mode."""
     q, scale = quantize_per_channel(torch.randn(333, 200))
     x = torch.randn(300, 200)
-    out = Int8Linear(q, scale, None, kernels)(x)
-    torch.testing.assert_close(out, F.linear(x, q.float() * scale[:, None]), rtol=1e-4, atol=1e-4)
+    for pack in (False, True):
+        out = Int8Linear(q, scale, None, kernels, pack=pack)(x)
+        torch.testing.assert_close(out, F.linear(x, q.float() * scale[:, None]), rtol=1e-4, atol=1e-4)
