@@ -46,7 +46,6 @@ class Relay:
         self.cursors = ["0-0", "0-0", "0-0"]
         self.round_trips = 0
         self.rollbacks = 0  # claims Redis forgot writes of (restart from a lagging AOF, failover to a replica)
-        self.handed_back = 0
         self._lock = threading.Lock()
         self._slots_freed = threading.Event()
         self._stop = threading.Event()
@@ -199,11 +198,11 @@ class Relay:
             # decoding happens on the step loop's thread: this one's time is the queue's critical path
             self.inbox.put(Note(NoteKind.JOB, request_id, claim.epoch, payload, claim.entry_id))
         if forgotten:
-            self.rollbacks += len(forgotten) // 4
+            with self._lock:
+                self.rollbacks += len(forgotten) // 4
             log.warning("redis forgot claims it had acknowledged; the requests affected start over",
                         requests=len(forgotten) // 4)
-            self.handed_back += self._hand_back_script(keys=self._script_keys,
-                                                       args=[GROUP, self.me, self.keys.request_prefix, *forgotten])
+            self._hand_back_script(keys=self._script_keys, args=[GROUP, self.me, self.keys.request_prefix, *forgotten])
 
     def _write(self) -> bool:
         """One publish: wait for events (or a due heartbeat), then one round trip for all of them."""

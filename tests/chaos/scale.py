@@ -96,7 +96,7 @@ def scale_point(log_dir: Path, workers: int, *, slots: int, step_s: float, max_t
 
 def _peak(spans: list[tuple[int, int]]) -> int:
     """The most intervals open at one instant (an interval ending as another starts counts once)."""
-    edges = sorted([(first, 1) for first, _ in spans] + [(last, -1) for _, last in spans], key=lambda e: (e[0], e[1]))
+    edges = sorted([(first, 1) for first, _ in spans] + [(last, -1) for _, last in spans])  # ends first on a tie
     open_now = peak = 0
     for _, step in edges:
         open_now += step
