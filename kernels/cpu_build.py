@@ -22,7 +22,7 @@ _SOURCES = [
         "fused_ops_cpu.cpp",
     )
 ]
-_HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vec_math.h", "tiled_matmul.h")]
+_HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vec_math.h", "packed_matmul.h")]
 _NAME = "tokenrelay_cpu_kernels"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
 

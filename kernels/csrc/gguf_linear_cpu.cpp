@@ -2,8 +2,8 @@
 // as ggml blocks of 32 weights along K. Q4_1: {fp16 d, fp16 m, 16 bytes of nibbles}, w = d*q + m,
 // element j (j < 16) in the low nibble of byte j, j + 16 in its high nibble. Q8_0: {fp16 d,
 // 32 int8}, w = d*q. Few rows: a fused kernel unpacks each block in registers (the m term of Q4_1
-// needs only the block sums of x); many rows: tiles of weights are dequantised into float32 and
-// handed to the regular GEMM.
+// needs only the block sums of x); many rows: each block of 16 output channels is dequantised into a
+// float32 panel that the register-blocked kernel of packed_matmul.h multiplies.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -11,7 +11,7 @@
 #include <cstring>
 #include <vector>
 
-#include "tiled_matmul.h"
+#include "packed_matmul.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -146,8 +146,20 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype, 
       }
     });
   } else if (M > 0) {
-    dequantised_matmul(x2, N, y, [&](int64_t n, float* dst) {
-      for (int64_t b = 0; b < blocks; ++b) dequant_block(t, w + n * row_bytes + b * block_bytes(t), dst + b * kBlock);
+    // each 16-channel block is dequantised once per chunk of rows into a panel for the packed kernel
+    packed::panel_matmul(x2.data_ptr<float>(), M, K, N, y.data_ptr<float>(), [&](int64_t b, float* panel) {
+      thread_local std::vector<float> rows;
+      rows.resize(packed::kPackN * K);
+      const int64_t n0 = b * packed::kPackN, valid = std::min(packed::kPackN, N - n0);
+      for (int64_t j = 0; j < valid; ++j) {
+        for (int64_t kb = 0; kb < blocks; ++kb) {
+          dequant_block(t, w + (n0 + j) * row_bytes + kb * block_bytes(t), rows.data() + j * K + kb * kBlock);
+        }
+      }
+      std::fill(rows.begin() + valid * K, rows.end(), 0.0f);  // channels past N: zeros, never stored
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t j = 0; j < packed::kPackN; ++j) panel[k * packed::kPackN + j] = rows[j * K + k];
+      }
     });
   }
   if (bias.has_value() && bias->defined()) y.add_(*bias);

@@ -1,8 +1,8 @@
 // Weight-only int8 linear on CPU: y = x @ (q * scale[:, None])^T + bias, with q int8 [N, K] and
 // x, y float32. Few rows (decoding) are memory-bound: a fused kernel reads each int8 weight once and
-// converts it in registers. Many rows (prefill) are compute-bound: each thread dequantises a tile of
-// weights into a cache-sized float32 buffer and hands it to the regular GEMM. Weights repacked once
-// (int8_pack) take one register-blocked kernel at every batch size instead (int8_linear_packed).
+// converts it in registers. Many rows (prefill) are compute-bound: each 16-channel block is dequantised
+// into a float32 panel for the register-blocked kernel of packed_matmul.h. Weights repacked once
+// (int8_pack) skip the row layout altogether (int8_linear_packed); only a tied LM head keeps it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -10,7 +10,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "tiled_matmul.h"
+#include "packed_matmul.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -63,111 +63,28 @@ void fused_small(const float* x, int64_t M, int64_t K, const int8_t* q, const fl
   });
 }
 
-// -- packed layout: weights of 16 output channels interleaved per k, [ceil(N / 16), K, 16] ---------
-// A register-blocked kernel (6 rows of x x 16 channels, 12 accumulators) then converts each loaded
-// weight vector once for 6 rows and never reduces horizontally: near the FMA rate at any batch size,
-// while reading 1 byte per weight.
-constexpr int64_t kPackN = 16;
-constexpr int64_t kMicroRows = 6;
-constexpr int64_t kPanelMinRows = 24;  // rows over which converting a block to floats once pays
-
-// Accumulators are named variables, not an array: with an array GCC stores all twelve to the stack
-// on every k (measured at a fifth of the FMA rate).
-template <int MR, typename W>
-inline void packed_block(const float* x, int64_t ldx, int64_t K, const W* w, const float* scale, float* y,
-                         int64_t ldy, int64_t valid) {
-  float out[kMicroRows][kPackN];
-#ifdef TR_AVX2
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx, *x4 = x + 4 * ldx, *x5 = x + 5 * ldx;
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 w0, w1, b;
-    if constexpr (std::is_same_v<W, float>) {
-      w0 = _mm256_loadu_ps(w + k * kPackN);
-      w1 = _mm256_loadu_ps(w + k * kPackN + 8);
-    } else {
-      const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * kPackN));
-      w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w16));
-      w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w16, 8)));
-    }
-#define TR_ROW(r)                                        \
-  if constexpr (MR > r) {                                \
-    b = _mm256_broadcast_ss(x##r + k);                   \
-    c##r##0 = _mm256_fmadd_ps(b, w0, c##r##0);           \
-    c##r##1 = _mm256_fmadd_ps(b, w1, c##r##1);           \
-  }
-    TR_ROW(0) TR_ROW(1) TR_ROW(2) TR_ROW(3) TR_ROW(4) TR_ROW(5)
-#undef TR_ROW
-  }
-  const bool scaled = !std::is_same_v<W, float>;  // a float panel has the scales folded in
-  const __m256 s0 = scaled ? _mm256_loadu_ps(scale) : _mm256_set1_ps(1.0f);
-  const __m256 s1 = scaled ? _mm256_loadu_ps(scale + 8) : _mm256_set1_ps(1.0f);
-#define TR_OUT(r)                                                  \
-  if constexpr (MR > r) {                                          \
-    _mm256_storeu_ps(out[r], _mm256_mul_ps(c##r##0, s0));          \
-    _mm256_storeu_ps(out[r] + 8, _mm256_mul_ps(c##r##1, s1));      \
-  }
-  TR_OUT(0) TR_OUT(1) TR_OUT(2) TR_OUT(3) TR_OUT(4) TR_OUT(5)
-#undef TR_OUT
-#else
-  for (int r = 0; r < MR; ++r) {
-    for (int64_t j = 0; j < kPackN; ++j) out[r][j] = 0.0f;
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t j = 0; j < kPackN; ++j) out[r][j] += x[r * ldx + k] * static_cast<float>(w[k * kPackN + j]);
-    }
-    if constexpr (!std::is_same_v<W, float>) {
-      for (int64_t j = 0; j < kPackN; ++j) out[r][j] *= scale[j];
-    }
-  }
-#endif
-  for (int r = 0; r < MR; ++r) std::copy(out[r], out[r] + valid, y + r * ldy);
-}
-
-template <typename W>
-void packed_rows(const float* x, int64_t m0, int64_t m1, int64_t K, const W* w, const float* s, float* y, int64_t N,
-                 int64_t n0, int64_t valid) {
-  int64_t m = m0;
-  for (; m + kMicroRows <= m1; m += kMicroRows) packed_block<6>(x + m * K, K, K, w, s, y + m * N + n0, N, valid);
-  const float* xm = x + m * K;
-  float* ym = y + m * N + n0;
-  switch (m1 - m) {
-    case 5: packed_block<5>(xm, K, K, w, s, ym, N, valid); break;
-    case 4: packed_block<4>(xm, K, K, w, s, ym, N, valid); break;
-    case 3: packed_block<3>(xm, K, K, w, s, ym, N, valid); break;
-    case 2: packed_block<2>(xm, K, K, w, s, ym, N, valid); break;
-    case 1: packed_block<1>(xm, K, K, w, s, ym, N, valid); break;
-    default: break;
-  }
-}
+// -- packed layout (packed_matmul.h) -----------------------------------------------------------------
+using packed::kPackN;
 
 void packed_matmul(const float* x, int64_t M, int64_t K, const int8_t* qp, const float* scale, int64_t N, float* y) {
-  const int64_t blocks = (N + kPackN - 1) / kPackN;
-  // rows of x that stay in L2 while a thread walks its channel blocks
-  const int64_t chunk = std::max<int64_t>(kMicroRows, (256 * 1024 / (K * 4)) / kMicroRows * kMicroRows);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    // Many rows: each block's weights become a float panel (scales folded in) once per chunk, and the
-    // kernel runs on FMAs alone. Few rows (decoding): int8 straight from memory, converted per k.
-    std::vector<float> panel;
-    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-      const int64_t m1 = std::min(M, m0 + chunk);
-      const bool use_panel = m1 - m0 >= kPanelMinRows;
-      if (use_panel) panel.resize(K * kPackN);
-      for (int64_t b = begin; b < end; ++b) {
-        const int8_t* w = qp + b * K * kPackN;
-        const float* s = scale + b * kPackN;
-        const int64_t n0 = b * kPackN, valid = std::min(kPackN, N - n0);
-        if (use_panel) {
-          float* p = panel.data();
-          for (int64_t k = 0; k < K; ++k) {
+  if (M >= packed::kPanelMinRows) {
+    // many rows: each block becomes a float panel (scales folded in) and the kernel runs on FMAs alone
+    packed::panel_matmul(x, M, K, N, y, [&](int64_t b, float* panel) {
+      const int8_t* w = qp + b * K * kPackN;
+      const float* s = scale + b * kPackN;
+      for (int64_t k = 0; k < K; ++k) {
 #pragma omp simd
-            for (int64_t j = 0; j < kPackN; ++j) p[k * kPackN + j] = static_cast<float>(w[k * kPackN + j]) * s[j];
-          }
-          packed_rows(x, m0, m1, K, panel.data(), s, y, N, n0, valid);
-        } else {
-          packed_rows(x, m0, m1, K, w, s, y, N, n0, valid);
-        }
+        for (int64_t j = 0; j < kPackN; ++j) panel[k * kPackN + j] = static_cast<float>(w[k * kPackN + j]) * s[j];
       }
+    });
+    return;
+  }
+  // few rows (decoding): int8 straight from memory, converted in registers
+  const int64_t blocks = (N + kPackN - 1) / kPackN;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      packed::packed_rows(x, 0, M, K, qp + b * K * kPackN, scale + b * kPackN, y, N, b * kPackN,
+                          std::min(kPackN, N - b * kPackN));
     }
   });
 }
@@ -233,11 +150,18 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
     } else {
       const int8_t* qp = q.data_ptr<int8_t>();
       const float* sp = scale.data_ptr<float>();
-      dequantised_matmul(x2, N, y, [&](int64_t n, float* dst) {
-        const int8_t* src = qp + n * K;
-        const float s = sp[n];
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k]) * s;
+      // each 16-channel block is dequantised once per chunk of rows into a panel for the packed kernel
+      packed::panel_matmul(x2.data_ptr<float>(), M, K, N, y.data_ptr<float>(), [&](int64_t b, float* panel) {
+        const int64_t n0 = b * kPackN, valid = std::min(kPackN, N - n0);
+        for (int64_t j = 0; j < kPackN; ++j) {
+          if (j >= valid) {
+            for (int64_t k = 0; k < K; ++k) panel[k * kPackN + j] = 0.0f;  // channels past N: never stored
+            continue;
+          }
+          const int8_t* src = qp + (n0 + j) * K;
+          const float s = sp[n0 + j];
+          for (int64_t k = 0; k < K; ++k) panel[k * kPackN + j] = static_cast<float>(src[k]) * s;
+        }
       });
     }
   }

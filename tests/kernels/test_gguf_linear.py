@@ -33,7 +33,7 @@ def test_dequantize_q4_1_layout() -> None:
 
 
 @pytest.mark.parametrize("qtype", [Q4_1, Q8_0])
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 200])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 200])  # fused path up to 16 rows, float panels beyond
 def test_kernel_matches_dequantised_linear(kernels, qtype: int, rows: int) -> None:  # noqa: ANN001
     blocks = random_blocks(300, 192, qtype, seed=rows)
     layer = GGUFLinear(blocks, qtype, 192, torch.randn(300), kernels)
@@ -52,7 +52,7 @@ def test_embedding_rows(kernels, with_kernels: bool) -> None:  # noqa: ANN001
     torch.testing.assert_close(embedding(ids), dequantize(blocks, Q8_0, 64)[ids])
 
 
-def test_tiled_path_on_several_threads_in_inference_mode(kernels, engine_threading) -> None:  # noqa: ANN001
+def test_large_batch_path_on_several_threads_in_inference_mode(kernels, engine_threading) -> None:  # noqa: ANN001
     """As the engine calls it: several threads, inference mode (the suite itself runs on one thread)."""
     blocks = random_blocks(300, 192, Q4_1, seed=3)
     x = torch.randn(200, 192)

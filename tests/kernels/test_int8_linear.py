@@ -21,8 +21,8 @@ def test_per_channel_quantization_error_is_bounded() -> None:
     assert (error <= scale[:, None] / 2 + 1e-6).all()  # at most half a step, per row
 
 
-# row layout: fused path up to 16 rows, tiled beyond; packed layout: int8 kernel below 24 rows (and for
-# the odd rows of a block of 6), float panels from 24 rows, chunks of rows past what fits in L2
+# row layout: fused path up to 16 rows, float panels beyond; packed layout: int8 kernel below 24 rows,
+# float panels from 24; both with the odd rows of a block of 6 and chunks of rows past what fits in L2
 @pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 23, 24, 300])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("pack", [True, False])
@@ -85,8 +85,9 @@ def test_quantized_model_stays_close(tiny_models: dict[str, Path], kernels, arch
         assert all(m.packed for m in model.modules() if isinstance(m, Int8Linear) and m is not model.lm_head)
 
 
-def test_tiled_path_on_several_threads_in_inference_mode(kernels, engine_threading) -> None:  # noqa: ANN001
-    """The tiles' tensor ops run on OpenMP worker threads, which once lacked the caller's inference mode."""
+def test_large_batch_paths_on_several_threads_in_inference_mode(kernels, engine_threading) -> None:  # noqa: ANN001
+    """As the engine calls them: two threads, inference mode (an earlier tiled path ran tensor ops on OpenMP
+    worker threads, which lacked the caller's inference mode, and crashed there)."""
     q, scale = quantize_per_channel(torch.randn(333, 200))
     x = torch.randn(300, 200)
     for pack in (False, True):
