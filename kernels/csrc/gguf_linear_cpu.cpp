@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include "packed_matmul.h"
@@ -125,29 +126,24 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype, 
               "gguf_linear: x float32, weight uint8 contiguous");
   const int64_t K = x.size(-1), N = weight.size(0), blocks = K / kBlock;
   TORCH_CHECK(K % kBlock == 0 && weight.size(1) == blocks * block_bytes(t), "gguf_linear: weight does not match K");
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
-  torch::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  torch::Tensor y = torch::empty({M, N}, x.options());
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const int64_t row_bytes = weight.size(1);
-  if (M > 0 && M <= kFusedMaxRows) {
-    torch::Tensor xsum = x2.view({M, blocks, kBlock}).sum(-1).contiguous();
-    const float* xs = xsum.data_ptr<float>();
-    const float* xp = x2.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-          dot_rows(t, w + n * row_bytes, blocks, xp + m0 * K, xs + m0 * blocks, std::min(kRowBlock, M - m0), K,
-                   yp + m0 * N + n, N);
+  return packed::linear_rows(x, K, N, bias, [&](const float* xp, int64_t M, float* yp) {
+    if (M <= kFusedMaxRows) {
+      std::vector<float> xs(M * blocks);  // x's sum over each 32-wide block: the m term of Q4_1
+      for (int64_t i = 0; i < M * blocks; ++i) xs[i] = std::accumulate(xp + i * kBlock, xp + (i + 1) * kBlock, 0.0f);
+      at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+            dot_rows(t, w + n * row_bytes, blocks, xp + m0 * K, xs.data() + m0 * blocks, std::min(kRowBlock, M - m0),
+                     K, yp + m0 * N + n, N);
+          }
         }
-      }
-    });
-  } else if (M > 0) {
+      });
+      return;
+    }
     // each 16-channel block is dequantised once per chunk of rows into a panel for the packed kernel
-    packed::panel_matmul(x2.data_ptr<float>(), M, K, N, y.data_ptr<float>(), [&](int64_t b, float* panel) {
+    packed::panel_matmul(xp, M, K, N, yp, [&](int64_t b, float* panel) {
       thread_local std::vector<float> rows;
       rows.resize(packed::kPackN * K);
       const int64_t n0 = b * packed::kPackN, valid = std::min(packed::kPackN, N - n0);
@@ -161,9 +157,7 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype, 
         for (int64_t j = 0; j < packed::kPackN; ++j) panel[k * packed::kPackN + j] = rows[j * K + k];
       }
     });
-  }
-  if (bias.has_value() && bias->defined()) y.add_(*bias);
-  return y.view(out_shape);
+  });
 }
 
 // Rows `ids` of a GGUF matrix, dequantised: the embedding lookup of a quantised table.

@@ -120,17 +120,9 @@ torch::Tensor int8_linear_packed(torch::Tensor x, torch::Tensor packed, torch::T
               "int8_linear_packed: packed int8 [N/16, K, 16] and its padded scales (see int8_pack)");
   const int64_t K = packed.size(1);
   TORCH_CHECK(x.size(-1) == K, "int8_linear_packed: x's last dim must be K");
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
-  torch::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  torch::Tensor y = torch::empty({M, N}, x.options());
-  if (M > 0) {
-    packed_matmul(x2.data_ptr<float>(), M, K, packed.data_ptr<int8_t>(), scale.data_ptr<float>(), N,
-                  y.data_ptr<float>());
-  }
-  if (bias.has_value() && bias->defined()) y.add_(*bias);
-  return y.view(out_shape);
+  return packed::linear_rows(x, K, N, bias, [&](const float* xr, int64_t M, float* y) {
+    packed_matmul(xr, M, K, packed.data_ptr<int8_t>(), scale.data_ptr<float>(), N, y);
+  });
 }
 
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
@@ -139,32 +131,25 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && scale.is_contiguous() && q.size(0) == scale.size(0), "int8_linear: q [N, K]");
   const int64_t K = q.size(1), N = q.size(0);
   TORCH_CHECK(x.size(-1) == K, "int8_linear: x's last dim must be K");
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
-  torch::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  torch::Tensor y = torch::empty({M, N}, x.options());
-  if (M > 0) {
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  return packed::linear_rows(x, K, N, bias, [&](const float* xr, int64_t M, float* y) {
     if (M <= kFusedMaxRows) {
-      fused_small(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), scale.data_ptr<float>(), N, y.data_ptr<float>());
-    } else {
-      const int8_t* qp = q.data_ptr<int8_t>();
-      const float* sp = scale.data_ptr<float>();
-      // each 16-channel block is dequantised once per chunk of rows into a panel for the packed kernel
-      packed::panel_matmul(x2.data_ptr<float>(), M, K, N, y.data_ptr<float>(), [&](int64_t b, float* panel) {
-        const int64_t n0 = b * kPackN, valid = std::min(kPackN, N - n0);
-        for (int64_t j = 0; j < kPackN; ++j) {
-          if (j >= valid) {
-            for (int64_t k = 0; k < K; ++k) panel[k * kPackN + j] = 0.0f;  // channels past N: never stored
-            continue;
-          }
-          const int8_t* src = qp + (n0 + j) * K;
-          const float s = sp[n0 + j];
-          for (int64_t k = 0; k < K; ++k) panel[k * kPackN + j] = static_cast<float>(src[k]) * s;
-        }
-      });
+      fused_small(xr, M, K, qp, sp, N, y);
+      return;
     }
-  }
-  if (bias.has_value() && bias->defined()) y.add_(*bias);
-  return y.view(out_shape);
+    // each 16-channel block is dequantised once per chunk of rows into a panel for the packed kernel
+    packed::panel_matmul(xr, M, K, N, y, [&](int64_t b, float* panel) {
+      const int64_t n0 = b * kPackN, valid = std::min(kPackN, N - n0);
+      for (int64_t j = 0; j < kPackN; ++j) {
+        if (j >= valid) {
+          for (int64_t k = 0; k < K; ++k) panel[k * kPackN + j] = 0.0f;  // channels past N: never stored
+          continue;
+        }
+        const int8_t* src = qp + (n0 + j) * K;
+        const float s = sp[n0 + j];
+        for (int64_t k = 0; k < K; ++k) panel[k * kPackN + j] = static_cast<float>(src[k]) * s;
+      }
+    });
+  });
 }

@@ -5,6 +5,7 @@
 // GGUF linears dequantise each block into a panel when enough rows share it.
 #pragma once
 
+#include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -114,6 +115,21 @@ void panel_matmul(const float* x, int64_t M, int64_t K, int64_t N, float* y, Fil
       }
     }
   });
+}
+
+// The shape every quantised linear shares: x [..., K] -> y [..., N], run(x rows, M, y rows) on the
+// flattened rows (none when M is 0), then the bias.
+template <typename Run>
+torch::Tensor linear_rows(const torch::Tensor& x, int64_t K, int64_t N, const c10::optional<torch::Tensor>& bias,
+                          Run run) {
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  torch::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  if (M > 0) run(x2.data_ptr<float>(), M, y.data_ptr<float>());
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return y.view(out_shape);
 }
 
 }  // namespace packed
