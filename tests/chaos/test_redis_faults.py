@@ -5,8 +5,9 @@ made while Redis is away ends in an error rather than hanging; no request nears 
 
 The AOF runs with `appendfsync always` here, so Redis itself keeps every write it acknowledged and the
 audit judges tokenrelay alone. Under "everysec" (the production setting) a SIGKILL landing while an
-fsync is slow loses up to two seconds of acknowledged writes; CI's disk did that once (one request's
-stream lost a delta). tests/chaos/test_redis_rollback.py covers what workers do when Redis forgets.
+fsync is slow loses up to two seconds of acknowledged writes; that is the likeliest cause of one CI
+failure here (one request's stream lost a delta). tests/chaos/test_redis_rollback.py covers what
+workers do when Redis forgets.
 """
 
 from __future__ import annotations
