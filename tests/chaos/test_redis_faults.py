@@ -3,11 +3,11 @@
 Acknowledged submits are never lost; workers and clients find their way back by themselves; a call
 made while Redis is away ends in an error rather than hanging; no request nears the dead-letter cap.
 
-The AOF runs with `appendfsync always` here, so Redis itself keeps every write it acknowledged and the
-audit judges tokenrelay alone. Under "everysec" (the production setting) a SIGKILL landing while an
-fsync is slow loses up to two seconds of acknowledged writes; that is the likeliest cause of one CI
-failure here (one request's stream lost a delta). tests/chaos/test_redis_rollback.py covers what
-workers do when Redis forgets.
+The AOF runs with `appendfsync always` here, on /dev/shm, so Redis itself keeps every write it
+acknowledged, no slow disk can stall it, and the audit judges tokenrelay alone. Under "everysec" (the
+production setting) a SIGKILL landing while an fsync is slow loses up to two seconds of acknowledged
+writes; that is the likeliest cause of one CI failure here (one request's stream lost a delta).
+tests/chaos/test_redis_rollback.py covers what workers do when Redis forgets.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 def test_redis_faults_under_load_lose_nothing(tmp_path: Path, fault: str) -> None:
     requests, rate = (3_000, 100.0) if full_scale() else (400, 80.0)
     report = run_redis_chaos(tmp_path, random_specs(requests, seed=11), fault=fault, rate=rate, seed=11,
-                             interval=(0.8, 1.6), fsync="always")
+                             interval=(0.8, 1.6), fsync="always", aof_in_memory=True)
     audit = report.audit
     assert report.drained, report.as_dict()
     assert (audit.lost, audit.duplicated, audit.after_terminal, audit.wrong_tokens) == (0, 0, 0, 0), report.as_dict()
