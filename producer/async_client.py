@@ -85,7 +85,9 @@ class AsyncClient:
             try:
                 reply: Any = await self.redis.xread({key: last}, count=512, block=_block_ms(deadline))
                 # nothing came: does Redis know the request at all? (else this would wait forever)
-                known = bool(reply) or bool(await self.redis.exists(keys.request(request_id), key))
+                # (one key per EXISTS: the producer's ACL grants it per key pattern)
+                known = bool(reply) or bool(await self.redis.exists(keys.request(request_id))) or bool(
+                    await self.redis.exists(key))
                 reconnect.ok()
             except RETRYABLE as exc:
                 await asyncio.sleep(reconnect.delay(exc))
@@ -143,8 +145,8 @@ class AsyncClient:
             try:
                 if time.monotonic() - checked >= _UNKNOWN_CHECK_S:
                     pipe = self.redis.pipeline(transaction=False)
-                    for record, result in fold.existence_checks():
-                        pipe.exists(record, result)
+                    for key in fold.existence_checks():
+                        pipe.exists(key)
                     fold.settle_unknown(await pipe.execute())
                     checked = time.monotonic()
                 for chunk in chunks:

@@ -173,7 +173,9 @@ class Client:
             try:
                 reply: Any = self.redis.xread({key: last}, count=512, block=block)
                 # nothing came: does Redis know the request at all? (else this would wait forever)
-                known = bool(reply) or bool(self.redis.exists(keys.request(request_id), key))
+                # (one key per EXISTS: the producer's ACL grants it per key pattern)
+                known = bool(reply) or bool(self.redis.exists(keys.request(request_id))) or bool(
+                    self.redis.exists(key))
                 reconnect.ok()
             except RETRYABLE as exc:
                 time.sleep(reconnect.delay(exc))
@@ -231,8 +233,8 @@ class Client:
             try:
                 if time.monotonic() - checked >= _UNKNOWN_CHECK_S:
                     pipe = self.redis.pipeline(transaction=False)
-                    for record, result in fold.existence_checks():
-                        pipe.exists(record, result)
+                    for key in fold.existence_checks():
+                        pipe.exists(key)
                     fold.settle_unknown(pipe.execute())
                     checked = time.monotonic()
                 for chunk in chunks:

@@ -91,14 +91,15 @@ class ResultFold:
         keys = list(self.positions)
         return [{k: self.positions[k] for k in keys[i:i + self._max_keys]} for i in range(0, len(keys), self._max_keys)]
 
-    def existence_checks(self) -> list[tuple[str, str]]:
-        """(record key, result key) of each request still open: an EXISTS of both that answers 0 means
-        nothing will ever arrive for it (see settle_unknown)."""
-        return [(self.keys.request(self._owners[k]), k) for k in self.positions]
+    def existence_checks(self) -> list[str]:
+        """Record key then result key of each request still open, for one single-key EXISTS each (an ACL
+        selector covers one key pattern); neither existing means nothing will ever arrive for it."""
+        return [key for k in self.positions for key in (self.keys.request(self._owners[k]), k)]
 
-    def settle_unknown(self, counts: Sequence[int]) -> int:
-        """Given EXISTS answers in existence_checks' order, ends the requests Redis knows nothing of."""
-        gone = [k for k, n in zip(list(self.positions), counts, strict=True) if not n]
+    def settle_unknown(self, answers: Sequence[int]) -> int:
+        """Given the EXISTS answers in existence_checks' order, ends the requests Redis knows nothing of."""
+        pairs = zip(answers[0::2], answers[1::2], strict=True)
+        gone = [k for k, (record, result) in zip(list(self.positions), pairs, strict=True) if not record + result]
         for key in gone:
             self.completions[self._owners[key]].unknown()
             del self.positions[key]

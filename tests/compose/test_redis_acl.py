@@ -15,6 +15,7 @@ import redis
 
 from producer import maintenance
 from producer.client import Client
+from producer.errors import RequestFailed
 from producer.protocol import GROUP, Keys, Priority
 from tests.compose.conftest import ROOT, ACLServer
 from tests.queue_helpers import wait_for
@@ -56,6 +57,9 @@ def test_every_role_works_through_the_real_code_and_nothing_is_refused(acl_serve
         wait_for(lambda: admin.xlen(KEYS.result(long_id)) > 0, 10, what="tokens")
         assert client.cancel(long_id).value == "requested"
         assert client.result(long_id, timeout=30).finish_reason == "cancelled"
+        with pytest.raises(RequestFailed, match="unknown_request"):  # asking Redis whether it knows the id
+            client.result("0" * 32, timeout=30)
+        assert client.wait_all(["1" * 32], timeout=30)["1" * 32].error is not None
         gateway.wait_ready()
         completion = httpx.post(f"{gateway.url}/v1/completions", timeout=30,
                                 json={"model": "tiny", "prompt": "q", "max_tokens": 2})
