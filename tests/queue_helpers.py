@@ -116,7 +116,14 @@ class WorkerProcess:
         os.kill(self.pid, signum)
 
     def wait(self, timeout: float = 60.0) -> int:
-        return self.process.wait(timeout)
+        """Its exit code; past `timeout`, its threads' stacks (faulthandler, SIGUSR1) go into the failure."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+            raise AssertionError(f"worker {self.pid} still running after {timeout} s; its log ends:\n"
+                                 f"{self.log_path.read_text()[-6000:]}") from None
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 from types import FrameType
 from typing import Any
@@ -49,6 +50,8 @@ def run_worker(settings: WorkerSettings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack to stderr, for a worker that hangs
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         worker.run()
     except EngineFailed:
