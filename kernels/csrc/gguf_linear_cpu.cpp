@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "packed_matmul.h"
+#include "vec_math.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -56,12 +57,6 @@ inline void dequant_block(QType t, const uint8_t* b, float* out) {
 }
 
 #ifdef TR_GGUF_AVX2
-inline float hsum(__m256 v) {
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  r = _mm_hadd_ps(r, r);
-  return _mm_cvtss_f32(_mm_hadd_ps(r, r));
-}
-
 // The block's 32 quantised values times d, as four vectors of 8 (the m term is added separately).
 inline void scaled_values(QType t, const uint8_t* b, __m256 v[4]) {
   const __m256 d = _mm256_set1_ps(half_to_float(b));

@@ -7,30 +7,15 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
-#include "packed_matmul.h"
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define TR_AVX2 1
-#endif
+#include "packed_matmul.h"  // also defines TR_AVX2 where AVX2 and FMA are there
+#include "vec_math.h"
 
 namespace {
 
 constexpr int64_t kRowBlock = 8;     // rows of x sharing one pass over a weight row
 constexpr int64_t kFusedMaxRows = 16;
-
-#ifdef TR_AVX2
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_hadd_ps(lo, lo);
-  lo = _mm_hadd_ps(lo, lo);
-  return _mm_cvtss_f32(lo);
-}
-#endif
 
 // Dot products of `rows` rows of x (stride K) with one int8 weight row, scaled.
 inline void dot_rows(const float* x, int64_t rows, int64_t K, const int8_t* w, float scale, float* out,

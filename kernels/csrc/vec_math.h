@@ -6,6 +6,17 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+
+// The sum of a vector's eight floats.
+inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_hadd_ps(r, r);
+  return _mm_cvtss_f32(_mm_hadd_ps(r, r));
+}
+#endif
+
 // exp(x) for x <= 0 in float: 2^(x log2 e) split into an integer power (built in the exponent bits)
 // and a degree-6 polynomial for the fraction; relative error ~2e-7, and unlike std::exp it vectorises.
 inline float exp_nonpositive(float x) {
