@@ -133,7 +133,7 @@ class EngineConfig:
     """Everything that shapes one engine instance; printed once at start-up."""
 
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA (float16 where bf16 is unsupported)
     device: str = "auto"  # auto: cuda when available, else cpu
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: from kv_cache_memory_gb

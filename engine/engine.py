@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from types import ModuleType
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -13,23 +13,13 @@ import torch
 from engine.config import EngineConfig, SamplingParams
 from engine.detokenize import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
-from engine.memory import kv_cache_num_blocks, release_free_host_memory, tune_host_allocator
-from engine.models.adapter import ModelAdapter
-from engine.models.default_model import gguf_path
-from engine.models.fused_layers import fuse_decoder_layers
-from engine.models.gguf_weights import load_gguf_weights
-from engine.models.loader import load_model, resolve_device, resolve_dtype
-from engine.offload import offload_layers
+from engine.models.prepare import PreparedModel, prepare_model
+from engine.offload import LayerOffloader
 from engine.request import FinishReason, Request, RequestOutput, TokenLogprob
-from engine.runner import ModelRunner, PromptScores, kv_cache_bytes_per_block
+from engine.runner import ModelRunner, PromptScores
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
 from engine.swap import HostBlockPool, PreemptionMode, SwapPolicy, default_costs
-from kernels import cpu_build
-from kernels.cpu_linear import pack_linears, packing_available
-from kernels.fused_ops import FusedOps
-from kernels.int8_linear import quantize_model_int8
-from kernels.select import select_backend
 
 log = structlog.get_logger(__name__)
 
@@ -42,95 +32,28 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         started = time.monotonic()
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        allocator_tuned = self.device.type == "cpu" and tune_host_allocator()
-        loaded = load_model(config.model, self.device, self.dtype, config.trust_remote_code)
-        self.model_path = loaded.path
-        self.tokenizer = loaded.tokenizer
-        self.eos_token_ids = loaded.eos_token_ids
-        self.vocab_size = loaded.vocab_size
-        self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.dtype
-        backend, reason = select_backend(
-            config.attention_backend, self.device, self.dtype, config.block_size, self.kv_dtype
-        )
-        self.attention_backend = backend.name
-        block_bytes = kv_cache_bytes_per_block(
-            loaded.num_layers, config.block_size, loaded.num_kv_heads, loaded.head_dim, self.kv_dtype
-        )
-        num_blocks = config.num_kv_blocks or kv_cache_num_blocks(config.kv_cache_memory_gb, block_bytes, self.device)
-        # A request must always fit in the pool on its own, or preemption could never make room.
-        self.max_model_len = min(
-            config.max_model_len or loaded.max_model_len, loaded.max_model_len, num_blocks * config.block_size
-        )
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        swap_blocks = int(config.swap_space_gb * 2**30) // block_bytes
-        swap = SwapPolicy(
-            PreemptionMode(config.preemption_mode),
-            HostBlockPool(swap_blocks) if swap_blocks else None,
-            default_costs(
-                self.device.type, loaded.num_params, loaded.num_layers, loaded.num_heads, loaded.head_dim, block_bytes
-            ),
-        )
+        self.prepared = prepared = prepare_model(config)
+        self.tokenizer = prepared.loaded.tokenizer
+        self.eos_token_ids = prepared.loaded.eos_token_ids
+        self.vocab_size = prepared.loaded.vocab_size
+        self.max_model_len = prepared.max_model_len
+        self.kv = KVCacheManager(prepared.num_blocks, config.block_size, config.enable_prefix_caching)
+        swap = _swap_policy(config, prepared)
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_seqs,
             config.max_num_batched_tokens,
-            watermark_blocks=max(1, num_blocks // 100),
+            watermark_blocks=max(1, prepared.num_blocks // 100),
             swap=swap,
         )
-        packed = 0
-        fused = 0  # decoder layers given the fused forward (engine/models/fused_layers.py)
-        if config.fused_layers and self.device.type == "cpu" and config.quantization != "gguf":
-            # before quantization and packing: those then see the merged q/k/v and gate/up projections
-            compiled = _cpu_kernels(self.device, self.dtype, (torch.float32, torch.float64))
-            fused = fuse_decoder_layers(loaded.model, FusedOps(compiled))
-        self.fused_layers = fused
-        if config.quantization == "int8":
-            quantize_model_int8(loaded.model, _cpu_kernels(self.device, self.dtype))
-        elif config.quantization == "gguf":
-            load_gguf_weights(loaded.model, gguf_path(), _cpu_kernels(self.device, self.dtype))
-        elif config.cpu_weight_packing and not config.cpu_offload_gb and packing_available(self.device, self.dtype):
-            packed = pack_linears(loaded.model)
-        self.offloaded = (
-            offload_layers(loaded.model, config.cpu_offload_gb, self.device) if config.cpu_offload_gb else []
-        )
-        if self.device.type == "cpu":
-            release_free_host_memory()
-        adapter = ModelAdapter(loaded.model)
-        self.runner = ModelRunner(
-            adapter,
-            backend,
-            num_blocks,
-            config.block_size,
-            loaded.num_layers,
-            loaded.num_kv_heads,
-            loaded.head_dim,
-            self.dtype,
-            self.device,
-            self.kv_dtype,
-        )
+        self.runner = _model_runner(prepared, config.block_size)
         if swap.pool is not None:
             self.runner.allocate_swap_space(swap.pool.num_blocks)
-        self.sampler = Sampler(loaded.vocab_size, config.seed)
+        self.sampler = Sampler(prepared.loaded.vocab_size, config.seed)
         self.num_generated_tokens = 0
         log.info(
             "engine ready",
-            model=str(loaded.path),
-            device=str(self.device),
-            dtype=str(self.dtype).split(".")[-1],
-            attention_backend=backend.name,
-            backend_reason=reason,
-            num_kv_blocks=num_blocks,
-            kv_cache_mib=round(num_blocks * block_bytes / 2**20),
-            max_model_len=self.max_model_len,
-            threads=torch.get_num_threads(),
-            allocator_tuned=allocator_tuned,
-            packed_linears=packed,
-            fused_layers=fused,
-            offloaded_layers=len(self.offloaded),
+            **prepared.summary(),
             seconds=round(time.monotonic() - started, 2),
             config={k: v for k, v in asdict(config).items() if v is not None},
         )
@@ -283,6 +206,34 @@ class LLMEngine:
 
     # -- introspection ----------------------------------------------------------------------------
 
+    @property
+    def model_path(self) -> Path:
+        return self.prepared.loaded.path
+
+    @property
+    def device(self) -> torch.device:
+        return self.prepared.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prepared.dtype
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.prepared.kv_dtype
+
+    @property
+    def attention_backend(self) -> str:
+        return self.prepared.backend.name
+
+    @property
+    def fused_layers(self) -> int:
+        return self.prepared.fused_layers
+
+    @property
+    def offloaded(self) -> list[LayerOffloader]:
+        return self.prepared.offloaded
+
     def stats(self) -> dict[str, Any]:
         kv = self.kv
         return {
@@ -297,17 +248,35 @@ class LLMEngine:
         }
 
 
-def _cpu_kernels(
-    device: torch.device, dtype: torch.dtype, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
-) -> ModuleType | None:
-    """The compiled CPU kernels when they apply (CPU, one of `dtypes`), else None (a slower fallback runs)."""
-    if device.type != "cpu" or dtype not in dtypes:
-        return None
-    try:
-        return cpu_build.load()
-    except Exception as exc:  # noqa: BLE001 - no compiler: the fallback still computes the same thing
-        log.warning("cpu kernels unavailable; torch fallbacks run instead", error=str(exc))
-        return None
+def _swap_policy(config: EngineConfig, prepared: PreparedModel) -> SwapPolicy:
+    loaded = prepared.loaded
+    swap_blocks = int(config.swap_space_gb * 2**30) // prepared.block_bytes
+    costs = default_costs(
+        prepared.device.type,
+        loaded.num_params,
+        loaded.num_layers,
+        loaded.num_heads,
+        loaded.head_dim,
+        prepared.block_bytes,
+    )
+    pool = HostBlockPool(swap_blocks) if swap_blocks else None
+    return SwapPolicy(PreemptionMode(config.preemption_mode), pool, costs)
+
+
+def _model_runner(prepared: PreparedModel, block_size: int) -> ModelRunner:
+    loaded = prepared.loaded
+    return ModelRunner(
+        prepared.adapter,
+        prepared.backend,
+        prepared.num_blocks,
+        block_size,
+        loaded.num_layers,
+        loaded.num_kv_heads,
+        loaded.head_dim,
+        prepared.dtype,
+        prepared.device,
+        prepared.kv_dtype,
+    )
 
 
 def _append_prompt_logprobs(scores: PromptScores) -> None:

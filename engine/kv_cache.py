@@ -151,8 +151,8 @@ class KVCacheManager:
     ) -> bool:
         """Make room for `num_new_tokens` more computed tokens; False (and no change) if it does not fit.
 
-        `cached_blocks` are prefix-cache hits for a request being admitted; `reserve` keeps that
-        many blocks free afterwards (a watermark that avoids admitting work only to preempt it).
+        `prefix` holds the prefix-cache hits of a request being admitted; `reserve` keeps that many
+        blocks free afterwards (a watermark that avoids admitting work only to preempt it).
         """
         cached_blocks = prefix.block_ids if prefix else []
         start = request.num_computed_tokens + len(cached_blocks) * self.block_size

@@ -1,4 +1,4 @@
-"""How many KV blocks fit in the memory budget."""
+"""Memory facts: how many KV blocks fit the budget, the host allocator's tuning, the bytes weights hold."""
 
 from __future__ import annotations
 

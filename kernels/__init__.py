@@ -1,4 +1,4 @@
-"""Attention backends: write new K/V into the paged cache and attend through block tables."""
+"""The attention backend protocol (write K/V into the paged cache, attend by block table); ops live in submodules."""
 
 from __future__ import annotations
 

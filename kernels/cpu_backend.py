@@ -1,4 +1,4 @@
-"""CPU attention: a C++ kernel reads K/V in place for decodes; SDPA handles prefill chunks."""
+"""CPU attention: a C++ kernel reads K/V in place for short queries (decodes); SDPA handles longer chunks."""
 
 from __future__ import annotations
 

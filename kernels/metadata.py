@@ -33,7 +33,7 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block_id * block_size + offset) per new token
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with the runner's spare block (never handed out)
     seq_lens: list[int]
     query_lens: list[int]
     query_start: list[int]

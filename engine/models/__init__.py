@@ -1,1 +1,1 @@
-"""Model loading and the Hugging Face adapter that runs packed, paged batches."""
+"""Model loading and preparation (fuse, quantize, pack, offload), and the HF adapter that runs packed batches."""
