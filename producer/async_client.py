@@ -1,4 +1,4 @@
-"""AsyncClient: the asyncio twin of Client (same protocol, same scripts, same semantics)."""
+"""AsyncClient: the asyncio I/O shell over producer.client_core (same operations, same semantics as Client)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from producer.client import ClientBase, build_request
-from producer.client_core import Command, Exists, Operation, Read, RunScript, Sleep
+from producer.client import ClientBase
+from producer.client_commands import Command, Exists, Operation, Read, RunScript, Sleep
 from producer.protocol import Event, Request
 from producer.results import CancelOutcome, Completion
 
@@ -25,8 +25,7 @@ class AsyncClient(ClientBase[aioredis.Redis]):
 
     async def submit(self, prompt: str | list[int] | None = None, **kwargs: Any) -> str:
         """See Client.submit."""
-        model = kwargs.pop("model", None) or self.config.model
-        return (await self.submit_requests([build_request(model, prompt, **kwargs)]))[0]
+        return (await self.submit_requests(self._core.requests([prompt], kwargs)))[0]
 
     async def submit_requests(self, requests: Sequence[Request]) -> list[str]:
         """See Client.submit_requests (same retry of a lost connection under the same ids)."""
@@ -57,10 +56,7 @@ class AsyncClient(ClientBase[aioredis.Redis]):
     async def generate(self, prompts: Sequence[str | list[int]], timeout: float | None = None,
                        **kwargs: Any) -> list[Completion]:
         """Submits every prompt, waits for all concurrently; completions in order."""
-        model = kwargs.pop("model", None) or self.config.model
-        ids = await self.submit_requests([build_request(model, p, **kwargs) for p in prompts])
-        done = await self.wait_all(ids, model=model, timeout=timeout)
-        return [done[i].raise_for_error() for i in ids]
+        return await self._run(self._core.generate(prompts, timeout, kwargs))
 
     async def wait_all(self, request_ids: Sequence[str], *, model: str | None = None,
                        timeout: float | None = None) -> dict[str, Completion]:

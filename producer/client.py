@@ -1,8 +1,7 @@
-"""Client: submit, stream, result, cancel and generate over Redis (sync; AsyncClient mirrors it)."""
+"""Client: submit, stream, result, cancel and generate over Redis (the sync I/O shell over producer.client_core)."""
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -11,31 +10,16 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import redis
 
-from producer.client_core import (
-    CONNECTION_OPTIONS,
-    SCRIPTS,
-    ClientCore,
-    Command,
-    Exists,
-    Operation,
-    Read,
-    RunScript,
-    Sleep,
-)
-from producer.errors import ProtocolError
+from producer.client_commands import Command, Exists, Operation, Read, RunScript, Sleep
+from producer.client_core import CONNECTION_OPTIONS, SCRIPTS, ClientCore, build_request
 from producer.protocol import (
-    DEFAULT_LIMITS,
     DEFAULT_MODEL_NAME,
     DEFAULT_PREFIX,
     DEFAULT_RESULT_TTL_S,
-    ErrorCode,
     Event,
     EventType,
     Keys,
-    Limits,
-    Priority,
     Request,
-    new_request_id,
 )
 from producer.results import CancelOutcome, Completion
 
@@ -72,28 +56,6 @@ class ClientConfig:
         return cls(**values)
 
 
-def build_request(model: str, prompt: str | list[int] | None = None, *, messages: list[dict[str, str]] | None = None,
-                  prompt_token_ids: list[int] | None = None, stream: bool = True,
-                  priority: Priority | str = Priority.NORMAL, deadline: float | None = None,
-                  timeout: float | None = None, metadata: Any = None, request_id: str | None = None,
-                  limits: Limits = DEFAULT_LIMITS, **params: Any) -> Request:
-    """A checked Request; raises ProtocolError (a ValueError) naming the bad field."""
-    if isinstance(prompt, list):
-        prompt, prompt_token_ids = None, prompt
-    if timeout is not None:
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout):
-            raise ProtocolError(ErrorCode.INVALID_REQUEST,
-                                f"timeout: must be a finite number of seconds, got {timeout!r:.40}")
-        if deadline is not None and (not isinstance(deadline, (int, float)) or isinstance(deadline, bool)):
-            raise ProtocolError(ErrorCode.INVALID_REQUEST,
-                                f"deadline: must be seconds since the epoch, got {deadline!r:.40}")
-        deadline = time.time() + timeout if deadline is None else min(deadline, time.time() + timeout)
-    request = Request(request_id=request_id or new_request_id(), model=model, prompt=prompt, messages=messages,
-                      prompt_token_ids=prompt_token_ids, params=params, stream=stream,
-                      priority=Priority(priority), deadline=deadline, submitted_at=time.time(), metadata=metadata)
-    return request.validate(limits)
-
-
 class ClientBase(Generic[R]):
     """What Client and AsyncClient hold alike: settings, connection, scripts, core; each adds only its I/O."""
 
@@ -125,8 +87,7 @@ class Client(ClientBase[redis.Redis]):
         seconds) or timeout (seconds from now), metadata, request_id, and any sampling parameter.
         Raises QueueFull when the model's backlog is over `max_queue_depth`.
         """
-        model = kwargs.pop("model", None) or self.config.model
-        return self.submit_requests([build_request(model, prompt, **kwargs)])[0]
+        return self.submit_requests(self._core.requests([prompt], kwargs))[0]
 
     def submit_requests(self, requests: Sequence[Request]) -> list[str]:
         """Enqueues many in one round trip; on QueueFull, `.accepted` lists those that got in.
@@ -163,10 +124,7 @@ class Client(ClientBase[redis.Redis]):
     def generate(self, prompts: Sequence[str | list[int]], timeout: float | None = None,
                  **kwargs: Any) -> list[Completion]:
         """Submits every prompt, waits for all; completions in order. Raises the first RequestFailed."""
-        model = kwargs.pop("model", None) or self.config.model
-        ids = self.submit_requests([build_request(model, p, **kwargs) for p in prompts])
-        done = self.wait_all(ids, model=model, timeout=timeout)
-        return [done[i].raise_for_error() for i in ids]
+        return self._run(self._core.generate(prompts, timeout, kwargs))
 
     def wait_all(self, request_ids: Sequence[str], *, model: str | None = None,
                  timeout: float | None = None) -> dict[str, Completion]:

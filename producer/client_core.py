@@ -1,21 +1,33 @@
-"""What Client and AsyncClient decide, with no I/O: each call is an Operation that says what to send to Redis.
+"""What Client and AsyncClient decide, with no I/O: requests built, and each call as an Operation.
 
-An operation is written as a generator of commands (`Read`, `Exists`, `RunScript(s)`, `Sleep`) and of
-the `Event`s it hands to its caller; the shell carries out each command with its own Redis client and
-reports the reply, or the exception it raised, back. So the sync and the asyncio client only send and
-receive, and a new client behaviour (another key layout, another retry rule) is written once, here.
+Each operation (submit, events, cancel, wait_all, generate) is a generator of the commands of
+producer.client_commands and of the `Event`s it hands to its caller; the two clients only carry the
+commands out. So a new client behaviour (another key layout, another retry rule) is written once, here.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from producer.errors import QueueFull, RequestFailed
-from producer.protocol import EVENT_FIELD, Event, FinishReason, Keys, Request, decode_event, done_event
+from producer.client_commands import Exists, Operation, Read, RunScript, RunScripts, Sleep, Steps
+from producer.errors import ProtocolError, QueueFull, RequestFailed
+from producer.protocol import (
+    DEFAULT_LIMITS,
+    EVENT_FIELD,
+    ErrorCode,
+    FinishReason,
+    Keys,
+    Limits,
+    Priority,
+    Request,
+    decode_event,
+    done_event,
+    new_request_id,
+)
 from producer.reconnect import RETRYABLE, Reconnect
 from producer.results import UNKNOWN, CancelOutcome, Completion, ResultFold
 from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
@@ -24,7 +36,6 @@ if TYPE_CHECKING:
     from producer.client import ClientConfig
 
 READ_BLOCK_MS = 1_000
-READ_COUNT = 512  # entries per stream per XREAD
 MAX_KEYS_PER_READ = 1_000
 UNKNOWN_CHECK_S = 2.0  # wait_all: how often it asks whether Redis still knows the requests it waits for
 IDLE_POLL_S = 0.005  # wait_all over several chunks: the pause after a round that brought nothing
@@ -32,82 +43,27 @@ SCRIPTS = (SUBMIT, CANCEL)  # the Lua sources a client registers; RunScript name
 # the socket timeout outlasts the longest blocking read, so a quiet XREAD is never taken for a dead link
 CONNECTION_OPTIONS: dict[str, float] = {"socket_connect_timeout": 5, "socket_timeout": READ_BLOCK_MS / 1000 + 10}
 
-T = TypeVar("T")
 
-
-@dataclass(slots=True, frozen=True)
-class Read:
-    """XREAD COUNT `count` BLOCK `block` (None: do not block) over stream key -> last entry id seen."""
-
-    streams: dict[str, str]
-    block: int | None
-    count: int = READ_COUNT
-
-
-@dataclass(slots=True, frozen=True)
-class Exists:
-    """One single-key EXISTS per key, pipelined (the producer's ACL grants EXISTS per key pattern)."""
-
-    keys: list[str]
-
-
-@dataclass(slots=True, frozen=True)
-class RunScript:
-    """One call of a registered Lua script (`source` is one of SCRIPTS)."""
-
-    source: str
-    keys: list[str]
-    args: list[Any]
-
-
-@dataclass(slots=True, frozen=True)
-class RunScripts:
-    """Several script calls in one pipeline; the reply is the list of their replies."""
-
-    calls: list[RunScript]
-
-
-@dataclass(slots=True, frozen=True)
-class Sleep:
-    seconds: float
-
-
-Command = Read | Exists | RunScript | RunScripts | Sleep
-Steps = Generator[Command | Event, Any, T]
-
-
-class Operation(Generic[T]):
-    """Iterate it for the next command or event; after a command, `reply` or `fail` with what Redis said.
-
-    Once iteration stops, `value` holds the result. An error the operation does not handle (anything but
-    a lost connection, mostly) comes back out of the iteration unchanged.
-    """
-
-    __slots__ = ("_steps", "_reply", "_error", "value")
-    value: T
-
-    def __init__(self, steps: Steps[T]) -> None:
-        self._steps = steps
-        self._reply: Any = None
-        self._error: Exception | None = None
-
-    def __iter__(self) -> Operation[T]:
-        return self
-
-    def __next__(self) -> Command | Event:
-        reply, error = self._reply, self._error
-        self._reply = self._error = None
-        try:
-            return self._steps.send(reply) if error is None else self._steps.throw(error)
-        except StopIteration as stop:
-            self.value = stop.value
-            raise
-
-    def reply(self, reply: Any) -> None:
-        self._reply = reply
-
-    def fail(self, error: Exception) -> None:
-        self._error = error
+def build_request(model: str, prompt: str | list[int] | None = None, *, messages: list[dict[str, str]] | None = None,
+                  prompt_token_ids: list[int] | None = None, stream: bool = True,
+                  priority: Priority | str = Priority.NORMAL, deadline: float | None = None,
+                  timeout: float | None = None, metadata: Any = None, request_id: str | None = None,
+                  limits: Limits = DEFAULT_LIMITS, **params: Any) -> Request:
+    """A checked Request; raises ProtocolError (a ValueError) naming the bad field."""
+    if isinstance(prompt, list):
+        prompt, prompt_token_ids = None, prompt
+    if timeout is not None:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout):
+            raise ProtocolError(ErrorCode.INVALID_REQUEST,
+                                f"timeout: must be a finite number of seconds, got {timeout!r:.40}")
+        if deadline is not None and (not isinstance(deadline, (int, float)) or isinstance(deadline, bool)):
+            raise ProtocolError(ErrorCode.INVALID_REQUEST,
+                                f"deadline: must be seconds since the epoch, got {deadline!r:.40}")
+        deadline = time.time() + timeout if deadline is None else min(deadline, time.time() + timeout)
+    request = Request(request_id=request_id or new_request_id(), model=model, prompt=prompt, messages=messages,
+                      prompt_token_ids=prompt_token_ids, params=params, stream=stream,
+                      priority=Priority(priority), deadline=deadline, submitted_at=time.time(), metadata=metadata)
+    return request.validate(limits)
 
 
 class _Models:
@@ -143,6 +99,11 @@ class ClientCore:
         """The keys of a request, under the model it named or was last submitted to."""
         return self.keys(self._models.of(request_id, model))
 
+    def requests(self, prompts: Sequence[str | list[int] | None], kwargs: dict[str, Any]) -> list[Request]:
+        """One checked request a prompt, from submit's or generate's kwargs (their `model` or the default)."""
+        model = kwargs.pop("model", None) or self.config.model
+        return [build_request(model, prompt, **kwargs) for prompt in prompts]
+
     def submit(self, requests: Sequence[Request]) -> Operation[list[str]]:
         return Operation(self._submit(requests))
 
@@ -155,6 +116,17 @@ class ClientCore:
     def wait_all(self, request_ids: Sequence[str], model: str | None,
                  timeout: float | None) -> Operation[dict[str, Completion]]:
         return Operation(self._wait_all(request_ids, model, timeout))
+
+    def generate(self, prompts: Sequence[str | list[int]], timeout: float | None,
+                 kwargs: dict[str, Any]) -> Operation[list[Completion]]:
+        return Operation(self._generate(prompts, timeout, kwargs))
+
+    def _generate(self, prompts: Sequence[str | list[int]], timeout: float | None,
+                  kwargs: dict[str, Any]) -> Steps[list[Completion]]:
+        model = kwargs.get("model") or self.config.model
+        ids = yield from self._submit(self.requests(prompts, kwargs))
+        done = yield from self._wait_all(ids, model, timeout)
+        return [done[i].raise_for_error() for i in ids]
 
     def _submit(self, requests: Sequence[Request]) -> Steps[list[str]]:
         batches = submit_batches(requests)
