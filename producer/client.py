@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,7 @@ from producer.protocol import (
 from producer.reconnect import RETRYABLE, Reconnect
 from producer.results import UNKNOWN, CancelOutcome, Completion, ResultFold
 from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
+from producer.settings import load as load_settings
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_MAX_QUEUE_DEPTH = 10_000
@@ -51,14 +51,9 @@ class ClientConfig:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientConfig:
-        env = {"redis_url": os.environ.get("TOKENRELAY_REDIS_URL"), "model": os.environ.get("TOKENRELAY_MODEL"),
-               "prefix": os.environ.get("TOKENRELAY_PREFIX")}
-        depth = os.environ.get("TOKENRELAY_MAX_QUEUE_DEPTH")
-        values: dict[str, Any] = {k: v for k, v in env.items() if v}
-        if depth:
-            values["max_queue_depth"] = int(depth)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        """Defaults, then TOKENRELAY_<FIELD> variables (TOKENRELAY_REDIS_URL, TOKENRELAY_MODEL, ...), then
+        explicit overrides (None: not given)."""
+        return load_settings(cls, overrides)
 
 
 def build_request(model: str, prompt: str | list[int] | None = None, *, messages: list[dict[str, str]] | None = None,
