@@ -7,26 +7,12 @@ import json
 import sys
 from typing import Any
 
+from worker.settings import add_worker_flags
+
 
 def _worker_parser(sub: Any) -> None:
     p = sub.add_parser("worker", help="serve a model from its Redis request streams")
-    p.add_argument("--model", help="local HF model folder (default: the packaged SmolLM2-135M-Instruct)")
-    p.add_argument("--model-name", help="the name clients address (default: the folder's name)")
-    p.add_argument("--redis", dest="redis_url", help="Redis URL (env TOKENRELAY_REDIS_URL)")
-    p.add_argument("--prefix", help="key prefix (default tr)")
-    p.add_argument("--engine", choices=["llm", "noop"], help="noop: one token per request per step, no model")
-    p.add_argument("--dtype")
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--threads", dest="num_threads", type=int, help="torch intra-op threads")
-    p.add_argument("--num-kv-blocks", type=int)
-    p.add_argument("--heartbeat", dest="heartbeat_s", type=float, help="seconds between claim refreshes")
-    p.add_argument("--claim-idle", dest="claim_idle_s", type=float, help="seconds before a silent worker's "
-                   "requests are taken over")
-    p.add_argument("--max-deliveries", type=int)
-    p.add_argument("--drain-grace", dest="drain_grace_s", type=float)
-    p.add_argument("--publish-interval", dest="publish_interval_s", type=float)
-    p.add_argument("--noop-step-delay", dest="noop_step_delay_s", type=float)
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
+    add_worker_flags(p)
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -93,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         from worker.settings import WorkerSettings
 
         options = {k: v for k, v in vars(args).items() if k != "command"}
-        return run_worker(WorkerSettings.from_env(**options))
+        try:
+            settings = WorkerSettings.from_env(**options)
+        except ValueError as exc:  # EngineConfig's and WorkerSettings' own checks, or a variable that does not parse
+            print(f"tokenrelay worker: error: {exc}", file=sys.stderr)
+            return 2
+        return run_worker(settings)
     if args.command == "serve":
         from producer.gateway.server import run_gateway
         from producer.gateway.settings import GatewaySettings

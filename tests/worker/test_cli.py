@@ -50,3 +50,17 @@ def test_worker_flags_and_environment_build_the_settings(monkeypatch: pytest.Mon
     assert settings.served_model == "noop"
     with pytest.raises(ValueError, match="claim_idle_s"):
         WorkerSettings(heartbeat_s=2.0, claim_idle_s=3.0)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--kv-cache-dtype", "fp8"], "kv_cache_dtype: must be auto or int8, got 'fp8'"),
+    (["--preemption-mode", "swap"], "preemption_mode: 'swap' needs swap_space_gb > 0"),
+    (["--enable-prefix-caching", "maybe"], "argument --enable-prefix-caching: expected true/false, 1/0 or yes/no"),
+])
+def test_an_invalid_engine_option_is_a_usage_error_before_torch_loads(args: list[str], message: str) -> None:
+    code = ("import sys; from worker.cli import main\n"
+            "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as exc:\n    rc = exc.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code, "worker", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
