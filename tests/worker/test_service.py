@@ -10,7 +10,7 @@ import redis
 from producer import fleet
 from producer.client import Client
 from producer.gateway.service import model_metadata
-from worker.status import as_dicts, gather, render
+from producer.status import as_dicts, gather, render
 
 pytestmark = pytest.mark.slow
 
