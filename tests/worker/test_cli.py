@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,16 @@ def test_an_invalid_engine_option_is_a_usage_error_before_torch_loads(args: list
     result = subprocess.run([sys.executable, "-c", code, "worker", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_readme_lists_the_worker_flags_as_they_are() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Running a worker"):readme.index("### Submitting from Python")]
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    worker = sub.choices["worker"]  # type: ignore[attr-defined]
+    listed = set(re.findall(r"^\| `(--[a-z-]+)[^`]*` \| `(TOKENRELAY_\w+)`", section, re.MULTILINE))
+    flags = set()
+    for action in worker._actions:
+        if action.option_strings and action.dest != "help":
+            flags.add((action.option_strings[0], re.search(r"env (TOKENRELAY_\w+)", action.help).group(1)))
+    assert listed == flags
