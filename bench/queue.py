@@ -34,8 +34,8 @@ from bench.workloads import mixed_workload
 from producer.client import Client, build_request
 from producer.protocol import EVENT_FIELD, EventType, Keys, decode_event
 from producer.results import Completion
+from producer.status import gather
 from worker.redis_server import RedisServer
-from worker.status import gather
 
 MODEL = "SmolLM2-135M-Instruct"
 THREADS = 2  # torch threads, as bench/engine.py runs the engine

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from producer.protocol import (
     Request,
 )
 from producer.results import CancelOutcome, Completion
+from producer.settings import load as load_settings
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_MAX_QUEUE_DEPTH = 10_000
@@ -46,14 +46,9 @@ class ClientConfig:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientConfig:
-        env = {"redis_url": os.environ.get("TOKENRELAY_REDIS_URL"), "model": os.environ.get("TOKENRELAY_MODEL"),
-               "prefix": os.environ.get("TOKENRELAY_PREFIX")}
-        depth = os.environ.get("TOKENRELAY_MAX_QUEUE_DEPTH")
-        values: dict[str, Any] = {k: v for k, v in env.items() if v}
-        if depth:
-            values["max_queue_depth"] = int(depth)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        """Defaults, then TOKENRELAY_<FIELD> variables (TOKENRELAY_REDIS_URL, TOKENRELAY_MODEL, ...), then
+        explicit overrides (None: not given)."""
+        return load_settings(cls, overrides)
 
 
 class ClientBase(Generic[R]):

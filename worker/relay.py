@@ -271,7 +271,7 @@ class Relay:
     def _heartbeat_args(self) -> list[Any]:
         info = {"model": self.keys.model, "at": time.time(), "pid": os.getpid(),
                 "slots_total": self.settings.max_num_seqs, "slots_used": len(self.claims),
-                "draining": not self.reading, **self.stats()}
+                "draining": not self.reading, "engine_options": self.settings.engine_summary(), **self.stats()}
         args: list[Any] = [GROUP, self.me, self.keys.request_prefix, self.settings.result_ttl_s,
                            msgpack.packb(info, use_bin_type=True)]
         for claim in self.claims.values():

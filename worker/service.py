@@ -20,11 +20,9 @@ def build_engine(settings: WorkerSettings) -> Any:
         from worker.noop_engine import NoopEngine
 
         return NoopEngine(max_num_seqs=settings.max_num_seqs, step_delay_s=settings.noop_step_delay_s)
-    from engine.config import EngineConfig
     from engine.engine import LLMEngine
 
-    return LLMEngine(EngineConfig(model=settings.model, dtype=settings.dtype, max_num_seqs=settings.max_num_seqs,
-                                  num_threads=settings.num_threads, num_kv_blocks=settings.num_kv_blocks))
+    return LLMEngine(settings.engine_config())
 
 
 def run_worker(settings: WorkerSettings) -> int:

@@ -43,6 +43,17 @@ async def wait_for_disconnect(request: Request) -> None:
             return
 
 
+def model_metadata(view: fleet.ModelView) -> dict[str, Any]:
+    """The `tokenrelay` key of a /v1/models entry: the engine options its live workers serve with, each
+    distinct set once (workers of one model may differ, e.g. while a rollout changes the quantization)."""
+    distinct: list[dict[str, Any]] = []
+    for worker in view.workers:
+        options = worker.get("engine_options") or {}
+        if options not in distinct:
+            distinct.append(options)
+    return {"workers": len(view.workers), "engine_options": distinct}
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings, client: AsyncClient, admin: redis.Redis, keys: APIKeys,
                  metrics: GatewayMetrics) -> None:
@@ -74,7 +85,7 @@ class Gateway:
             if view.live:
                 started = min(float(w.get("started_at", w.get("at", 0))) for w in view.workers)
                 data.append({"id": view.model, "object": "model", "created": int(started), "owned_by": "tokenrelay",
-                             "workers": len(view.workers)})
+                             "workers": len(view.workers), "tokenrelay": model_metadata(view)})
         return {"object": "list", "data": data}
 
     def _requests(self, plan: GenerationPlan) -> list[WireRequest]:

@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
-import os
-import re
-from dataclasses import asdict, dataclass, fields
+import argparse
+from dataclasses import dataclass
 from typing import Any
 
+from producer import settings as loader
 from producer.client import DEFAULT_MAX_QUEUE_DEPTH, DEFAULT_REDIS_URL
 from producer.protocol import DEFAULT_PREFIX
+from producer.settings import setting
+
+# Flags whose names are shorter than their fields'.
+GATEWAY_FLAGS = {"redis_url": "--redis", "request_timeout_s": "--request-timeout"}
 
 
 @dataclass(slots=True)
 class GatewaySettings:
-    redis_url: str = DEFAULT_REDIS_URL
-    prefix: str = DEFAULT_PREFIX
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key_file: str | None = None  # one key per line (or sha256:<hex>); env TOKENRELAY_API_KEYS: comma-separated
-    max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # past this backlog a model answers 429
-    retry_after_s: int = 2  # the Retry-After of a 429
-    request_timeout_s: float = 600.0  # deadline of each request (queue time counts): 504 past it
-    default_max_tokens: int = 1024  # chat requests that set no limit; completions default to 16 like OpenAI
-    max_choices: int = 128  # prompts x n of one request
-    models_cache_s: float = 2.0  # how long the set of served models is trusted
-    redis_connections: int = 1024  # the pool's size: each open stream holds one while it waits for tokens
+    redis_url: str = setting(DEFAULT_REDIS_URL, help="Redis URL")
+    prefix: str = setting(DEFAULT_PREFIX, help="key prefix")
+    host: str = setting("127.0.0.1", help="address to listen on")
+    port: int = setting(8000, help="TCP port")
+    # Keys themselves come from TOKENRELAY_API_KEYS (comma-separated; producer/gateway/auth.py), never a flag.
+    api_key_file: str | None = setting(None, help="bearer keys, one per line (or sha256:<hex>); keys may also "
+                                                  "come comma-separated in TOKENRELAY_API_KEYS")
+    max_queue_depth: int = setting(DEFAULT_MAX_QUEUE_DEPTH, help="backlog past which a model answers 429")
+    retry_after_s: int = setting(2, help="the Retry-After of a 429, seconds")
+    request_timeout_s: float = setting(600.0, help="seconds per request, queue time included: 504 past it")
+    default_max_tokens: int = setting(1024, help="for chat requests that set no limit (completions: 16, as OpenAI)")
+    max_choices: int = setting(128, help="prompts x n of one request")
+    models_cache_s: float = setting(2.0, help="seconds the set of served models is trusted")
+    redis_connections: int = setting(1024, help="the Redis pool's size: each open stream holds a connection")
 
     def __post_init__(self) -> None:
         for name in ("retry_after_s", "request_timeout_s", "default_max_tokens", "max_choices"):
@@ -35,24 +41,12 @@ class GatewaySettings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GatewaySettings:
-        """Defaults, then TOKENRELAY_<FIELD> variables, then explicit overrides (CLI flags)."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = os.environ.get(f"TOKENRELAY_{f.name.upper()}")
-            if raw is not None:
-                values[f.name] = _parse(raw, str(f.type))
-        values.update({k: v for k, v in overrides.items() if v is not None and k in cls.__dataclass_fields__})
-        return cls(**values)
+        """Defaults, then TOKENRELAY_<FIELD> variables, then explicit overrides (CLI flags; None: not given)."""
+        return loader.load(cls, overrides)
 
     def describe(self) -> dict[str, Any]:
-        values = {k: v for k, v in asdict(self).items() if v is not None}
-        values["redis_url"] = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", self.redis_url)
-        return values
+        return loader.describe(self)
 
 
-def _parse(raw: str, type_name: str) -> Any:
-    if type_name.startswith("int"):
-        return int(raw)
-    if type_name.startswith("float"):
-        return float(raw)
-    return raw
+def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
+    loader.add_flags(parser, GatewaySettings, flags=GATEWAY_FLAGS)

@@ -15,9 +15,9 @@ from engine.llm import LLM
 from producer.client import Client
 from producer.errors import RequestFailed
 from producer.protocol import EventType, Keys
+from producer.status import gather
 from tests.queue_helpers import WorkerThread, read_events, wait_for
 from worker.noop_engine import NoopEngine
-from worker.status import gather
 
 PROMPTS = ["Explain the benefits of AI in healthcare.", "Write a poem about spring.",
            "Summarize the latest AI research trends.", "Why queue requests?"]

@@ -135,6 +135,8 @@ def test_models_health_and_metrics(noop_stack: Stack) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"] and models.data[0].owned_by == "tokenrelay"
     assert client.models.retrieve("tiny").id == "tiny"
+    # OpenAI's shape, plus what the workers serve with under a key of our own
+    assert models.data[0].model_extra["tokenrelay"] == {"workers": 1, "engine_options": [{"engine": "noop"}]}
     assert httpx.get(f"{noop_stack.gateway.url}/health", timeout=10).json() == {"status": "ok"}
     text = httpx.get(f"{noop_stack.gateway.url}/metrics", timeout=10).text
     assert 'tokenrelay_gateway_requests_total{endpoint="completions",outcome="length"}' in text

@@ -1,4 +1,4 @@
-"""`tokenrelay status`: queues, pending entries, dead letters and live workers of every model."""
+"""`tokenrelay status`: queues, pending entries, dead letters and live workers (with their engine options)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,11 @@ def render(statuses: list[ModelStatus]) -> str:
             lines.append(f"  worker {w['name']}: slots {w.get('slots_used', 0)}/{w.get('slots_total', 0)}, "
                          f"kv blocks {w.get('kv_blocks_used', 0)}/{w.get('kv_blocks_total', 0)}, "
                          f"{w.get('tokens_per_s', 0)} tokens/s{', draining' if w.get('draining') else ''}")
+            if w.get("engine_options"):
+                options = dict(w["engine_options"])
+                kind = options.pop("engine", "")
+                lines.append(f"    engine {kind}" + (": " + "  ".join(f"{k}={v}" for k, v in options.items())
+                                                     if options else ""))
         if not s.workers:
             lines.append("  no live workers")
         if s.stale_workers:
