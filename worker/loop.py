@@ -187,7 +187,7 @@ class Worker:
         try:
             request = decode_request(note.payload, DEFAULT_LIMITS, expected_id=note.request_id)
             if request.model != self.settings.served_model:
-                raise ProtocolError(ErrorCode.UNKNOWN_MODEL.value, f"model: this stream serves "
+                raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"model: this stream serves "
                                     f"{self.settings.served_model!r}, not {request.model!r}")
         except ProtocolError as exc:
             log.info("request rejected", request_id=note.request_id, code=exc.code, field=_field(exc.message),
@@ -217,7 +217,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - ValueError from the engine, template errors from chat input
             log.info("request refused by the engine", request_id=request.request_id, field=_field(str(exc)))
             log.debug("request refused by the engine: reason", request_id=request.request_id, reason=str(exc))
-            dead = ["reason", ErrorCode.INVALID_REQUEST.value, "message", str(exc), "id", request.request_id,
+            dead = ["reason", ErrorCode.INVALID_REQUEST, "message", str(exc), "id", request.request_id,
                     "worker", self.name, "bytes", len(job.raw), "raw", job.raw[:DEAD_LETTER_RAW_BYTES]]
             self._send_error(job, ErrorCode.INVALID_REQUEST, str(exc), dead)
             return
@@ -279,7 +279,7 @@ class Worker:
                  ttft_s=usage.get("ttft_s"), total_s=usage["total_s"])
 
     def _send_error(self, job: Job, code: ErrorCode, message: str, dead: list[Any] | None = None) -> None:
-        payload = error_event(code.value, message, job.request.metadata, self.name)
+        payload = error_event(code, message, job.request.metadata, self.name)
         self.outbox.add_terminal(job.request.request_id, job.epoch, payload, dead)
         self.metrics.failed(code.value)
 

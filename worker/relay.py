@@ -21,7 +21,7 @@ import msgpack
 import redis
 import structlog
 
-from producer.protocol import GROUP, ErrorCode, delta_event, done_event, error_event, restart_event
+from producer.protocol import GROUP, ErrorCode, FinishReason, delta_event, done_event, error_event, restart_event
 from producer.reconnect import RETRYABLE, Reconnect
 from worker import scripts
 from worker.jobs import Claim, Note, NoteKind, Outbox, Pending
@@ -66,8 +66,8 @@ class Relay:
         self._restart = restart_event(self.me)
         self._claim_args = [GROUP, self.me, self.keys.request_prefix, self.keys.result_prefix,
                             settings.result_ttl_s, settings.max_deliveries, settings.dead_letter_maxlen,
-                            self._restart, done_event("cancelled", {}, worker=self.me),
-                            error_event(ErrorCode.MAX_DELIVERIES.value, f"gave up after {settings.max_deliveries} "
+                            self._restart, done_event(FinishReason.CANCELLED, {}, worker=self.me),
+                            error_event(ErrorCode.MAX_DELIVERIES, f"gave up after {settings.max_deliveries} "
                                         "deliveries: workers kept failing on this request", worker=self.me)]
         self._reader = threading.Thread(target=self._loop, args=(self._read,), name="tokenrelay-read", daemon=True)
         self._writer = threading.Thread(target=self._loop, args=(self._write,), name="tokenrelay-write", daemon=True)

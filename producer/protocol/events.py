@@ -8,7 +8,7 @@ from typing import Any
 import msgpack
 
 from producer.errors import ProtocolError
-from producer.protocol.enums import EventType
+from producer.protocol.enums import ErrorCode, EventType, FinishReason
 from producer.protocol.keys import SCHEMA_VERSION
 from producer.protocol.requests import DEFAULT_LIMITS, unpack
 
@@ -24,17 +24,17 @@ def _pack(body: dict[str, Any]) -> bytes:
 
 
 def delta_event(text: str, token_ids: list[int], logprobs: Logprobs | None = None) -> bytes:
-    body: dict[str, Any] = {"v": SCHEMA_VERSION, "type": "delta", "text": text, "token_ids": token_ids}
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, "type": EventType.DELTA.value, "text": text, "token_ids": token_ids}
     if logprobs is not None:
         body["logprobs"] = logprobs
     return _pack(body)
 
 
-def done_event(finish_reason: str, usage: dict[str, Any], *, stop_reason: Any = None, metadata: Any = None,
+def done_event(finish_reason: FinishReason, usage: dict[str, Any], *, stop_reason: Any = None, metadata: Any = None,
                worker: str = "", text: str | None = None, token_ids: list[int] | None = None,
                logprobs: Logprobs | None = None, prompt_logprobs: Logprobs | None = None) -> bytes:
     """The terminal event of a finished request; non-streamed requests carry their whole output here."""
-    body: dict[str, Any] = {"v": SCHEMA_VERSION, "type": "done", "finish_reason": finish_reason,
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, "type": EventType.DONE.value, "finish_reason": finish_reason,
                             "stop_reason": stop_reason, "usage": usage, "metadata": metadata, "worker": worker}
     if text is not None:
         body["text"], body["token_ids"] = text, token_ids or []
@@ -45,13 +45,13 @@ def done_event(finish_reason: str, usage: dict[str, Any], *, stop_reason: Any = 
     return _pack(body)
 
 
-def error_event(code: str, message: str, metadata: Any = None, worker: str = "") -> bytes:
-    return _pack({"v": SCHEMA_VERSION, "type": "error", "code": code, "message": message[:2000],
+def error_event(code: ErrorCode, message: str, metadata: Any = None, worker: str = "") -> bytes:
+    return _pack({"v": SCHEMA_VERSION, "type": EventType.ERROR.value, "code": code, "message": message[:2000],
                   "metadata": metadata, "worker": worker})
 
 
 def restart_event(worker: str) -> bytes:
-    return _pack({"v": SCHEMA_VERSION, "type": "restart", "worker": worker})
+    return _pack({"v": SCHEMA_VERSION, "type": EventType.RESTART.value, "worker": worker})
 
 
 @dataclass(slots=True)
@@ -77,11 +77,11 @@ class Event:
 def decode_event(data: Any, entry_id: str = "") -> Event:
     body = unpack(data, DEFAULT_LIMITS.max_request_bytes * 4)
     if not isinstance(body, dict) or body.get("v") != SCHEMA_VERSION:
-        raise ProtocolError("invalid_request", "event: not a map of this schema version")
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "event: not a map of this schema version")
     try:
         kind = EventType(str(body.get("type")))
     except ValueError:
-        raise ProtocolError("invalid_request", f"event: unknown type {str(body.get('type'))[:32]!r}") from None
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"event: unknown type {str(body.get('type'))[:32]!r}") from None
     event = Event(kind, entry_id, worker=str(body.get("worker") or ""), metadata=body.get("metadata"))
     if kind is EventType.DELTA or (kind is EventType.DONE and "text" in body):
         event.text, event.token_ids = str(body.get("text", "")), list(body.get("token_ids") or [])

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer.errors import ProtocolError
-from producer.protocol.enums import _PRIORITY_ORDER, Priority
+from producer.protocol.enums import _PRIORITY_ORDER, ErrorCode, Priority
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "tr"
@@ -39,7 +39,7 @@ _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 
 def check_model_name(model: str) -> str:
     if not isinstance(model, str) or not _MODEL_NAME.match(model):
-        raise ProtocolError("invalid_request", f"model: {str(model)[:64]!r} is not a valid model name "
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"model: {str(model)[:64]!r} is not a valid model name "
                             "(1-128 of letters, digits and ._:/@+-)")
     return model
 

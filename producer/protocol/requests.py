@@ -8,9 +8,10 @@ from typing import Any
 
 import msgpack
 
+# the module, not the function: producer.params imports the enums, so it may be half-loaded when this runs
+from producer import params as wire_params
 from producer.errors import ProtocolError
-from producer.params import validate_params
-from producer.protocol.enums import Priority
+from producer.protocol.enums import ErrorCode, Priority
 from producer.protocol.keys import SCHEMA_VERSION, check_model_name, is_request_id
 
 
@@ -64,15 +65,15 @@ class Request:
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError("invalid_request", f"msgpack extension type {code} is not allowed")
+    raise ProtocolError(ErrorCode.INVALID_REQUEST, f"msgpack extension type {code} is not allowed")
 
 
 def unpack(data: Any, max_bytes: int) -> Any:
     """msgpack -> plain Python, size-capped before unpacking; every failure is a ProtocolError."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ProtocolError("invalid_request", f"payload: expected bytes, got {type(data).__name__}")
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"payload: expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
-        raise ProtocolError("invalid_request", f"payload: {len(data)} bytes is over the limit of {max_bytes}")
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"payload: {len(data)} bytes is over the limit of {max_bytes}")
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
                                max_str_len=max_bytes, max_bin_len=max_bytes, max_array_len=max_bytes,
@@ -80,11 +81,11 @@ def unpack(data: Any, max_bytes: int) -> Any:
     except ProtocolError:
         raise
     except Exception as exc:  # noqa: BLE001 - msgpack raises many types (ValueError, StackError, ...)
-        raise ProtocolError("invalid_request", f"payload: not valid msgpack ({type(exc).__name__})") from None
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"payload: not valid msgpack ({type(exc).__name__})") from None
 
 
 def _fail(message: str) -> ProtocolError:
-    return ProtocolError("invalid_request", message)
+    return ProtocolError(ErrorCode.INVALID_REQUEST, message)
 
 
 def decode_request(data: Any, limits: Limits = DEFAULT_LIMITS, expected_id: str | None = None) -> Request:
@@ -96,7 +97,7 @@ def decode_request(data: Any, limits: Limits = DEFAULT_LIMITS, expected_id: str 
     if not isinstance(version, int) or isinstance(version, bool):
         raise _fail("v: schema version is missing or not an integer")
     if version != SCHEMA_VERSION:
-        raise ProtocolError("unsupported_version", f"v: schema version {version} is not supported "
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"v: schema version {version} is not supported "
                             f"(this worker speaks {SCHEMA_VERSION})")
     request_id = body.get("id")
     if not is_request_id(request_id) or (expected_id is not None and request_id != expected_id):
@@ -104,12 +105,12 @@ def decode_request(data: Any, limits: Limits = DEFAULT_LIMITS, expected_id: str 
     model = check_model_name(body.get("model"))  # type: ignore[arg-type]
     request = Request(request_id=str(request_id), model=model)
     _decode_prompt(body, request, limits)
-    request.params = validate_params(body.get("params", {}))
+    request.params = wire_params.validate_params(body.get("params", {}))
     if not isinstance(stream := body.get("stream", True), bool):
         raise _fail("stream: must be a boolean")
     request.stream = stream
     try:
-        request.priority = Priority(body.get("priority", "normal"))
+        request.priority = Priority(body.get("priority", Priority.NORMAL))
     except ValueError:
         raise _fail("priority: must be one of high, normal, low") from None
     request.deadline = _optional_time(body.get("deadline"), "deadline")
