@@ -29,9 +29,9 @@ def priority_table(value: Callable[[int], str]) -> str:
 
 # What every script body may spell as `$name`, beside `$named` and `$tail` (see Argv.script).
 CONSTANTS: dict[str, str] = {
-    "invalid_request": ErrorCode.INVALID_REQUEST.value,
-    "max_deliveries": ErrorCode.MAX_DELIVERIES.value,
-    "cancelled": FinishReason.CANCELLED.value,
+    "code_invalid_request": ErrorCode.INVALID_REQUEST.value,
+    "code_max_deliveries": ErrorCode.MAX_DELIVERIES.value,
+    "finish_cancelled": FinishReason.CANCELLED.value,
     "priority_names": "{" + ", ".join(f"'{p.value}'" for p in _PRIORITIES) + "}",
 }
 

@@ -71,7 +71,7 @@ if state == 'queued' then
   redis.call('XADD', result, '*', 'm', cancelled_payload)
   redis.call('EXPIRE', result, ttl)
   redis.call('HSET', meta, 'state', 'done')
-  return '$cancelled'
+  return '$finish_cancelled'
 end
 -- a worker runs it: flag it (a takeover sees the flag) and tell the owner through its own set, so
 -- workers look at the requests being cancelled rather than at every request they hold

@@ -37,7 +37,7 @@ local function claim(qi, entry, fields)
   if type(id) ~= 'string' or #id ~= 32 or string.find(id, '[^0-9a-f]') then
     -- no reply address: straight to the dead letters
     settle(queue, entry)
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', '$invalid_request', 'message',
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', '$code_invalid_request', 'message',
                'entry has no valid id field', 'queue', queue, 'entry', entry, 'worker', consumer,
                'raw', string.sub(cmsgpack.pack(fields), 1, 65536))
     return {qi, entry, '', '', 0, 'bad_id'}
@@ -52,7 +52,7 @@ local function claim(qi, entry, fields)
     redis.call('HSET', meta, 'state', 'done', 'entry', entry)
     redis.call('XADD', result, '*', 'm', dead_payload)
     redis.call('EXPIRE', result, ttl)
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', '$max_deliveries', 'message',
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', '$code_max_deliveries', 'message',
                'delivered ' .. (epoch - 1) .. ' times without finishing', 'id', id, 'queue', queue,
                'entry', entry, 'worker', consumer, 'bytes', #payload, 'raw', string.sub(payload, 1, 65536))
     settle(queue, entry)
@@ -63,7 +63,7 @@ local function claim(qi, entry, fields)
     redis.call('XADD', result, '*', 'm', cancelled_payload)
     redis.call('EXPIRE', result, ttl)
     settle(queue, entry)
-    return {qi, entry, id, '', epoch, '$cancelled'}
+    return {qi, entry, id, '', epoch, '$finish_cancelled'}
   end
   redis.call('HSET', meta, 'state', 'running', 'entry', entry, 'prio', prio_names[qi], 'worker', consumer, 'seq', 0)
   if epoch > 1 then
