@@ -196,7 +196,7 @@ class LLMEngine:
             text=detok.text if detok else "",
             new_text=detok.take_new_text(finished) if detok else "",
             finished=finished,
-            finish_reason=request.finish_reason.value if request.finish_reason else None,
+            finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
             logprobs=request.logprobs,
             new_logprobs=[logprob] if logprob is not None else None,

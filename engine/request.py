@@ -98,7 +98,7 @@ class RequestOutput:
     text: str
     new_text: str
     finished: bool
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
     new_logprobs: list[TokenLogprob] | None = None

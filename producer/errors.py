@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # at run time producer.protocol imports this module
+    from producer.protocol.enums import ErrorCode
 
 
 class ProtocolError(ValueError):
     """A message that cannot be decoded or fails validation; `code` is the wire error code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -17,7 +17,16 @@ import structlog
 
 from producer import fleet
 from producer.errors import ProtocolError
-from producer.protocol import DEFAULT_LIMITS, DEFAULT_PREFIX, DEFAULT_RESULT_TTL_S, GROUP, Keys, error_event, unpack
+from producer.protocol import (
+    DEFAULT_LIMITS,
+    DEFAULT_PREFIX,
+    DEFAULT_RESULT_TTL_S,
+    GROUP,
+    ErrorCode,
+    Keys,
+    error_event,
+    unpack,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +97,7 @@ def reclaim_sweep(client: redis.Redis, prefix: str = DEFAULT_PREFIX, claim_idle_
                 request_id, deadline = _deadline(fields)
                 if request_id is None or deadline is None or deadline > now:
                     continue
-                event = error_event("deadline", "deadline passed while no worker was running the request")
+                event = error_event(ErrorCode.DEADLINE, "deadline passed while no worker was running the request")
                 verdict = expire(keys=[queue, keys.request(request_id), keys.result(request_id)],
                                  args=[GROUP, entry_id, event, result_ttl_s])
                 counts[verdict.decode() if isinstance(verdict, bytes) else str(verdict)] += 1

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from producer.errors import ProtocolError
+from producer.protocol.enums import ErrorCode
 
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_STOP_STRINGS = 16
@@ -71,22 +72,22 @@ def validate_params(params: Any) -> dict[str, Any]:
     sample at the default.
     """
     if not isinstance(params, dict):
-        raise ProtocolError("invalid_request", f"params: expected a map, got {type(params).__name__}")
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"params: expected a map, got {type(params).__name__}")
     checked: dict[str, Any] = {}
     for name, value in params.items():
         rule = _RULES.get(name) if isinstance(name, str) else None
         if rule is None:
-            raise ProtocolError("invalid_request", f"params: unknown sampling parameter {str(name)[:64]!r}")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"params: unknown sampling parameter {str(name)[:64]!r}")
         check, demand = rule
         if not check(value):
-            raise ProtocolError("invalid_request", f"params.{name}: must be {demand}, got {_short(value)}")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"params.{name}: must be {demand}, got {_short(value)}")
         if name in _FLOATS:
             value = float(value)
         elif name == "stop" and isinstance(value, str):
             value = [value]
         checked[name] = value
     if checked.get("min_tokens", 0) > checked.get("max_tokens", 16):
-        raise ProtocolError("invalid_request", "params.min_tokens: must not exceed max_tokens")
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "params.min_tokens: must not exceed max_tokens")
     return checked
 
 

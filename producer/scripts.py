@@ -2,7 +2,8 @@
 
 Each runs atomically in Redis, so a retried submit can never enqueue twice and a cancel can never
 race a worker's claim into two terminal events. Every key a script touches is passed in KEYS and
-shares the model's hash tag.
+shares the model's hash tag. Their ARGV are named in the `*_ARGV` tables (producer.lua), which both
+the script text and the argument lists below are built from.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from producer.lua import Argv, priority_table
 from producer.protocol import GROUP, Keys, Request
 
 # KEYS: high, normal, low, then the meta key of each request
-# ARGV: max_depth, ttl, group, then per request: id, priority index (1-3), payload
+# ARGV: the names, then per request: id, priority index (1-3), payload
 # Returns per request {'ok' | 'duplicate', entry id} or {'full', backlog}. One call per batch: the
 # backlog is measured once and the per-request work is four commands.
-SUBMIT = """
-local max_depth, ttl, group = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local prio_names = {'high', 'normal', 'low'}
+SUBMIT_ARGV = Argv(("max_depth", "ttl", "group"), numbers=frozenset({"max_depth"}))
+SUBMIT = SUBMIT_ARGV.script("""
+local prio_names = $priority_names
 local depth = 0
 if max_depth > 0 then
   -- backlog = entries not yet delivered to any worker (in-flight ones are in the PEL)
@@ -32,8 +34,9 @@ if max_depth > 0 then
   end
 end
 local out = {}
-for r = 1, (#ARGV - 3) / 3 do
-  local id, qi, payload = ARGV[1 + 3 * r], tonumber(ARGV[2 + 3 * r]), ARGV[3 + 3 * r]
+for r = 1, (#ARGV - $named) / 3 do
+  local at = $named + 3 * (r - 1)
+  local id, qi, payload = ARGV[at + 1], tonumber(ARGV[at + 2]), ARGV[at + 3]
   local meta, queue = KEYS[3 + r], KEYS[qi]
   if redis.call('EXISTS', meta) == 1 then
     out[r] = {'duplicate', redis.call('HGET', meta, 'entry') or ''}
@@ -51,35 +54,36 @@ for r = 1, (#ARGV - 3) / 3 do
   end
 end
 return out
-"""
+""")
 
-# KEYS: meta, result stream, high, normal, low   ARGV: cancelled done-event payload, ttl, cancel-set prefix, id
-CANCEL = """
+# KEYS: meta, result stream, high, normal, low   ARGV: the names
+CANCEL_ARGV = Argv(("cancelled_payload", "ttl", "cancel_prefix", "request_id"))
+CANCEL = CANCEL_ARGV.script("""
 local meta, result = KEYS[1], KEYS[2]
 local state = redis.call('HGET', meta, 'state')
 if not state then return 'unknown' end
 if state == 'done' then return 'finished' end
 if state == 'queued' then
   -- no worker owns it: finish it here, so it never costs compute
-  local queues = {high = KEYS[3], normal = KEYS[4], low = KEYS[5]}
+  local queues = $queues
   local prio, entry = unpack(redis.call('HMGET', meta, 'prio', 'entry'))
   if queues[prio] and entry then redis.call('XDEL', queues[prio], entry) end
-  redis.call('XADD', result, '*', 'm', ARGV[1])
-  redis.call('EXPIRE', result, ARGV[2])
+  redis.call('XADD', result, '*', 'm', cancelled_payload)
+  redis.call('EXPIRE', result, ttl)
   redis.call('HSET', meta, 'state', 'done')
-  return 'cancelled'
+  return '$finish_cancelled'
 end
 -- a worker runs it: flag it (a takeover sees the flag) and tell the owner through its own set, so
 -- workers look at the requests being cancelled rather than at every request they hold
 redis.call('HSET', meta, 'cancel', '1')
 local worker = redis.call('HGET', meta, 'worker')
 if worker then
-  local inbox = ARGV[3] .. worker
-  redis.call('SADD', inbox, ARGV[4])
-  redis.call('EXPIRE', inbox, ARGV[2])
+  local inbox = cancel_prefix .. worker
+  redis.call('SADD', inbox, request_id)
+  redis.call('EXPIRE', inbox, ttl)
 end
 return 'requested'
-"""
+""", queues=priority_table(lambda i: f"KEYS[{i + 2}]"))
 
 
 def submit_batches(requests: Sequence[Request]) -> list[list[Request]]:
@@ -95,10 +99,10 @@ def submit_keys(keys: Keys, batch: Sequence[Request]) -> list[str]:
 
 
 def submit_args(batch: Sequence[Request], max_depth: int, ttl_s: int) -> list[Any]:
-    args: list[Any] = [max_depth, ttl_s, GROUP]
+    per_request: list[Any] = []
     for request in batch:
-        args += [request.request_id, request.priority.rank + 1, request.encode()]
-    return args
+        per_request += [request.request_id, request.priority.rank + 1, request.encode()]
+    return SUBMIT_ARGV.args(*per_request, max_depth=max_depth, ttl=ttl_s, group=GROUP)
 
 
 def cancel_keys(keys: Keys, request_id: str) -> list[str]:
@@ -106,4 +110,5 @@ def cancel_keys(keys: Keys, request_id: str) -> list[str]:
 
 
 def cancel_args(keys: Keys, request_id: str, cancelled_event: bytes, ttl_s: int) -> list[Any]:
-    return [cancelled_event, ttl_s, keys.cancel_prefix, request_id]
+    return CANCEL_ARGV.args(cancelled_payload=cancelled_event, ttl=ttl_s, cancel_prefix=keys.cancel_prefix,
+                            request_id=request_id)

@@ -1,23 +1,28 @@
-"""Conversions between the wire and the engine: prompts, sampling params, logprobs; the Redis connection."""
+"""Conversions between the wire and the engine: prompts, sampling params, logprobs, finish reasons; the Redis
+connection."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, assert_never
 
 import redis
 
 from engine.config import SamplingParams
-from producer.protocol import Logprobs, Request
+from engine.interface import Engine, Tokenizer
+from engine.request import FinishReason as EngineFinishReason
+from engine.request import TokenLogprob
+from producer.protocol import FinishReason, Logprobs, Request
 
 
-def build_prompt(engine: Any, request: Request) -> str | list[int]:
+def build_prompt(engine: Engine, request: Request) -> str | list[int]:
     """Text or token ids for engine.add_request; chat messages go through the model's chat template."""
     if request.messages is not None:
-        tokenizer = getattr(engine, "tokenizer", None)
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        tokenizer = engine.tokenizer
+        if tokenizer is None or not tokenizer.chat_template:
             raise ValueError("messages: this model has no chat template; send a prompt instead")
-        return tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        return str(tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True))
     if request.prompt is not None:
         return request.prompt
     assert request.prompt_token_ids is not None  # decode_request guarantees exactly one prompt form
@@ -44,7 +49,22 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
 
 
-def wire_logprobs(logprobs: Any, tokenizer: Any = None) -> Logprobs | None:
+def wire_finish_reason(reason: EngineFinishReason | None) -> FinishReason:
+    """The wire's name for why the engine ended a request; the worker aborts a request only when it is
+    cancelled (a deadline or a lost claim sends no done event), so an abort goes out as `cancelled`."""
+    match reason:
+        case EngineFinishReason.STOP | None:
+            return FinishReason.STOP
+        case EngineFinishReason.LENGTH:
+            return FinishReason.LENGTH
+        case EngineFinishReason.ABORT:
+            return FinishReason.CANCELLED
+        case _:
+            assert_never(reason)
+
+
+def wire_logprobs(logprobs: Sequence[TokenLogprob | None] | None, tokenizer: Tokenizer | None = None
+                  ) -> Logprobs | None:
     """Engine TokenLogprobs -> [[token_id, logprob, [[alt_id, alt_logprob, alt_text], ...], text], ...].
 
     The texts (present when the engine has a tokenizer) let producers without one, like the HTTP
@@ -61,5 +81,5 @@ def wire_logprobs(logprobs: Any, tokenizer: Any = None) -> Logprobs | None:
             if lp is not None else [] for lp in logprobs]
 
 
-def _token_text(tokenizer: Any, token_id: int) -> str:
+def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return str(tokenizer.decode([token_id], skip_special_tokens=False))

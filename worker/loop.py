@@ -12,9 +12,11 @@ from typing import Any
 import redis
 import structlog
 
+from engine.interface import Engine
+from engine.request import RequestOutput
 from producer.errors import ProtocolError
 from producer.protocol import DEFAULT_LIMITS, ErrorCode, FinishReason, decode_request, done_event, error_event
-from worker.convert import build_prompt, connect, sampling_params, wire_logprobs
+from worker.convert import build_prompt, connect, sampling_params, wire_finish_reason, wire_logprobs
 from worker.jobs import Job, Note, NoteKind, Outbox
 from worker.metrics import WorkerMetrics
 from worker.relay import Relay
@@ -54,11 +56,11 @@ class EngineFailed(RuntimeError):
 class Worker:
     """Serves one engine from the model's request streams until stopped."""
 
-    def __init__(self, engine: Any, settings: WorkerSettings, client: redis.Redis | None = None,
+    def __init__(self, engine: Engine, settings: WorkerSettings, client: redis.Redis | None = None,
                  metrics: WorkerMetrics | None = None) -> None:
         self.engine = engine
         self.metrics = metrics or WorkerMetrics(settings.served_model, settings.max_num_seqs)
-        self.tokenizer = getattr(engine, "tokenizer", None)  # token texts beside logprobs, for producers without one
+        self.tokenizer = engine.tokenizer  # token texts beside logprobs, for producers without one
         self.settings = settings
         self.name = settings.consumer
         self.redis = client if client is not None else connect(settings.redis_url)
@@ -122,7 +124,7 @@ class Worker:
             self._refresh_stats(now)
         self.timing.overhead_s += time.perf_counter() - started
 
-    def _step(self) -> list[Any]:
+    def _step(self) -> list[RequestOutput]:
         if not self.engine.has_unfinished():
             return []
         started = time.perf_counter()
@@ -141,7 +143,7 @@ class Worker:
         self.timing.steps += 1
         return outputs
 
-    def _publish(self, outputs: list[Any]) -> None:
+    def _publish(self, outputs: list[RequestOutput]) -> None:
         """Hand each request's new tokens to the Redis thread (it coalesces and writes them)."""
         started = time.perf_counter()
         for out in outputs:
@@ -156,12 +158,12 @@ class Worker:
                                       wire_logprobs(out.new_logprobs, self.tokenizer))
         self.timing.overhead_s += time.perf_counter() - started
 
-    def _ack(self, outputs: list[Any]) -> None:
+    def _ack(self, outputs: list[RequestOutput]) -> None:
         """Queue the terminal event of each finished request; the Redis thread writes it and XACKs in one script."""
         started = time.perf_counter()
         for out in outputs:
             if out.finished and out.request_id in self.jobs:
-                self._send_done(self.jobs.pop(out.request_id), out.finish_reason, out)
+                self._send_done(self.jobs.pop(out.request_id), wire_finish_reason(out.finish_reason), out)
         self.timing.overhead_s += time.perf_counter() - started
 
     # -- notes from the Redis thread ------------------------------------------------------------------
@@ -178,7 +180,7 @@ class Worker:
         self._drop(job)
         if note.kind is NoteKind.CANCEL:
             log.info("request cancelled", request_id=job.request.request_id, tokens=job.completion_tokens)
-            self._send_done(job, FinishReason.CANCELLED.value, None)
+            self._send_done(job, FinishReason.CANCELLED, None)
         else:
             log.info("request dropped: taken over elsewhere", request_id=job.request.request_id)
 
@@ -187,7 +189,7 @@ class Worker:
         try:
             request = decode_request(note.payload, DEFAULT_LIMITS, expected_id=note.request_id)
             if request.model != self.settings.served_model:
-                raise ProtocolError(ErrorCode.UNKNOWN_MODEL.value, f"model: this stream serves "
+                raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"model: this stream serves "
                                     f"{self.settings.served_model!r}, not {request.model!r}")
         except ProtocolError as exc:
             log.info("request rejected", request_id=note.request_id, code=exc.code, field=_field(exc.message),
@@ -217,7 +219,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - ValueError from the engine, template errors from chat input
             log.info("request refused by the engine", request_id=request.request_id, field=_field(str(exc)))
             log.debug("request refused by the engine: reason", request_id=request.request_id, reason=str(exc))
-            dead = ["reason", ErrorCode.INVALID_REQUEST.value, "message", str(exc), "id", request.request_id,
+            dead = ["reason", ErrorCode.INVALID_REQUEST, "message", str(exc), "id", request.request_id,
                     "worker", self.name, "bytes", len(job.raw), "raw", job.raw[:DEAD_LETTER_RAW_BYTES]]
             self._send_error(job, ErrorCode.INVALID_REQUEST, str(exc), dead)
             return
@@ -247,7 +249,7 @@ class Worker:
         self.jobs.pop(job.request.request_id, None)
         self.engine.abort(job.request.request_id)  # frees its KV blocks now
 
-    def _usage(self, job: Job, out: Any) -> dict[str, Any]:
+    def _usage(self, job: Job, out: RequestOutput | None) -> dict[str, Any]:
         submitted = job.request.submitted_at or job.admitted_at
         usage: dict[str, Any] = {
             "prompt_tokens": len(out.prompt_token_ids) if out is not None else 0,
@@ -262,24 +264,26 @@ class Worker:
             usage["engine_ttft_s"] = round(job.first_token_at - job.added_at, 6)
         return usage
 
-    def _send_done(self, job: Job, finish_reason: str | None, out: Any) -> None:
+    def _send_done(self, job: Job, finish_reason: FinishReason, out: RequestOutput | None) -> None:
+        """`out` is None when the request ends without a last output from the engine (cancelled)."""
         request = job.request
-        full = out is not None and not request.stream
+        full = out if out is not None and not request.stream else None  # the whole output rides in the event
         usage = self._usage(job, out)
-        payload = done_event(finish_reason or FinishReason.STOP.value, usage,
-                             stop_reason=getattr(out, "stop_reason", None), metadata=request.metadata,
-                             worker=self.name, text=out.text if full else None,
-                             token_ids=list(out.token_ids) if full else None,
-                             logprobs=wire_logprobs(out.logprobs, self.tokenizer) if full else None,
-                             prompt_logprobs=wire_logprobs(getattr(out, "prompt_logprobs", None), self.tokenizer))
+        payload = done_event(finish_reason, usage, stop_reason=out.stop_reason if out is not None else None,
+                             metadata=request.metadata, worker=self.name,
+                             text=full.text if full is not None else None,
+                             token_ids=list(full.token_ids) if full is not None else None,
+                             logprobs=wire_logprobs(full.logprobs, self.tokenizer) if full is not None else None,
+                             prompt_logprobs=wire_logprobs(out.prompt_logprobs if out is not None else None,
+                                                           self.tokenizer))
         self.outbox.add_terminal(request.request_id, job.epoch, payload)
-        self.metrics.finished(finish_reason or FinishReason.STOP.value, usage, job.first_token_at)
-        log.info("request finished", request_id=request.request_id, finish_reason=finish_reason,
+        self.metrics.finished(finish_reason, usage, job.first_token_at)
+        log.info("request finished", request_id=request.request_id, finish_reason=finish_reason.value,
                  prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
                  ttft_s=usage.get("ttft_s"), total_s=usage["total_s"])
 
     def _send_error(self, job: Job, code: ErrorCode, message: str, dead: list[Any] | None = None) -> None:
-        payload = error_event(code.value, message, job.request.metadata, self.name)
+        payload = error_event(code, message, job.request.metadata, self.name)
         self.outbox.add_terminal(job.request.request_id, job.epoch, payload, dead)
         self.metrics.failed(code.value)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import SamplingParams
-from engine.request import RequestOutput
+from engine.request import FinishReason, RequestOutput
 
 # engine.request imports torch only for type checking; this module stays torch-free at run time.
 
@@ -72,7 +72,7 @@ class NoopEngine:
                 del self.sequences[seq.request_id]
             text = self.token_text * len(seq.token_ids) if finished else ""
             outputs.append(RequestOutput(seq.request_id, seq.prompt_token_ids, seq.token_ids, [token], text,
-                                         self.token_text, finished, "length" if finished else None))
+                                         self.token_text, finished, FinishReason.LENGTH if finished else None))
         self.generated_tokens += len(outputs)
         return outputs
 
@@ -81,7 +81,7 @@ class NoopEngine:
         if seq is None:
             return None
         return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.token_ids, [],
-                             self.token_text * len(seq.token_ids), "", True, "abort")
+                             self.token_text * len(seq.token_ids), "", True, FinishReason.ABORT)
 
     def has_unfinished(self) -> bool:
         return bool(self.sequences)

@@ -21,7 +21,7 @@ import msgpack
 import redis
 import structlog
 
-from producer.protocol import GROUP, ErrorCode, delta_event, done_event, error_event, restart_event
+from producer.protocol import GROUP, ErrorCode, FinishReason, delta_event, done_event, error_event, restart_event
 from producer.reconnect import RETRYABLE, Reconnect
 from worker import scripts
 from worker.jobs import Claim, Note, NoteKind, Outbox, Pending
@@ -64,11 +64,13 @@ class Relay:
         self._heartbeat = client.register_script(scripts.HEARTBEAT)
         self._hand_back_script = client.register_script(scripts.HAND_BACK)
         self._restart = restart_event(self.me)
-        self._claim_args = [GROUP, self.me, self.keys.request_prefix, self.keys.result_prefix,
-                            settings.result_ttl_s, settings.max_deliveries, settings.dead_letter_maxlen,
-                            self._restart, done_event("cancelled", {}, worker=self.me),
-                            error_event(ErrorCode.MAX_DELIVERIES.value, f"gave up after {settings.max_deliveries} "
-                                        "deliveries: workers kept failing on this request", worker=self.me)]
+        self._claim_args: dict[str, Any] = dict(
+            group=GROUP, consumer=self.me, req_prefix=self.keys.request_prefix, res_prefix=self.keys.result_prefix,
+            ttl=settings.result_ttl_s, max_deliveries=settings.max_deliveries,
+            dead_maxlen=settings.dead_letter_maxlen, restart_payload=self._restart,
+            cancelled_payload=done_event(FinishReason.CANCELLED, {}, worker=self.me),
+            dead_payload=error_event(ErrorCode.MAX_DELIVERIES, f"gave up after {settings.max_deliveries} "
+                                     "deliveries: workers kept failing on this request", worker=self.me))
         self._reader = threading.Thread(target=self._loop, args=(self._read,), name="tokenrelay-read", daemon=True)
         self._writer = threading.Thread(target=self._loop, args=(self._write,), name="tokenrelay-write", daemon=True)
 
@@ -168,10 +170,13 @@ class Relay:
 
     def admit_once(self, budget: int, autoclaim: bool, preread: list[Entry]) -> None:
         """Claims pre-read entries, idle entries of dead workers (when `autoclaim`), and new ones."""
-        args: list[Any] = [*self._claim_args, budget, int(autoclaim), int(self.settings.claim_idle_s * 1000),
-                           *self.cursors]
+        entries: list[Any] = []
         for index, entry_id, flat in preread:
-            args += [index, entry_id, len(flat), *flat]
+            entries += [index, entry_id, len(flat), *flat]
+        high, normal, low = self.cursors
+        args = scripts.ADMIT_ARGV.args(*entries, **self._claim_args, budget=budget, autoclaim=int(autoclaim),
+                                       min_idle_ms=int(self.settings.claim_idle_s * 1000), cursor_high=high,
+                                       cursor_normal=normal, cursor_low=low)
         reply: Any = self._admit(keys=self._script_keys, args=args)
         if autoclaim:
             self._next_autoclaim = time.monotonic() + self.settings.claim_idle_s / 4
@@ -202,7 +207,9 @@ class Relay:
                 self.rollbacks += len(forgotten) // 4
             log.warning("redis forgot claims it had acknowledged; the requests affected start over",
                         requests=len(forgotten) // 4)
-            self._hand_back_script(keys=self._script_keys, args=[GROUP, self.me, self.keys.request_prefix, *forgotten])
+            args = scripts.HAND_BACK_ARGV.args(*forgotten, group=GROUP, consumer=self.me,
+                                               req_prefix=self.keys.request_prefix)
+            self._hand_back_script(keys=self._script_keys, args=args)
 
     def _write(self) -> bool:
         """One publish: wait for events (or a due heartbeat), then one round trip for all of them."""
@@ -255,8 +262,7 @@ class Relay:
     # -- script arguments and replies (callers hold _lock) -------------------------------------------
 
     def _publish_args(self, items: dict[str, Pending]) -> list[Any]:
-        args: list[Any] = [GROUP, self.me, self.keys.request_prefix, self.keys.result_prefix,
-                           self.settings.result_ttl_s, self.settings.dead_letter_maxlen, self._restart, len(items)]
+        per_item: list[Any] = []
         for request_id, pending in items.items():
             events = []
             if pending.has_delta:
@@ -264,19 +270,23 @@ class Relay:
             if pending.terminal is not None:
                 events.append(pending.terminal)
             dead = pending.dead_letter or []
-            args += [request_id, pending.epoch, self.claims[request_id].seq, len(events), *events,
-                     int(pending.terminal is not None), len(dead), *dead]
-        return args
+            per_item += [request_id, pending.epoch, self.claims[request_id].seq, len(events), *events,
+                         int(pending.terminal is not None), len(dead), *dead]
+        return scripts.PUBLISH_ARGV.args(*per_item, group=GROUP, consumer=self.me, req_prefix=self.keys.request_prefix,
+                                         res_prefix=self.keys.result_prefix, ttl=self.settings.result_ttl_s,
+                                         dead_maxlen=self.settings.dead_letter_maxlen, restart_payload=self._restart,
+                                         n_items=len(items))
 
     def _heartbeat_args(self) -> list[Any]:
         info = {"model": self.keys.model, "at": time.time(), "pid": os.getpid(),
                 "slots_total": self.settings.max_num_seqs, "slots_used": len(self.claims),
                 "draining": not self.reading, "engine_options": self.settings.engine_summary(), **self.stats()}
-        args: list[Any] = [GROUP, self.me, self.keys.request_prefix, self.settings.result_ttl_s,
-                           msgpack.packb(info, use_bin_type=True)]
+        quads: list[Any] = []
         for claim in self.claims.values():
-            args += [claim.request_id, claim.epoch, claim.queue_index, claim.entry_id]
-        return args
+            quads += [claim.request_id, claim.epoch, claim.queue_index, claim.entry_id]
+        return scripts.HEARTBEAT_ARGV.args(*quads, group=GROUP, consumer=self.me, req_prefix=self.keys.request_prefix,
+                                           ttl=self.settings.result_ttl_s,
+                                           heartbeat=msgpack.packb(info, use_bin_type=True))
 
     def _after_publish(self, items: list[tuple[str, Pending]], reply: list[Any]) -> None:
         statuses, lost, cancelled, rolled_back = reply
@@ -320,9 +330,11 @@ class Relay:
         # Whatever is still claimed now (past the grace period, or read just as the drain began)
         # goes back at once rather than waiting out the claim threshold.
         if self.claims:
-            args: list[Any] = [GROUP, self.me, self.keys.request_prefix]
+            quads: list[Any] = []
             for claim in self.claims.values():
-                args += [claim.request_id, claim.epoch, claim.queue_index, claim.entry_id]
+                quads += [claim.request_id, claim.epoch, claim.queue_index, claim.entry_id]
+            args = scripts.HAND_BACK_ARGV.args(*quads, group=GROUP, consumer=self.me,
+                                               req_prefix=self.keys.request_prefix)
             handed = self._hand_back_script(keys=self._script_keys, args=args)
             log.info("handed back in-flight requests", count=handed)
         self.redis.hdel(self.keys.workers, self.me)

@@ -8,17 +8,19 @@ it lost. A Redis that comes back with older data (see PUBLISH) is caught by the 
 
 All scripts take KEYS = [queue high, queue normal, queue low, dead letters, workers hash, this
 worker's cancel set]; keys
-derived from a request id read inside the script share the model's hash tag (same slot).
+derived from a request id read inside the script share the model's hash tag (same slot). Their ARGV
+are named in the `*_ARGV` tables (producer.lua): the Relay builds its lists from the same tables.
 """
 
 from __future__ import annotations
 
+from producer.lua import Argv, priority_table
+
+_CLAIM_NAMES = ("group", "consumer", "req_prefix", "res_prefix", "ttl", "max_deliveries", "dead_maxlen",
+                "restart_payload", "cancelled_payload", "dead_payload")
+
 _CLAIM = """
-local group, consumer = ARGV[1], ARGV[2]
-local req_prefix, res_prefix = ARGV[3], ARGV[4]
-local ttl, max_deliveries, dead_maxlen = ARGV[5], tonumber(ARGV[6]), ARGV[7]
-local restart_payload, cancelled_payload, dead_payload = ARGV[8], ARGV[9], ARGV[10]
-local prio_names = {'high', 'normal', 'low'}
+local prio_names = $priority_names
 
 local function settle(queue, entry)
   redis.call('XACK', queue, group, entry)
@@ -35,7 +37,7 @@ local function claim(qi, entry, fields)
   if type(id) ~= 'string' or #id ~= 32 or string.find(id, '[^0-9a-f]') then
     -- no reply address: straight to the dead letters
     settle(queue, entry)
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', 'invalid_request', 'message',
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', '$code_invalid_request', 'message',
                'entry has no valid id field', 'queue', queue, 'entry', entry, 'worker', consumer,
                'raw', string.sub(cmsgpack.pack(fields), 1, 65536))
     return {qi, entry, '', '', 0, 'bad_id'}
@@ -50,7 +52,7 @@ local function claim(qi, entry, fields)
     redis.call('HSET', meta, 'state', 'done', 'entry', entry)
     redis.call('XADD', result, '*', 'm', dead_payload)
     redis.call('EXPIRE', result, ttl)
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', 'max_deliveries', 'message',
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', '$code_max_deliveries', 'message',
                'delivered ' .. (epoch - 1) .. ' times without finishing', 'id', id, 'queue', queue,
                'entry', entry, 'worker', consumer, 'bytes', #payload, 'raw', string.sub(payload, 1, 65536))
     settle(queue, entry)
@@ -61,7 +63,7 @@ local function claim(qi, entry, fields)
     redis.call('XADD', result, '*', 'm', cancelled_payload)
     redis.call('EXPIRE', result, ttl)
     settle(queue, entry)
-    return {qi, entry, id, '', epoch, 'cancelled'}
+    return {qi, entry, id, '', epoch, '$finish_cancelled'}
   end
   redis.call('HSET', meta, 'state', 'running', 'entry', entry, 'prio', prio_names[qi], 'worker', consumer, 'seq', 0)
   if epoch > 1 then
@@ -73,18 +75,18 @@ local function claim(qi, entry, fields)
 end
 """
 
-# ARGV[1..10] as in _CLAIM, then: count, autoclaim (0/1), min_idle_ms, cursor x3,
-# then pre-read entries (from a blocking XREADGROUP) as: queue index, entry id, n fields, fields...
-ADMIT = _CLAIM + """
-local budget, autoclaim, min_idle = tonumber(ARGV[11]), ARGV[12], ARGV[13]
-local cursors = {ARGV[14], ARGV[15], ARGV[16]}
+# The names, then pre-read entries (from a blocking XREADGROUP) as: queue index, entry id, n fields, fields...
+ADMIT_ARGV = Argv((*_CLAIM_NAMES, "budget", "autoclaim", "min_idle_ms", "cursor_high", "cursor_normal", "cursor_low"),
+                  numbers=frozenset({"max_deliveries", "budget"}))
+ADMIT = ADMIT_ARGV.script(_CLAIM + """
+local cursors = {cursor_high, cursor_normal, cursor_low}
 local out = {}
 local function take(qi, entry, fields)
   local r = claim(qi, entry, fields)
   out[#out + 1] = r
   if r[6] == 'ok' then budget = budget - 1 end
 end
-local i = 17
+local i = $tail
 while i <= #ARGV do
   local n = tonumber(ARGV[i + 2])
   local fields = {}
@@ -95,7 +97,7 @@ end
 if autoclaim == '1' then
   for qi = 1, 3 do
     if budget <= 0 then break end
-    local r = redis.call('XAUTOCLAIM', KEYS[qi], group, consumer, min_idle, cursors[qi], 'COUNT', budget)
+    local r = redis.call('XAUTOCLAIM', KEYS[qi], group, consumer, min_idle_ms, cursors[qi], 'COUNT', budget)
     cursors[qi] = r[1]
     for _, e in ipairs(r[2]) do
       if type(e) == 'table' and type(e[2]) == 'table' then
@@ -114,10 +116,9 @@ for qi = 1, 3 do
   end
 end
 return {cursors[1], cursors[2], cursors[3], out}
-"""
+""")
 
-# ARGV: group, consumer, req prefix, res prefix, ttl, dead maxlen, restart payload, n items, then per item:
-#   id, epoch, seq, n events, events..., terminal (0/1), n dead fields, dead fields...
+# The names, then per item: id, epoch, seq, n events, events..., terminal (0/1), n dead fields, dead fields...
 # Returns {statuses (0 written, 1 already written by an earlier try, 2 lost), lost ids, ids to cancel,
 # how many of the lost were found rolled back (below)}.
 #
@@ -129,15 +130,15 @@ return {cursors[1], cursors[2], cursors[3], out}
 # on top of it: a running claim is forfeited (owner cleared, entry handed back as long idle), and the
 # next claim starts the request over with a `restart`; a request no longer claimed gets the `restart`
 # now, ahead of whatever its next claim writes.
-PUBLISH = """
-local group, consumer, req_prefix, res_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local ttl, dead_maxlen, restart_payload = ARGV[5], ARGV[6], ARGV[7]
-local queues = {high = KEYS[1], normal = KEYS[2], low = KEYS[3]}
+PUBLISH_ARGV = Argv(("group", "consumer", "req_prefix", "res_prefix", "ttl", "dead_maxlen", "restart_payload",
+                     "n_items"), numbers=frozenset({"n_items"}))
+PUBLISH = PUBLISH_ARGV.script("""
+local queues = $queues
 local statuses, lost, cancelled = {}, {}, {}
-local to_ack = {high = {}, normal = {}, low = {}}
+local to_ack = $to_ack
 local rolled_back = 0
-local i = 9
-for n = 1, tonumber(ARGV[8]) do
+local i = $tail
+for n = 1, n_items do
   local id, epoch, seq, n_events = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local first_event = i + 4
   local terminal = ARGV[first_event + n_events] == '1'
@@ -192,14 +193,14 @@ end
 -- cancellations: O(requests being cancelled), not O(requests held)
 cancelled = redis.call('SPOP', KEYS[6], 1000)
 return {statuses, lost, cancelled, rolled_back}
-"""
+""", queues=priority_table(lambda i: f"KEYS[{i}]"), to_ack=priority_table(lambda i: "{}"))
 
-# ARGV: group, consumer, req prefix, ttl, heartbeat payload, then (id, epoch, queue index, entry) quads.
+# The names, then (id, epoch, queue index, entry) quads.
 # Keeps this worker's entries fresh (idle 0) so no one takes them over; returns the ids it lost.
-HEARTBEAT = """
-local group, consumer, req_prefix, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+HEARTBEAT_ARGV = Argv(("group", "consumer", "req_prefix", "ttl", "heartbeat"))
+HEARTBEAT = HEARTBEAT_ARGV.script("""
 local lost = {}
-for i = 6, #ARGV, 4 do
+for i = $tail, #ARGV, 4 do
   local meta = req_prefix .. ARGV[i]
   local m = redis.call('HMGET', meta, 'epoch', 'worker')
   if m[1] == ARGV[i + 1] and m[2] == consumer then
@@ -209,16 +210,16 @@ for i = 6, #ARGV, 4 do
     lost[#lost + 1] = ARGV[i]
   end
 end
-redis.call('HSET', KEYS[5], consumer, ARGV[5])
+redis.call('HSET', KEYS[5], consumer, heartbeat)
 return lost
-"""
+""")
 
-# ARGV: group, consumer, req prefix, then (id, epoch, queue index, entry) quads.
+# The names, then (id, epoch, queue index, entry) quads.
 # Marks still-owned entries as long idle, so the next XAUTOCLAIM of any live worker takes them.
-HAND_BACK = """
-local group, consumer, req_prefix = ARGV[1], ARGV[2], ARGV[3]
+HAND_BACK_ARGV = Argv(("group", "consumer", "req_prefix"))
+HAND_BACK = HAND_BACK_ARGV.script("""
 local n = 0
-for i = 4, #ARGV, 4 do
+for i = $tail, #ARGV, 4 do
   local m = redis.call('HMGET', req_prefix .. ARGV[i], 'epoch', 'worker')
   if m[1] == ARGV[i + 1] and m[2] == consumer then
     redis.call('XCLAIM', KEYS[tonumber(ARGV[i + 2])], group, consumer, 0, ARGV[i + 3], 'IDLE', 1000000000000,
@@ -227,4 +228,4 @@ for i = 4, #ARGV, 4 do
   end
 end
 return n
-"""
+""")

@@ -5,16 +5,19 @@ from __future__ import annotations
 import faulthandler
 import signal
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from worker.settings import WorkerSettings
 
+if TYPE_CHECKING:
+    from engine.interface import Engine
+
 log = structlog.get_logger(__name__)
 
 
-def build_engine(settings: WorkerSettings) -> Any:
+def build_engine(settings: WorkerSettings) -> Engine:
     """The engine a worker serves; heavy imports (torch) happen here, not at CLI start-up."""
     if settings.engine == "noop":
         from worker.noop_engine import NoopEngine

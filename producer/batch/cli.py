@@ -15,12 +15,13 @@ from tqdm import tqdm
 
 from producer.batch.files import BatchInputError
 from producer.batch.runner import BatchOptions, BatchSummary, batch_client, run_batch_async
+from producer.protocol import Priority
 
 INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
-    options = BatchOptions(window=args.window, request_timeout_s=args.request_timeout, priority=args.priority)
+    options = BatchOptions(window=args.window, request_timeout_s=args.request_timeout, priority=Priority(args.priority))
     bar: tqdm | None = None
 
     def on_start(total: int, done: int) -> None:

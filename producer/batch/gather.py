@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from producer.gateway.errors import APIError
-from producer.protocol import EVENT_FIELD, Keys, decode_event
+from producer.protocol import EVENT_FIELD, ErrorCode, Keys, decode_event
 from producer.results import Completion
 
 log = structlog.get_logger(__name__)
@@ -47,7 +47,8 @@ class Gatherer:
         try:
             await asyncio.wait_for(asyncio.shield(waiter.done), timeout)
         except TimeoutError:
-            raise APIError(504, f"no answer within {timeout:.0f} s", type="timeout_error", code="deadline") from None
+            raise APIError(504, f"no answer within {timeout:.0f} s", type="timeout_error",
+                           code=ErrorCode.DEADLINE) from None
         finally:
             for key in stream_keys:
                 self.positions.pop(key, None)

@@ -28,7 +28,7 @@ from producer.errors import ProtocolError, QueueFull, RequestFailed
 from producer.gateway.errors import APIError, from_protocol_error, from_request_failed, invalid, model_not_found
 from producer.gateway.requests import GenerationPlan, parse_chat, parse_completion
 from producer.gateway.responses import full_response
-from producer.protocol import Keys, Request
+from producer.protocol import FinishReason, Keys, Priority, Request
 
 URLS = ("/v1/completions", "/v1/chat/completions")
 
@@ -47,7 +47,7 @@ class BatchSummary:
 class BatchOptions:
     window: int = 256  # requests (choices) in flight at once
     request_timeout_s: float = 3600.0
-    priority: str = "low"  # bulk work yields to interactive traffic by default
+    priority: Priority = Priority.LOW  # bulk work yields to interactive traffic by default
     max_choices: int = 128
     default_max_tokens: int = 1024
     queue_full_backoff_s: float = 1.0
@@ -123,7 +123,7 @@ class BatchRunner:
                 for _ in range(slots):
                     self.window.release()
             # a request an interrupted run cancelled is found again by its id: run it anew
-            if not any(c.finish_reason == "cancelled" for c in completions):
+            if not any(c.finish_reason == FinishReason.CANCELLED for c in completions):
                 break
         for completion in completions:
             try:

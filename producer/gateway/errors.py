@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from producer.errors import ProtocolError, QueueFull, RequestFailed
+from producer.protocol import ErrorCode
 
-# Wire error codes of a failed request -> (HTTP status, OpenAI error type)
+# Wire error codes of a failed request -> (HTTP status, OpenAI error type); str keys: a newer worker may send a
+# code this gateway does not know, and it is looked up as it came
 _FAILED: dict[str, tuple[int, str]] = {
-    "invalid_request": (400, "invalid_request_error"),
-    "unknown_model": (404, "invalid_request_error"),
-    "deadline": (504, "timeout_error"),
-    "max_deliveries": (500, "server_error"),
-    "unsupported_version": (500, "server_error"),
-    "internal": (500, "server_error"),
-    "unknown_request": (503, "server_error"),  # Redis lost it after the submit (a crash or failover): retry
+    ErrorCode.INVALID_REQUEST: (400, "invalid_request_error"),
+    ErrorCode.UNKNOWN_MODEL: (404, "invalid_request_error"),
+    ErrorCode.DEADLINE: (504, "timeout_error"),
+    ErrorCode.MAX_DELIVERIES: (500, "server_error"),
+    ErrorCode.UNSUPPORTED_VERSION: (500, "server_error"),
+    ErrorCode.INTERNAL: (500, "server_error"),
+    ErrorCode.UNKNOWN_REQUEST: (503, "server_error"),  # Redis lost it after the submit (a crash or failover): retry
 }
 
 

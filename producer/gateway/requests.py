@@ -9,6 +9,7 @@ from typing import Any
 from producer.errors import ProtocolError
 from producer.gateway.errors import APIError, from_protocol_error, invalid, unsupported
 from producer.params import validate_params
+from producer.protocol import Priority
 
 # OpenAI fields accepted and ignored: they change nothing about the tokens produced.
 _IGNORED = frozenset({"user", "metadata", "service_tier", "parallel_tool_calls"})
@@ -43,7 +44,7 @@ class GenerationPlan:
     include_usage: bool = False
     echo: bool = False
     logprobs: int | None = None  # completions: top-k alternatives; chat: top_logprobs (when logprobs is true)
-    priority: str = "normal"
+    priority: Priority = Priority.NORMAL
 
     @property
     def choices(self) -> int:
@@ -109,11 +110,11 @@ def _validated(params: dict[str, Any], renames: dict[str, str] | None = None) ->
         raise from_protocol_error(exc, renames) from None
 
 
-def _priority(body: dict[str, Any]) -> str:
-    value = body.get("priority", "normal")
-    if value not in ("high", "normal", "low"):
+def _priority(body: dict[str, Any]) -> Priority:
+    value = body.get("priority", Priority.NORMAL)
+    if not isinstance(value, str) or value not in tuple(Priority):
         raise invalid("priority", "must be one of high, normal, low")
-    return str(value)
+    return Priority(value)
 
 
 def parse_completion(body: Any, max_choices: int) -> GenerationPlan:

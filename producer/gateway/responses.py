@@ -8,15 +8,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from producer.gateway.requests import Endpoint, GenerationPlan
-from producer.protocol import Logprobs
+from producer.protocol import FinishReason, Logprobs
 from producer.results import Completion
 
 # tokenrelay finish reasons -> OpenAI's names; a request cancelled elsewhere ends like vLLM's aborts
-_FINISH = {"stop": "stop", "length": "length", "cancelled": "abort"}
+_FINISH: dict[str, str] = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "abort"}
 
 
 def finish_reason(reason: str | None) -> str:
-    return _FINISH.get(reason or "stop", reason or "stop")
+    return _FINISH.get(reason or FinishReason.STOP, reason or FinishReason.STOP)
 
 
 def response_id(endpoint: Endpoint) -> str:

@@ -28,6 +28,7 @@ from producer.gateway.requests import GenerationPlan
 from producer.gateway.responses import full_response
 from producer.gateway.settings import GatewaySettings
 from producer.gateway.streaming import SSEResponse, cancel_all, relay
+from producer.protocol import ErrorCode
 from producer.protocol import Request as WireRequest
 
 log = structlog.get_logger(__name__)
@@ -139,7 +140,7 @@ class Gateway:
         except TimeoutError:
             await cancel_all(self.client, ids, plan.model)
             raise APIError(504, "No answer within the request timeout.", type="timeout_error",
-                           code="deadline") from None
+                           code=ErrorCode.DEADLINE) from None
         completions = [results[i] for i in ids]
         for completion in completions:
             self.metrics.finished(plan.endpoint, completion, streamed=False)

@@ -1,0 +1,115 @@
+"""Redis key names of the wire protocol, the constants every side shares, and id and name checks.
+
+Keys of one model share a Redis Cluster hash tag, `{prefix}:{{model}}:...`, so the Lua scripts
+that touch a request's queue entry, its owner record and its result stream stay on one shard.
+
+    {p}:{{m}}:q:high|normal|low   request streams (consumer group `workers`), read in that order
+    {p}:{{m}}:req:<id>            hash: state, entry, prio, epoch (fencing token), worker, seq, cancel
+    {p}:{{m}}:res:<id>            result stream: delta* ... (restart delta*)* then done | error
+    {p}:{{m}}:cancel:<worker>     set: ids the owning worker must cancel (the flag itself is in req:<id>)
+    {p}:{{m}}:dead                dead letters
+    {p}:{{m}}:dead:cursor         the last dead letter a maintenance report covered
+    {p}:{{m}}:workers             hash: worker name -> heartbeat (msgpack)
+    {p}:models                    set of model names that workers serve (for `tokenrelay status`)
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from producer.errors import ProtocolError
+from producer.protocol.enums import _PRIORITY_ORDER, ErrorCode, Priority
+
+SCHEMA_VERSION = 1
+DEFAULT_PREFIX = "tr"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GROUP = "workers"
+DEFAULT_RESULT_TTL_S = 86_400
+REQUEST_FIELD_ID = "id"  # stream entry fields: the id stays readable to Lua without unpacking the payload
+REQUEST_FIELD_BODY = "m"
+EVENT_FIELD = "m"
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9._:/@+-]{1,128}$")
+_PREFIX = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
+_REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def check_model_name(model: str) -> str:
+    if not isinstance(model, str) or not _MODEL_NAME.match(model):
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"model: {str(model)[:64]!r} is not a valid model name "
+                            "(1-128 of letters, digits and ._:/@+-)")
+    return model
+
+
+def is_request_id(value: Any) -> bool:
+    return isinstance(value, str) and _REQUEST_ID.match(value) is not None
+
+
+def new_request_id() -> str:
+    """128 random bits, made by the client so that a retried submit names the same request."""
+    return secrets.token_hex(16)
+
+
+@dataclass(slots=True, frozen=True)
+class Keys:
+    """Key names of one model under one prefix."""
+
+    model: str
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        check_model_name(self.model)
+        if not _PREFIX.match(self.prefix):
+            raise ValueError(f"prefix: {self.prefix!r} must be 1-32 of letters, digits and ._-")
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{{self.model}}}"
+
+    def queue(self, priority: Priority) -> str:
+        return f"{self.base}:q:{priority.value}"
+
+    @property
+    def queues(self) -> list[str]:
+        return [self.queue(p) for p in _PRIORITY_ORDER]
+
+    @property
+    def request_prefix(self) -> str:
+        """Lua scripts that learn a request id from a stream entry append it to this."""
+        return f"{self.base}:req:"
+
+    @property
+    def result_prefix(self) -> str:
+        return f"{self.base}:res:"
+
+    def request(self, request_id: str) -> str:
+        return self.request_prefix + request_id
+
+    def result(self, request_id: str) -> str:
+        return self.result_prefix + request_id
+
+    @property
+    def cancel_prefix(self) -> str:
+        return f"{self.base}:cancel:"
+
+    def cancels(self, worker: str) -> str:
+        return self.cancel_prefix + worker
+
+    @property
+    def dead(self) -> str:
+        return f"{self.base}:dead"
+
+    @property
+    def dead_cursor(self) -> str:
+        return f"{self.base}:dead:cursor"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.base}:workers"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
