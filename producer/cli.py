@@ -10,6 +10,7 @@ from typing import Any
 
 from producer.client import ClientConfig
 from producer.gateway.settings import add_gateway_flags
+from producer.protocol import Priority
 from producer.settings import add_flags
 
 CLIENT_FLAGS = {"redis_url": "--redis"}
@@ -18,6 +19,8 @@ CLIENT_HELP = {"redis_url": "Redis URL", "prefix": "key prefix"}
 
 class UsageError(Exception):
     """A command's settings are invalid: reported as `tokenrelay <command>: error: ...`, exit status 2."""
+
+PRIORITIES = [p.value for p in Priority]
 
 
 def command_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,7 +44,7 @@ def add_commands(sub: Any) -> None:
     _client_args(p)
     p.add_argument("--window", type=int, default=256, help="requests in flight at once")
     p.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per request, queue time included")
-    p.add_argument("--priority", choices=["high", "normal", "low"], default="low")
+    p.add_argument("--priority", choices=PRIORITIES, default=Priority.LOW.value)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("submit", help="submit one prompt and stream the answer to the terminal")
@@ -53,7 +56,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
+    p.add_argument("--priority", choices=PRIORITIES, default=Priority.NORMAL.value)
     p.add_argument("--timeout", type=float, help="deadline in seconds from now (queue time counts)")
     p.add_argument("--no-stream", action="store_true", help="print the whole answer at the end")
 
