@@ -168,6 +168,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # k: most draft tokens verified per request and step
     ngram_prompt_lookup_max: int = 4  # longest suffix n-gram looked up (vLLM's names)
     ngram_prompt_lookup_min: int = 2  # shortest one
+    # Draft tokens per step, shared by the decodes that have drafts: a big batch is compute-bound and
+    # every draft costs a row of compute, so with many decodes each gets fewer (none past this many).
+    max_speculative_tokens_per_step: int = 32
 
     def __post_init__(self) -> None:
         _check(
@@ -257,6 +260,11 @@ class EngineConfig:
             _is_int(self.num_speculative_tokens) and 1 <= self.num_speculative_tokens <= 32,
             "num_speculative_tokens",
             f"must be an integer in [1, 32], got {self.num_speculative_tokens!r}",
+        )
+        _check(
+            _is_int(self.max_speculative_tokens_per_step) and self.max_speculative_tokens_per_step >= 1,
+            "max_speculative_tokens_per_step",
+            f"must be an integer >= 1, got {self.max_speculative_tokens_per_step!r}",
         )
         _check(
             _is_int(self.ngram_prompt_lookup_min) and self.ngram_prompt_lookup_min >= 1,

@@ -81,6 +81,7 @@ class LLMEngine:
             config.max_num_batched_tokens,
             watermark_blocks=max(1, num_blocks // 100),
             swap=swap,
+            max_draft_tokens=config.max_speculative_tokens_per_step,
         )
         packed = 0
         fused = 0  # decoder layers given the fused forward (engine/models/fused_layers.py)

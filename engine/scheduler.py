@@ -40,12 +40,14 @@ class Scheduler:
         max_num_batched_tokens: int,
         watermark_blocks: int = 0,
         swap: SwapPolicy | None = None,
+        max_draft_tokens: int = 32,
     ) -> None:
         self.kv = kv
         self.swap = swap
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.watermark_blocks = watermark_blocks
+        self.max_draft_tokens = max_draft_tokens  # per step, over all decodes with drafts
         self.waiting: list[tuple[tuple[int, float, int], Request]] = []
         self.running: list[tuple[tuple[int, float, int], Request]] = []
         self.requests: dict[str, Request] = {}
@@ -93,12 +95,14 @@ class Scheduler:
         # Running requests: decodes before prefill chunks, so a long prompt never stalls them.
         decodes = [r for _, r in self.running if r.num_tokens - r.num_computed_tokens == 1]
         prefills = [r for _, r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        drafting = sum(1 for r in decodes if r.spec_token_ids)
+        drafts_each = self.max_draft_tokens // drafting if drafting else 0
         for request in decodes + prefills:
             if budget <= 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            if request.spec_token_ids and self._schedule_drafts(request, budget):
+            if request.spec_token_ids and self._schedule_drafts(request, min(budget, 1 + drafts_each)):
                 scheduled[request.request_id] = 1 + len(request.spec_token_ids)
                 budget -= scheduled[request.request_id]
                 continue
@@ -144,7 +148,7 @@ class Scheduler:
         return batch
 
     def _schedule_drafts(self, request: Request, budget: int) -> bool:
-        """Make room for a decode plus as many of its draft tokens as the budget allows, keeping the
+        """Make room for a decode plus as many of its draft tokens as `budget` allows, keeping the
         watermark free: speculation is never worth preempting anyone. False leaves no drafts."""
         drafts = request.spec_token_ids
         keep = min(len(drafts), budget - 1)

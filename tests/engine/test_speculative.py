@@ -321,7 +321,13 @@ def test_sampled_distribution_is_unchanged(small_vocab_model: Path) -> None:
         for i in range(NUM_SAMPLES)
     ]
     for speculative in (None, "ngram"):
-        llm = LLM(model=str(small_vocab_model), dtype="float64", max_num_seqs=256, speculative=speculative)
+        llm = LLM(
+            model=str(small_vocab_model),
+            dtype="float64",
+            max_num_seqs=256,
+            speculative=speculative,
+            max_speculative_tokens_per_step=1024,
+        )
         if llm.engine.proposer is not None:
             # n-gram drafts of a random model are almost never in its top-k; verification is under test here.
             llm.engine.proposer.propose = _oracle_proposer(conditional)  # type: ignore[method-assign]
@@ -350,3 +356,22 @@ def test_sampling_with_penalties_does_not_speculate(tiny_llama: Path) -> None:
     got, stats, _ = _generate(tiny_llama, prompts, [params] * 4, speculative="ngram")
     assert stats["spec_proposed_tokens"] == 0
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+def test_draft_tokens_per_step_are_capped(tiny_llama: Path) -> None:
+    """Many decodes share `max_speculative_tokens_per_step` (a big batch is compute-bound)."""
+    prompts, max_tokens = _repetitive_workload(seed=6, num_prompts=12)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in max_tokens]
+    llm = LLM(model=str(tiny_llama), dtype="float64", speculative="ngram", max_speculative_tokens_per_step=6)
+    drafts_per_step: list[int] = []
+    execute = llm.engine.runner.execute
+
+    def recording_execute(batch):  # noqa: ANN001, ANN202
+        drafts_per_step.append(sum(len(r.spec_token_ids) for r in batch.requests))
+        return execute(batch)
+
+    llm.engine.runner.execute = recording_execute  # type: ignore[method-assign]
+    got = llm.generate(prompts, params)
+    want, _, _ = _generate(tiny_llama, prompts, params)
+    _assert_same_outputs(got, want)
+    assert max(drafts_per_step) <= 6 and sum(drafts_per_step) == llm.engine.stats()["spec_proposed_tokens"] > 0
