@@ -97,12 +97,13 @@ class Scheduler:
         prefills = [r for _, r in self.running if r.num_tokens - r.num_computed_tokens > 1]
         drafting = sum(1 for r in decodes if r.spec_token_ids)
         drafts_each = self.max_draft_tokens // drafting if drafting else 0
+        num_decodes = len(decodes)
         for request in decodes + prefills:
             if budget <= 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            if request.spec_token_ids and self._schedule_drafts(request, min(budget, 1 + drafts_each)):
+            if request.spec_token_ids and self._schedule_drafts(request, min(budget, 1 + drafts_each), num_decodes):
                 scheduled[request.request_id] = 1 + len(request.spec_token_ids)
                 budget -= scheduled[request.request_id]
                 continue
@@ -147,11 +148,12 @@ class Scheduler:
             batch.num_tokens.append(num_new)
         return batch
 
-    def _schedule_drafts(self, request: Request, budget: int) -> bool:
+    def _schedule_drafts(self, request: Request, budget: int, num_decodes: int) -> bool:
         """Make room for a decode plus as many of its draft tokens as `budget` allows, keeping the
         watermark free: speculation is never worth preempting anyone. False leaves no drafts."""
         drafts = request.spec_token_ids
-        keep = min(len(drafts), budget - 1)
+        assert request.draft_state is not None
+        keep = request.draft_state.draft_length(num_decodes, min(len(drafts), budget - 1))
         if (
             keep <= 0
             or request.num_tokens - request.num_computed_tokens != 1
