@@ -10,6 +10,7 @@ _DTYPES = ("auto", "float32", "float64", "float16", "bfloat16")
 _BACKENDS = ("auto", "torch", "cpu", "xformers")
 _PREEMPTION_MODES = ("auto", "recompute", "swap")
 _QUANTIZATIONS = (None, "int8", "gguf")
+_SPECULATIVE = (None, "ngram")
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -49,6 +50,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # score the prompt too (perplexity, OpenAI's echo): top alternatives
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # None: follow the engine's `speculative` setting; False: off for this request; True: on where the
+    # engine has a proposer. Output is the same either way (greedy: token for token; sampled: in law).
+    speculative: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -107,6 +111,11 @@ class SamplingParams:
             )
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, "must be a boolean")
+        _check(
+            self.speculative is None or isinstance(self.speculative, bool),
+            "speculative",
+            f"must be true, false or None, got {self.speculative!r}",
+        )
 
     @property
     def greedy(self) -> bool:
@@ -155,6 +164,13 @@ class EngineConfig:
     swap_space_gb: float = 0.0  # host memory for preempted requests' K/V (0: always recompute)
     cpu_offload_gb: float = 0.0  # weights of this many GB of decoder layers stay in host memory
     preemption_mode: str = "auto"  # auto (cost model) | recompute | swap
+    speculative: str | None = None  # None | "ngram" (prompt lookup: drafts copied from the request's own tokens)
+    num_speculative_tokens: int = 4  # k: most draft tokens verified per request and step
+    ngram_prompt_lookup_max: int = 4  # longest suffix n-gram looked up (vLLM's names)
+    ngram_prompt_lookup_min: int = 2  # shortest one
+    # Draft tokens per step, shared by the decodes that have drafts: a big batch is compute-bound and
+    # every draft costs a row of compute, so with many decodes each gets fewer (none past this many).
+    max_speculative_tokens_per_step: int = 32
 
     def __post_init__(self) -> None:
         _check(
@@ -234,4 +250,30 @@ class EngineConfig:
             self.quantization != "gguf" or self.model is None,
             "quantization",
             "'gguf' computes from the default model's GGUF file; use model=None",
+        )
+        _check(
+            self.speculative in _SPECULATIVE,
+            "speculative",
+            f"must be one of {_SPECULATIVE}, got {self.speculative!r}",
+        )
+        _check(
+            _is_int(self.num_speculative_tokens) and 1 <= self.num_speculative_tokens <= 32,
+            "num_speculative_tokens",
+            f"must be an integer in [1, 32], got {self.num_speculative_tokens!r}",
+        )
+        _check(
+            _is_int(self.max_speculative_tokens_per_step) and self.max_speculative_tokens_per_step >= 1,
+            "max_speculative_tokens_per_step",
+            f"must be an integer >= 1, got {self.max_speculative_tokens_per_step!r}",
+        )
+        _check(
+            _is_int(self.ngram_prompt_lookup_min) and self.ngram_prompt_lookup_min >= 1,
+            "ngram_prompt_lookup_min",
+            f"must be an integer >= 1, got {self.ngram_prompt_lookup_min!r}",
+        )
+        _check(
+            _is_int(self.ngram_prompt_lookup_max) and self.ngram_prompt_lookup_max >= self.ngram_prompt_lookup_min,
+            "ngram_prompt_lookup_max",
+            f"must be an integer >= ngram_prompt_lookup_min ({self.ngram_prompt_lookup_min!r}), "
+            f"got {self.ngram_prompt_lookup_max!r}",
         )

@@ -19,6 +19,7 @@ from engine.request import FinishReason, Request, RequestOutput, TokenLogprob
 from engine.runner import ModelRunner, PromptScores
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
+from engine.speculative import DraftState, NgramProposer
 from engine.swap import HostBlockPool, PreemptionMode, SwapPolicy, default_costs
 
 log = structlog.get_logger(__name__)
@@ -45,11 +46,13 @@ class LLMEngine:
             config.max_num_batched_tokens,
             watermark_blocks=max(1, prepared.num_blocks // 100),
             swap=swap,
+            max_draft_tokens=config.max_speculative_tokens_per_step,
         )
         self.runner = _model_runner(prepared, config.block_size)
         if swap.pool is not None:
             self.runner.allocate_swap_space(swap.pool.num_blocks)
         self.sampler = Sampler(prepared.loaded.vocab_size, config.seed)
+        self.proposer = NgramProposer.from_config(config, self.max_model_len)
         self.num_generated_tokens = 0
         log.info(
             "engine ready",
@@ -97,6 +100,8 @@ class LLMEngine:
             request.logprobs = []
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
+        if self.proposer is not None and self.proposer.applies_to(params):
+            request.draft_state = DraftState()
         self.scheduler.add(request)
         return request
 
@@ -145,25 +150,77 @@ class LLMEngine:
             return []
         result = self.runner.execute(batch)
         for request, n in zip(batch.requests, batch.num_tokens, strict=True):
-            request.num_computed_tokens += n
+            # Draft tokens count as computed (and their blocks as cacheable) only once verified.
+            request.num_computed_tokens += n - len(request.spec_token_ids)
             self.kv.cache_full_blocks(request)
         for scores in result.prompt_scores:
             _append_prompt_logprobs(scores)
         if not result.sampling_requests:
             return []
-        sampled = self.sampler(result.logits, result.sampling_requests)
         now = time.monotonic()
         outputs = []
-        for request, token_id, logprob in zip(
-            result.sampling_requests, sampled.token_ids, sampled.logprobs, strict=True
-        ):
+        for request, token_ids, logprobs in self._sample(result.logits, result.sampling_requests):
             if request.first_token_time is None:
                 request.first_token_time = now
-            outputs.append(self._append_token(request, token_id, logprob))
-        self.num_generated_tokens += len(outputs)
+            outputs.append(self._append_tokens(request, token_ids, logprobs))
         return outputs
 
-    def _append_token(self, request: Request, token_id: int, logprob: Any) -> RequestOutput:
+    def _sample(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> list[tuple[Request, list[int], list[TokenLogprob | None]]]:
+        """Each sampling request's new tokens: one, or (verifying drafts) the accepted ones plus one."""
+        if not any(r.spec_token_ids for r in requests):
+            sampled = self.sampler(logits, requests)
+            return [(r, [t], [lp]) for r, t, lp in zip(requests, sampled.token_ids, sampled.logprobs, strict=True)]
+        plain: list[Request] = []
+        plain_rows: list[int] = []
+        speculating: list[Request] = []
+        spec_rows: list[int] = []
+        row = 0
+        for request in requests:
+            n = 1 + len(request.spec_token_ids)
+            if n == 1:
+                plain.append(request)
+                plain_rows.append(row)
+            else:
+                speculating.append(request)
+                spec_rows.extend(range(row, row + n))
+            row += n
+        picked: dict[str, tuple[list[int], list[TokenLogprob | None]]] = {}
+        if plain:
+            sampled = self.sampler(logits[plain_rows], plain)
+            for request, token_id, logprob in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
+                picked[request.request_id] = ([token_id], [logprob])
+        assert self.proposer is not None
+        for request, verified in zip(speculating, self.sampler.verify(logits[spec_rows], speculating), strict=True):
+            self.proposer.record(request, len(request.spec_token_ids), verified.num_accepted)
+            picked[request.request_id] = (verified.token_ids, verified.logprobs)
+        return [(r, *picked[r.request_id]) for r in requests]
+
+    def _append_tokens(
+        self, request: Request, token_ids: list[int], logprobs: list[TokenLogprob | None]
+    ) -> RequestOutput:
+        """Append in order, each token checked against the stop conditions: nothing past a stop."""
+        emitted = 0
+        for token_id, logprob in zip(token_ids, logprobs, strict=True):
+            emitted += 1
+            if self._append_token(request, token_id, logprob):
+                break
+        self.num_generated_tokens += emitted
+        if request.spec_token_ids:
+            if not request.is_finished:
+                # The accepted drafts' K/V, written this step, are valid; roll back the rest.
+                request.num_computed_tokens += emitted - 1
+                self.kv.cache_full_blocks(request)
+                self.kv.trim(request)
+            request.spec_token_ids = []
+        if self.proposer is not None and not request.is_finished:
+            request.spec_token_ids = self.proposer.propose(request)
+        new_logprobs = [lp for lp in logprobs[:emitted] if lp is not None]
+        return self._output(request, token_ids[:emitted], new_logprobs or None)
+
+    def _append_token(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> bool:
+        """Append one token; True when it ended the request."""
         params = request.params
         request.output_token_ids.append(token_id)
         if request.logprobs is not None and logprob is not None:
@@ -183,9 +240,11 @@ class LLMEngine:
             reason = FinishReason.LENGTH
         if reason is not None:
             self.scheduler.finish(request, reason)
-        return self._output(request, [token_id], logprob)
+        return reason is not None
 
-    def _output(self, request: Request, new_token_ids: list[int], logprob: Any) -> RequestOutput:
+    def _output(
+        self, request: Request, new_token_ids: list[int], new_logprobs: list[TokenLogprob] | None
+    ) -> RequestOutput:
         finished = request.is_finished
         detok = request.detokenizer
         return RequestOutput(
@@ -199,9 +258,11 @@ class LLMEngine:
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
             logprobs=request.logprobs,
-            new_logprobs=[logprob] if logprob is not None else None,
+            new_logprobs=new_logprobs,
             prompt_logprobs=request.prompt_logprobs,
             num_cached_tokens=request.num_cached_tokens,
+            spec_proposed=request.spec_proposed,
+            spec_accepted=request.spec_accepted,
         )
 
     # -- introspection ----------------------------------------------------------------------------
@@ -245,6 +306,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "swapped_out": self.scheduler.swap.num_swapped_out if self.scheduler.swap else 0,
             "generated_tokens": self.num_generated_tokens,
+            **(self.proposer.stats() if self.proposer is not None else {}),
         }
 
 

@@ -169,6 +169,15 @@ class KVCacheManager:
             request.block_ids.extend(self.pool.allocate(needed))
         return True
 
+    def trim(self, request: Request) -> None:
+        """Give back blocks past the request's computed tokens (those of rejected draft tokens).
+        They were never full of verified tokens, so none of them is in the prefix cache."""
+        keep = self.blocks_needed(request.num_computed_tokens)
+        if len(request.block_ids) > keep:
+            assert len(request.block_hashes) <= keep
+            self.pool.release(request.block_ids[keep:])
+            del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         self.pool.release(request.block_ids)
         request.block_ids = []

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from engine.detokenize import IncrementalDetokenizer
+    from engine.speculative import DraftState
 
 
 class RequestStatus(enum.Enum):
@@ -61,6 +62,12 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token; the first is None
     first_token_time: float | None = None
     eos_token_ids: frozenset[int] = frozenset()
+    # Speculative decoding: draft tokens to verify in the next step (never part of the token ids above
+    # until accepted), the proposer's state (None: this request does not speculate), and counts.
+    spec_token_ids: list[int] = field(default_factory=list)
+    draft_state: DraftState | None = None
+    spec_proposed: int = 0  # draft tokens verified
+    spec_accepted: int = 0  # of those, the ones the target model agreed with
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -104,6 +111,8 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0
+    spec_proposed: int = 0  # speculative draft tokens verified for this request so far
+    spec_accepted: int = 0  # of those, accepted (each one a forward pass saved)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -26,7 +26,9 @@ class PromptScores:
 @dataclass(slots=True)
 class StepResult:
     sampling_requests: list[Request]  # requests whose last scheduled token was their last token
-    logits: torch.Tensor  # [len(sampling_requests), vocab]
+    # One row per sampling request, or 1 + len(spec_token_ids) consecutive rows for one with drafts
+    # (its last real token, then each draft token: row j scores the position after draft j).
+    logits: torch.Tensor
     prompt_scores: list[PromptScores]
 
 
@@ -113,8 +115,12 @@ class ModelRunner:
         for row, (request, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
             start = request.num_computed_tokens
             end = start + n
+            drafts = request.spec_token_ids  # the scheduler leaves drafts only on a decode: n == 1 + drafts
             if n == 1:
                 ids.append(request.token_at(start))
+            elif drafts:
+                ids.append(request.token_at(start))
+                ids.extend(drafts)
             else:
                 ids.extend(_token_slice(request, start, end))
             pos = np.arange(start, end, dtype=np.int64)
@@ -132,9 +138,9 @@ class ModelRunner:
                     spans.append((request, first, stop - first))
                     prompt_indices.extend(range(offset + first - start, offset + stop - start))
             offset += n
-            if end == request.num_tokens:
+            if end == request.num_tokens + len(drafts):
                 sampling.append(request)
-                logits_indices.append(offset - 1)
+                logits_indices.extend(range(offset - 1 - len(drafts), offset))
         device = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),

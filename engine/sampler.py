@@ -15,6 +15,15 @@ class SampleResult:
     logprobs: list[TokenLogprob | None]
 
 
+@dataclass(slots=True)
+class Verified:
+    """One speculating request's tokens of a step: its accepted drafts, then one sampled token."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+    num_accepted: int
+
+
 class Sampler:
     """Picks one token per row of `logits` (one row per request that samples this step)."""
 
@@ -42,12 +51,15 @@ class Sampler:
         ids = token_ids.tolist()
         return SampleResult(ids, _gather_logprobs(raw_logprobs, ids, requests))
 
-    def _mask_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """min_tokens: EOS and stop token ids are not allowed before it is reached."""
+    def _mask_early_stops(
+        self, logits: torch.Tensor, requests: list[Request], num_outputs: list[int] | None = None
+    ) -> torch.Tensor:
+        """min_tokens: EOS and stop token ids are not allowed before it is reached. Row i would be
+        output token `num_outputs[i]` (default: the request's next one)."""
         rows: list[int] = []
         cols: list[int] = []
         for i, r in enumerate(requests):
-            if len(r.output_token_ids) < r.params.min_tokens:
+            if (num_outputs[i] if num_outputs else len(r.output_token_ids)) < r.params.min_tokens:
                 banned = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(r.eos_token_ids))
                 for token_id in banned:
                     if token_id < self.vocab_size:
@@ -60,17 +72,7 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], greedy: list[bool]) -> torch.Tensor:
         device = logits.device
-        temperature = torch.tensor([r.params.temperature or 1.0 for r in requests], dtype=logits.dtype, device=device)
-        scaled = logits / temperature[:, None]
-        top_k = [r.params.top_k if r.params.top_k > 0 else 0 for r in requests]
-        top_p = [r.params.top_p for r in requests]
-        min_p = [r.params.min_p for r in requests]
-        if any(top_k) or any(p < 1.0 for p in top_p):
-            scaled = apply_top_k_top_p(scaled, top_k, top_p)
-        probs = torch.softmax(scaled, dim=-1)
-        if any(m > 0 for m in min_p):
-            threshold = torch.tensor(min_p, dtype=probs.dtype, device=device)[:, None] * probs.amax(-1, keepdim=True)
-            probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = self._probs(logits, requests)
 
         # Exponential race (argmax p/q, q ~ Exp(1)) equals a categorical draw; a seeded request draws
         # from its own generator so its output does not depend on what else is in the batch.
@@ -89,6 +91,92 @@ class Sampler:
         if any(greedy):
             sampled = torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), sampled)
         return sampled
+
+    def _probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Temperature, top-k/top-p and min-p applied: the distribution a token is drawn from (min-p
+        zeroes entries without renormalising)."""
+        device = logits.device
+        temperature = torch.tensor([r.params.temperature or 1.0 for r in requests], dtype=logits.dtype, device=device)
+        scaled = logits / temperature[:, None]
+        top_k = [r.params.top_k if r.params.top_k > 0 else 0 for r in requests]
+        top_p = [r.params.top_p for r in requests]
+        min_p = [r.params.min_p for r in requests]
+        if any(top_k) or any(p < 1.0 for p in top_p):
+            scaled = apply_top_k_top_p(scaled, top_k, top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        if any(m > 0 for m in min_p):
+            threshold = torch.tensor(min_p, dtype=probs.dtype, device=device)[:, None] * probs.amax(-1, keepdim=True)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
+
+    def verify(self, logits: torch.Tensor, requests: list[Request]) -> list[Verified]:
+        """Speculative decoding: request i owns `1 + len(spec_token_ids)` consecutive rows of `logits`,
+        row j scoring the position after its j-th draft token. Accepts the longest agreeing prefix of
+        the drafts plus one token, so that the output has the law of plain sampling.
+
+        Greedy: a draft is accepted when it is the argmax. Sampled (the rejection rule for a draft
+        that is a point mass): draft x is accepted with probability p(x) under the processed
+        distribution p; on rejection a token is drawn from p with x removed, renormalised; after
+        all drafts, one more from the last row. Penalties depend on every earlier output token,
+        so requests with penalties never speculate (engine.speculative) and are not handled here.
+        """
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        rows = [1 + len(r.spec_token_ids) for r in requests]
+        row_requests = [r for r, n in zip(requests, rows, strict=True) for _ in range(n)]
+        num_outputs = [len(r.output_token_ids) + j for r, n in zip(requests, rows, strict=True) for j in range(n)]
+        logits = self._mask_early_stops(logits, row_requests, num_outputs)
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in requests):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        argmax = logits.argmax(dim=-1).tolist()
+        sampled_rows = [i for i, r in enumerate(row_requests) if not r.params.greedy]
+        probs: torch.Tensor | None = None
+        if sampled_rows:
+            probs = self._probs(logits[sampled_rows], [row_requests[i] for i in sampled_rows]).cpu()
+            probs /= probs.sum(dim=-1, keepdim=True)
+        results = []
+        row = sampled = 0
+        for r, n in zip(requests, rows, strict=True):
+            drafts = r.spec_token_ids
+            if r.params.greedy:
+                accepted = 0
+                while accepted < n - 1 and argmax[row + accepted] == drafts[accepted]:
+                    accepted += 1
+                token_ids = argmax[row : row + accepted + 1]
+            else:
+                assert probs is not None
+                token_ids = _rejection_sample(probs[sampled : sampled + n], drafts, r.generator or self._generator)
+                sampled += n
+            logprobs: list[TokenLogprob | None] = [None] * len(token_ids)
+            if raw_logprobs is not None and r.params.logprobs is not None:
+                logprobs = [
+                    _token_logprob(raw_logprobs[row + j], t, r.params.logprobs) for j, t in enumerate(token_ids)
+                ]
+            results.append(Verified(token_ids, logprobs, len(token_ids) - 1))
+            row += n
+        return results
+
+
+def _rejection_sample(probs: torch.Tensor, drafts: list[int], generator: torch.Generator) -> list[int]:
+    """probs [1 + len(drafts), vocab], normalised rows, on the CPU (where the generators live)."""
+    token_ids: list[int] = []
+    for j, draft in enumerate(drafts):
+        if float(torch.rand((), dtype=probs.dtype, generator=generator)) < float(probs[j, draft]):
+            token_ids.append(draft)
+            continue
+        residual = probs[j].clone()
+        residual[draft] = 0.0
+        token_ids.append(_draw(residual, generator))
+        return token_ids
+    token_ids.append(_draw(probs[len(drafts)], generator))
+    return token_ids
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator) -> int:
+    """One categorical draw from unnormalised `weights` (the exponential race, as the batch path)."""
+    noise = torch.empty_like(weights).exponential_(generator=generator)
+    return int((weights / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax())
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -140,9 +228,13 @@ def _gather_logprobs(
         if n is None:
             result.append(None)
             continue
-        top: dict[int, float] = {}
-        if n > 0:
-            values, indices = logprobs[i].topk(n)
-            top = dict(zip(indices.tolist(), values.tolist(), strict=True))
-        result.append(TokenLogprob(token_ids[i], float(logprobs[i, token_ids[i]]), top))
+        result.append(_token_logprob(logprobs[i], token_ids[i], n))
     return result
+
+
+def _token_logprob(logprobs: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
+    top: dict[int, float] = {}
+    if top_n > 0:
+        values, indices = logprobs.topk(top_n)
+        top = dict(zip(indices.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token_id, float(logprobs[token_id]), top)

@@ -40,12 +40,14 @@ class Scheduler:
         max_num_batched_tokens: int,
         watermark_blocks: int = 0,
         swap: SwapPolicy | None = None,
+        max_draft_tokens: int = 32,
     ) -> None:
         self.kv = kv
         self.swap = swap
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.watermark_blocks = watermark_blocks
+        self.max_draft_tokens = max_draft_tokens  # per step, over all decodes with drafts
         self.waiting: list[tuple[tuple[int, float, int], Request]] = []
         self.running: list[tuple[tuple[int, float, int], Request]] = []
         self.requests: dict[str, Request] = {}
@@ -93,11 +95,18 @@ class Scheduler:
         # Running requests: decodes before prefill chunks, so a long prompt never stalls them.
         decodes = [r for _, r in self.running if r.num_tokens - r.num_computed_tokens == 1]
         prefills = [r for _, r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        drafting = sum(1 for r in decodes if r.spec_token_ids)
+        drafts_each = self.max_draft_tokens // drafting if drafting else 0
+        num_decodes = len(decodes)
         for request in decodes + prefills:
             if budget <= 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if request.spec_token_ids and self._schedule_drafts(request, min(budget, 1 + drafts_each), num_decodes):
+                scheduled[request.request_id] = 1 + len(request.spec_token_ids)
+                budget -= scheduled[request.request_id]
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate(request, num_new):
                 victim = self.running[-1][1]
@@ -113,6 +122,7 @@ class Scheduler:
         # Waiting requests, unless we just had to preempt (admitting more would only thrash).
         while not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             key, request = self.waiting[0]
+            request.spec_token_ids = []  # drafts only ride on a running decode
             # A prompt to be scored must run whole: cached positions would have no logits.
             fresh = request.num_computed_tokens == 0 and request.prompt_logprobs is None
             prefix = self.kv.match_prefix(request) if fresh else None
@@ -138,11 +148,28 @@ class Scheduler:
             batch.num_tokens.append(num_new)
         return batch
 
+    def _schedule_drafts(self, request: Request, budget: int, num_decodes: int) -> bool:
+        """Make room for a decode plus as many of its draft tokens as `budget` allows, keeping the
+        watermark free: speculation is never worth preempting anyone. False leaves no drafts."""
+        drafts = request.spec_token_ids
+        assert request.draft_state is not None
+        keep = request.draft_state.draft_length(num_decodes, min(len(drafts), budget - 1))
+        if (
+            keep <= 0
+            or request.num_tokens - request.num_computed_tokens != 1
+            or not self.kv.allocate(request, 1 + keep, reserve=self.watermark_blocks)
+        ):
+            request.spec_token_ids = []
+            return False
+        del drafts[keep:]
+        return True
+
     def _preempt(self, request: Request, batch: ScheduledBatch) -> None:
         """Free the victim's KV blocks and requeue it: its K/V either go to swap space (resumed
         as they were) or are recomputed later (its blocks stay in the prefix cache meanwhile)."""
         key = self._keys[request.request_id]
         self.running.pop(bisect.bisect_left(self.running, key, key=lambda item: item[0]))
+        request.spec_token_ids = []
         if self.swap is not None and self.swap.pool is not None and self.swap.should_swap(request):
             request.host_block_ids = self.swap.pool.allocate(len(request.block_ids))
             batch.swap_out.extend(zip(request.block_ids, request.host_block_ids, strict=True))

@@ -4,7 +4,9 @@ Decodes (one new token per sequence) attend the paged cache in place with
 `PagedBlockDiagonalCausalWithOffsetPaddedKeysMask` (triton split-K: needs fp16/bf16 and a page
 size that is a multiple of 64, and equal query lengths). Prefill chunks (any lengths) attend a
 per-step gathered copy of their keys with `BlockDiagonalCausalWithOffsetPaddedKeysMask`. With a
-block size that is not a multiple of 64, decodes take the gathered path too.
+block size that is not a multiple of 64, decodes take the gathered path too. A decode verifying
+speculative drafts (query length 1 + k over its cached sequence) is a chunk like any other: the
+gathered path's causal-with-offset bias puts query j at position seq_len - query_len + j.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ from tests.kernels.batches import random_batch
 
 pytestmark = pytest.mark.skipif(not xformers_available(), reason="xformers is not installed")
 
-# Decodes and prefill chunks of mixed lengths, as one step sees them.
-SHAPES = [(1, 70), (1, 1), (1, 129), (5, 5), (3, 67), (12, 140), (1, 64)]
+# Decodes and prefill chunks of mixed lengths, as one step sees them; (5, 133) is a decode verifying
+# four speculative drafts (a multi-token query over its cached sequence: the gathered path).
+SHAPES = [(1, 70), (1, 1), (1, 129), (5, 5), (3, 67), (12, 140), (1, 64), (5, 133)]
 
 
 def _torch_reference(batch, scale: float) -> torch.Tensor:  # noqa: ANN001
@@ -59,7 +60,7 @@ def test_decodes_take_the_paged_path_only_with_64_multiple_pages() -> None:
     batch = random_batch(SHAPES, block_size=64)
     assert XformersBackend(64).paged_decodes and not XformersBackend(16).paged_decodes
     groups = build_groups(batch.meta, paged_decodes=True, device=torch.device("cpu"))
-    assert [len(g.seqs) for g in groups] == [4, 3]
+    assert [len(g.seqs) for g in groups] == [4, 4]
     assert groups[0].gather_index is None and groups[1].gather_index is not None
 
 
