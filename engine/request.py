@@ -13,9 +13,11 @@ if TYPE_CHECKING:
     import torch
 
     from engine.detokenize import IncrementalDetokenizer
+    from engine.structured.constraint import TokenConstraint
 
 
 class RequestStatus(enum.Enum):
+    COMPILING = "compiling"  # its grammar is being compiled; not in the scheduler yet
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -25,6 +27,7 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # could not run (its grammar failed to compile or timed out): see `error`
 
 
 @dataclass(slots=True)
@@ -61,6 +64,8 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token; the first is None
     first_token_time: float | None = None
     eos_token_ids: frozenset[int] = frozenset()
+    constraint: TokenConstraint | None = None  # logit_bias, allowed_token_ids and the grammar's matcher
+    error: str | None = None  # why it finished with FinishReason.ERROR
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -104,6 +109,7 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0
+    error: str | None = None  # set when finish_reason is "error": a message for the client
 
     @property
     def num_prompt_tokens(self) -> int:
