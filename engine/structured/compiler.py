@@ -77,7 +77,7 @@ class GrammarCompiler:
             started = time.perf_counter()
             matcher = llguidance.LLMatcher(tokenizer, spec.grammar_text(), log_level=0)
             if matcher.is_error():
-                raise ValueError(f"structured_outputs.{spec.kind}: {matcher.get_error()[:600]}")
+                raise ValueError(f"structured_outputs.{spec.kind}: {' '.join(matcher.get_error().split())[:600]}")
             self.compile_seconds.append(time.perf_counter() - started)
             with self._lock:
                 self._cache[key] = matcher

@@ -48,9 +48,7 @@ class StructuredOutputs:
     def __post_init__(self) -> None:
         given = [kind for kind in KINDS if getattr(self, kind) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"structured_outputs: exactly one of {list(KINDS)} must be set, got {given or 'none'}"
-            )
+            raise ValueError(f"structured_outputs: exactly one of {list(KINDS)} must be set, got {given or 'none'}")
         kind = given[0]
         field = f"structured_outputs.{kind}"
         if kind == "json":
@@ -158,7 +156,7 @@ def _backend_check(key: str) -> None:
 
 
 def _first_lines(messages: list[str], limit: int = 600) -> str:
-    text = "; ".join(m.strip() for m in messages)
+    text = "; ".join(" ".join(m.split()) for m in messages)  # one line: it goes into an error event
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
