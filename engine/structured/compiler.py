@@ -50,7 +50,9 @@ class GrammarCompiler:
                 done.set_result(template)
                 return done
             future = self._inflight.get(key)
-            if future is None:
+            if future is not None:
+                self.cache_hits += 1  # joins the compile in flight
+            else:
                 self.cache_misses += 1
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="tokenrelay-grammar")

@@ -287,3 +287,22 @@ def test_abort_while_compiling(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
     out = engine.abort("r")
     release.set()
     assert out is not None and out.finish_reason == "abort" and not engine.has_unfinished()
+
+
+def test_int8_weights_and_kv_with_seeds_and_shared_constraints(tiny_llama: Path) -> None:
+    """Many requests with one constraint (as n > 1 sends them) share a compile, not a matcher state;
+    a seed gives the same constrained output again; int8 weights and KV change nothing of that."""
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["x", "y", "z"]},
+              "maxItems": 3}}, "required": ["tags"], "additionalProperties": False}  # fmt: skip
+    llm = LLM(model=str(tiny_llama), dtype="float32", quantization="int8", kv_cache_dtype="int8")
+    params = [
+        SamplingParams(temperature=1.0, seed=i % 4, max_tokens=40, structured_outputs={"json": schema})
+        for i in range(8)
+    ]
+    outputs = llm.generate(["Tags:"] * 8, params)
+    for out in outputs:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), schema)
+    assert [o.token_ids for o in outputs[:4]] == [o.token_ids for o in outputs[4:]]
+    stats = llm.engine.stats()["structured"]
+    assert stats["grammar_cache_misses"] == 1 and stats["grammar_cache_hits"] == 7
