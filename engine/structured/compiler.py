@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from engine.request import FinishReason, Request, RequestStatus
+from engine.structured.constraint import percentile_ms
 from engine.structured.spec import StructuredOutputs
 
 COMPILE_THREADS = 2
@@ -121,6 +122,18 @@ class GrammarWaitlist:
         request.status = RequestStatus.COMPILING
         self._waiting[request.request_id] = (request, future, time.monotonic())
         return False
+
+    def stats(self) -> dict[str, Any]:
+        compiler = self.compiler
+        compiles = sorted(compiler.compile_seconds)
+        return {
+            "compiles": len(compiles),
+            "compile_ms_p50": percentile_ms(compiles, 50),
+            "compile_ms_p99": percentile_ms(compiles, 99),
+            "grammar_cache_hits": compiler.cache_hits,
+            "grammar_cache_misses": compiler.cache_misses,
+            "waiting_for_grammar": len(self._waiting),
+        }
 
     def remove(self, request_id: str) -> Request | None:
         item = self._waiting.pop(request_id, None)

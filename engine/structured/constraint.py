@@ -63,7 +63,6 @@ class LogitsConstraints:
         self.vocab_size = vocab_size
         self._words = (vocab_size + 31) // 32
         self._bitmask = np.full((0, self._words), -1, dtype=np.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
         self._executor: Any = None
         self.mask_seconds: deque[float] = deque(maxlen=_WINDOW)
         self.masked_rows = 0
@@ -106,13 +105,16 @@ class LogitsConstraints:
         if self._bitmask.shape[0] < len(rows):
             self._bitmask = np.full((max(len(rows), 2 * self._bitmask.shape[0]), self._words), -1, dtype=np.int32)
         if self._executor is None:
-            self._executor = llguidance.LLExecutor(num_threads=min(4, os.cpu_count() or 1))
+            # Masks take tens of microseconds each: two threads are plenty, and more would fight torch's.
+            self._executor = llguidance.LLExecutor(num_threads=min(2, os.cpu_count() or 1))
         bitmask = self._bitmask[: len(rows)]
         llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
-        words = torch.from_numpy(bitmask)
-        allowed = ((words[:, :, None] >> self._shifts) & 1).view(len(rows), -1)[:, : logits.shape[1]].bool()
+        # Token t is bit t % 32 of word t // 32: as little-endian bytes, bit t counting low bits first.
+        as_bytes = bitmask.astype("<i4", copy=False).view(np.uint8)
+        bits = np.unpackbits(as_bytes, axis=1, count=logits.shape[1], bitorder="little")
+        banned = torch.from_numpy(bits).view(torch.bool).logical_not_().to(logits.device)
         index = torch.tensor(rows, device=logits.device)
-        masked = logits[index].masked_fill_(~allowed.to(logits.device), float("-inf"))
+        masked = logits[index].masked_fill_(banned, float("-inf"))
         # Only a matcher in its error state allows nothing, and accept_token ends such a request as
         # soon as it breaks; should one get here anyway, EOS stays open so the row can still sample.
         for row in (~torch.isfinite(masked).any(dim=-1)).nonzero().flatten().tolist():

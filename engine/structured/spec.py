@@ -102,8 +102,9 @@ class StructuredOutputs:
         return cls(**{k: v for k, v in values.items() if v is not None})
 
     def cache_key(self) -> str:
-        """Canonical JSON: equal constraints share one compiled grammar."""
-        return _json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        """Compact JSON, key order kept: a schema's property order is the order generated, so two
+        schemas differing only in order are different constraints."""
+        return _json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
 
     def grammar_text(self) -> str:
         """The llguidance grammar for this constraint (needs llguidance)."""

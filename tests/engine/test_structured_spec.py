@@ -94,12 +94,12 @@ def test_round_trip_through_plain_json() -> None:
     assert SamplingParams.from_dict(json.loads(json.dumps(plain.to_dict()))) == plain
 
 
-def test_cache_key_is_canonical() -> None:
-    a = StructuredOutputs(json={"type": "object", "required": ["x"], "properties": {"x": {"type": "integer"}}})
-    b = StructuredOutputs(
-        json=json.dumps({"properties": {"x": {"type": "integer"}}, "type": "object", "required": ["x"]})
-    )
-    assert a.cache_key() == b.cache_key()
+def test_cache_key_keeps_property_order() -> None:
+    """The order of a schema's properties is the order they are generated in."""
+    a = StructuredOutputs(json={"type": "object", "properties": {"x": {"type": "integer"}, "y": {}}})
+    b = StructuredOutputs(json=json.dumps({"type": "object", "properties": {"x": {"type": "integer"}, "y": {}}}))
+    c = StructuredOutputs(json={"type": "object", "properties": {"y": {}, "x": {"type": "integer"}}})
+    assert a.cache_key() == b.cache_key() != c.cache_key()
     assert a.cache_key() != StructuredOutputs(regex="x").cache_key()
 
 
