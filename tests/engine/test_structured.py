@@ -306,3 +306,19 @@ def test_int8_weights_and_kv_with_seeds_and_shared_constraints(tiny_llama: Path)
     assert [o.token_ids for o in outputs[:4]] == [o.token_ids for o in outputs[4:]]
     stats = llm.engine.stats()["structured"]
     assert stats["grammar_cache_misses"] == 1 and stats["grammar_cache_hits"] == 7
+
+
+def test_logprobs_are_those_of_the_masked_distribution() -> None:
+    """As vLLM's processed logprobs: after bias and masks, before temperature."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 32, dtype=torch.float64)
+    params = SamplingParams(temperature=0.5, seed=3, logprobs=3, allowed_token_ids=[4, 9, 20], logit_bias={9: 1.0})
+    request = Request("r", [1], params)
+    request.generator = torch.Generator().manual_seed(3)
+    request.constraint = TokenConstraint(params, 32)
+    result = Sampler(32)(logits, [request])
+    expected = logits[0, [4, 9, 20]] + torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    expected = dict(zip([4, 9, 20], torch.log_softmax(expected, -1).tolist(), strict=True))
+    lp = result.logprobs[0]
+    assert lp is not None and result.token_ids[0] in expected
+    assert lp.top == pytest.approx(expected) and lp.logprob == pytest.approx(expected[result.token_ids[0]])
