@@ -206,6 +206,14 @@ def main() -> None:
         }
     base = systems["0%"]["tokens_per_s"]
     ratios = {f"{s}%_vs_0%": systems[f"{s}%"]["tokens_per_s"] / base for s in SHARES if s}
+    # Each round's share against the same round's 0 %: drift between rounds cancels out.
+    paired = {
+        f"{s}%_vs_0%_per_round": [
+            round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(runs[s], runs[0], strict=True)
+        ]
+        for s in SHARES
+        if s
+    }
     shares_valid = [systems[f"{s}%"]["validation"]["valid_share"] for s in SHARES if s]
     vllm_python = PEERS_DIR / "vllmenv" / "bin" / "python"
     report = {
@@ -219,6 +227,8 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "systems": systems,
         "ratios": ratios,
+        "paired_ratios": paired,
+        "paired_ratio_medians": {k: median(v) for k, v in paired.items()},
         "compile_ms_p50": percentile(compile_ms, 50),
         "compile_ms_p99": percentile(compile_ms, 99),
         "compile_schemas": len(compile_ms),

@@ -113,14 +113,19 @@ class LogitsConstraints:
         as_bytes = bitmask.astype("<i4", copy=False).view(np.uint8)
         bits = np.unpackbits(as_bytes, axis=1, count=logits.shape[1], bitorder="little")
         banned = torch.from_numpy(bits).view(torch.bool).logical_not_().to(logits.device)
+        every_row = len(rows) == logits.shape[0]
         index = torch.tensor(rows, device=logits.device)
-        masked = logits[index].masked_fill_(banned, float("-inf"))
+        unmasked = logits if every_row else logits[index]
+        masked = unmasked.masked_fill(banned, float("-inf"))
         # Only a matcher in its error state allows nothing, and accept_token ends such a request as
         # soon as it breaks; should one get here anyway, EOS stays open so the row can still sample.
         for row in (~torch.isfinite(masked).any(dim=-1)).nonzero().flatten().tolist():
             eos = sorted(requests[rows[row]].eos_token_ids) or [0]
-            masked[row, eos] = logits[rows[row], eos]
-        logits[index] = masked
+            masked[row, eos] = unmasked[row, eos]
+        if every_row:
+            logits.copy_(masked)
+        else:
+            logits[index] = masked
 
     def stats(self) -> dict[str, Any]:
         seconds = sorted(self.mask_seconds)
