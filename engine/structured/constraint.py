@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from engine.config import SamplingParams
 
 _WINDOW = 4096  # mask timings kept for the percentiles in stats()
+_PARALLEL_ROWS, _PARALLEL_CPUS = 32, 8  # below either, masks are filled in the calling thread
 
 
 class TokenConstraint:
@@ -104,11 +105,16 @@ class LogitsConstraints:
 
         if self._bitmask.shape[0] < len(rows):
             self._bitmask = np.full((max(len(rows), 2 * self._bitmask.shape[0]), self._words), -1, dtype=np.int32)
-        if self._executor is None:
-            # Masks take tens of microseconds each: two threads are plenty, and more would fight torch's.
-            self._executor = llguidance.LLExecutor(num_threads=min(2, os.cpu_count() or 1))
         bitmask = self._bitmask[: len(rows)]
-        llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+        if len(rows) >= _PARALLEL_ROWS and (os.cpu_count() or 1) >= _PARALLEL_CPUS:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor(num_threads=min(8, (os.cpu_count() or 1) // 2))
+            llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+        else:
+            # A mask takes microseconds; on a small host llguidance's worker threads would only
+            # contend with torch's (both spin while idle) and slow the forward pass that follows.
+            for matcher, row in matchers:
+                llguidance.numpy.fill_next_token_bitmask(matcher, bitmask, row)
         # Token t is bit t % 32 of word t // 32: as little-endian bytes, bit t counting low bits first.
         as_bytes = bitmask.astype("<i4", copy=False).view(np.uint8)
         bits = np.unpackbits(as_bytes, axis=1, count=logits.shape[1], bitorder="little")
