@@ -125,7 +125,7 @@ class LogitsConstraints:
         masked = unmasked.masked_fill(banned, float("-inf"))
         # Only a matcher in its error state allows nothing, and accept_token ends such a request as
         # soon as it breaks; should one get here anyway, EOS stays open so the row can still sample.
-        for row in (~torch.isfinite(masked).any(dim=-1)).nonzero().flatten().tolist():
+        for row in np.flatnonzero(~bitmask.any(axis=1)).tolist():
             eos = sorted(requests[rows[row]].eos_token_ids) or [0]
             masked[row, eos] = unmasked[row, eos]
         if every_row:
