@@ -6,6 +6,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.structured.spec import (
+    StructuredOutputs,
+    check_allowed_token_ids,
+    check_logit_bias,
+    check_structured_outputs,
+)
+
 _DTYPES = ("auto", "float32", "float64", "float16", "bfloat16")
 _BACKENDS = ("auto", "torch", "cpu", "xformers")
 _PREEMPTION_MODES = ("auto", "recompute", "swap")
@@ -53,8 +60,16 @@ class SamplingParams:
     # None: follow the engine's `speculative` setting; False: off for this request; True: on where the
     # engine has a proposer. Output is the same either way (greedy: token for token; sampled: in law).
     speculative: bool | None = None
+    # Constraints (engine/structured/spec.py has their wire shapes); applied after the penalties,
+    # in this order: logit_bias, allowed_token_ids, the grammar's mask, then min_tokens.
+    structured_outputs: StructuredOutputs | None = None  # a mapping is accepted and converted
+    logit_bias: dict[int, float] | None = None  # {token id: bias in [-100, 100]}
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
+        self.structured_outputs = check_structured_outputs(self.structured_outputs)
+        self.logit_bias = check_logit_bias(self.logit_bias)
+        self.allowed_token_ids = check_allowed_token_ids(self.allowed_token_ids)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
@@ -125,8 +140,19 @@ class SamplingParams:
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def constrained(self) -> bool:
+        """Whether sampling must go through the constraint code (engine/structured/constraint.py)."""
+        return self.structured_outputs is not None or self.logit_bias is not None or self.allowed_token_ids is not None
+
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        """Plain JSON-able values (logit_bias keys become strings, as JSON has no other)."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        if self.structured_outputs is not None:
+            values["structured_outputs"] = self.structured_outputs.to_dict()
+        if self.logit_bias is not None:
+            values["logit_bias"] = {str(k): v for k, v in self.logit_bias.items()}
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
@@ -171,6 +197,7 @@ class EngineConfig:
     # Draft tokens per step, shared by the decodes that have drafts: a big batch is compute-bound and
     # every draft costs a row of compute, so with many decodes each gets fewer (none past this many).
     max_speculative_tokens_per_step: int = 32
+    grammar_compile_timeout_s: float = 30.0  # a structured-output request whose grammar takes longer ends in error
 
     def __post_init__(self) -> None:
         _check(
@@ -246,6 +273,11 @@ class EngineConfig:
             f"must be auto or int8, got {self.kv_cache_dtype!r}",
         )
         _check(_is_number(self.cpu_offload_gb) and self.cpu_offload_gb >= 0, "cpu_offload_gb", "must be a number >= 0")
+        _check(
+            _is_number(self.grammar_compile_timeout_s) and self.grammar_compile_timeout_s > 0,
+            "grammar_compile_timeout_s",
+            "must be a number > 0",
+        )
         _check(
             self.quantization != "gguf" or self.model is None,
             "quantization",

@@ -15,11 +15,14 @@ from engine.detokenize import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
 from engine.models.prepare import PreparedModel, prepare_model
 from engine.offload import LayerOffloader
-from engine.request import FinishReason, Request, RequestOutput, TokenLogprob
+from engine.request import FinishReason, Request, RequestOutput, RequestStatus, TokenLogprob
 from engine.runner import ModelRunner, PromptScores
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
 from engine.speculative import DraftState, NgramProposer
+from engine.structured.compiler import GrammarCompiler, GrammarWaitlist
+from engine.structured.constraint import TokenConstraint, accept_token
+from engine.structured.spec import check_vocab
 from engine.swap import HostBlockPool, PreemptionMode, SwapPolicy, default_costs
 
 log = structlog.get_logger(__name__)
@@ -53,6 +56,9 @@ class LLMEngine:
             self.runner.allocate_swap_space(swap.pool.num_blocks)
         self.sampler = Sampler(prepared.loaded.vocab_size, config.seed)
         self.proposer = NgramProposer.from_config(config, self.max_model_len)
+        # Structured outputs: requests wait here, outside the scheduler, until their grammar compiles.
+        compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarWaitlist(compiler, config.grammar_compile_timeout_s)
         self.num_generated_tokens = 0
         log.info(
             "engine ready",
@@ -87,6 +93,11 @@ class LLMEngine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer, and this model folder has none")
+        if params.structured_outputs is not None and self.tokenizer is None:
+            raise ValueError("structured_outputs: needs a tokenizer, and this model folder has none")
+        if request_id in self.scheduler.requests or request_id in self.grammars:
+            raise ValueError(f"request_id: {request_id!r} is already in the engine")
+        check_vocab(params.logit_bias, params.allowed_token_ids, self.vocab_size)
         request = Request(request_id, token_ids, params, priority=priority, eos_token_ids=self.eos_token_ids)
         if arrival_time is not None:
             request.arrival_time = arrival_time
@@ -102,6 +113,10 @@ class LLMEngine:
             request.prompt_logprobs = [None]
         if self.proposer is not None and self.proposer.applies_to(params):
             request.draft_state = DraftState()
+        if params.constrained:
+            request.constraint = TokenConstraint(params, self.vocab_size)
+            if params.structured_outputs is not None and not self.grammars.add(request):
+                return request  # compiling; step() schedules it once its grammar is ready
         self.scheduler.add(request)
         return request
 
@@ -127,22 +142,39 @@ class LLMEngine:
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; its final output, or None if it is not here."""
         request = self.scheduler.requests.get(request_id)
-        if request is None:
+        if request is not None:
+            self.scheduler.finish(request, FinishReason.ABORT)
+        elif (request := self.grammars.remove(request_id)) is not None:
+            request.status, request.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
+        else:
             return None
-        self.scheduler.finish(request, FinishReason.ABORT)
         return self._output(request, [], None)
 
     def has_unfinished(self) -> bool:
-        return len(self.scheduler) > 0
+        return len(self.scheduler) > 0 or len(self.grammars) > 0
 
     @property
     def num_free_slots(self) -> int:
         """How many more requests the engine would take right now (what a worker may read)."""
-        return max(0, self.config.max_num_seqs - len(self.scheduler))
+        return max(0, self.config.max_num_seqs - len(self.scheduler) - len(self.grammars))
 
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        failed = self._admit_compiled() if len(self.grammars) else []
+        outputs = self._run_step()
+        return failed + outputs if failed else outputs
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammar is ready join the scheduler; those whose compile failed end here."""
+        if not self.scheduler.requests:
+            self.grammars.wait(0.005)  # nothing else to run: wait a little rather than spin
+        ready, failed = self.grammars.poll()
+        for request in ready:
+            self.scheduler.add(request)
+        return [self._output(request, [], None) for request in failed]
+
+    def _run_step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         # Before the forward pass, and even when nothing runs: freed blocks may be reused next step.
         self.runner.copy_blocks(batch.swap_out, batch.swap_in)
@@ -234,6 +266,8 @@ class LLMEngine:
             stop = request.detokenizer.add_token(token_id)
             if stop is not None:
                 reason, request.stop_reason = FinishReason.STOP, stop
+        if reason is None and request.constraint is not None:
+            reason = accept_token(request, token_id)  # the grammar's own end (e.g. a schema's closing brace)
         if reason is None and (
             len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len
         ):
@@ -263,6 +297,7 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens,
             spec_proposed=request.spec_proposed,
             spec_accepted=request.spec_accepted,
+            error=request.error,
         )
 
     # -- introspection ----------------------------------------------------------------------------
@@ -307,6 +342,8 @@ class LLMEngine:
             "swapped_out": self.scheduler.swap.num_swapped_out if self.scheduler.swap else 0,
             "generated_tokens": self.num_generated_tokens,
             **(self.proposer.stats() if self.proposer is not None else {}),
+            # Mask time per step and compile time (ms, p50/p99 over recent windows), grammar cache use.
+            "structured": {**self.sampler.constraints.stats(), **self.grammars.stats()},
         }
 
 

@@ -14,9 +14,11 @@ if TYPE_CHECKING:
 
     from engine.detokenize import IncrementalDetokenizer
     from engine.speculative import DraftState
+    from engine.structured.constraint import TokenConstraint
 
 
 class RequestStatus(enum.Enum):
+    COMPILING = "compiling"  # its grammar is being compiled; not in the scheduler yet
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -26,6 +28,7 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # could not run (its grammar failed to compile or timed out): see `error`
 
 
 @dataclass(slots=True)
@@ -68,6 +71,8 @@ class Request:
     draft_state: DraftState | None = None
     spec_proposed: int = 0  # draft tokens verified
     spec_accepted: int = 0  # of those, the ones the target model agreed with
+    constraint: TokenConstraint | None = None  # logit_bias, allowed_token_ids and the grammar's matcher
+    error: str | None = None  # why it finished with FinishReason.ERROR
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -113,6 +118,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     spec_proposed: int = 0  # speculative draft tokens verified for this request so far
     spec_accepted: int = 0  # of those, accepted (each one a forward pass saved)
+    error: str | None = None  # set when finish_reason is "error": a message for the client
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.request import Request, TokenLogprob
+from engine.structured.constraint import LogitsConstraints
 
 
 @dataclass(slots=True)
@@ -31,12 +32,15 @@ class Sampler:
         self.vocab_size = vocab_size
         self._generator = torch.Generator()
         self._generator.manual_seed(seed)
+        self.constraints = LogitsConstraints(vocab_size)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         if any(r.params.needs_penalties for r in requests):
             logits = apply_penalties(logits.clone(), requests)
+        if any(r.constraint is not None for r in requests):
+            logits = self.constraints.apply(logits, requests)  # logit_bias, grammar mask, allowed_token_ids
         logits = self._mask_early_stops(logits, requests)
 
         raw_logprobs = None
@@ -66,8 +70,12 @@ class Sampler:
                         rows.append(i)
                         cols.append(token_id)
         if rows:
-            logits = logits.clone()
+            unbanned, logits = logits, logits.clone()
             logits[rows, cols] = float("-inf")
+            if any(requests[i].constraint is not None for i in set(rows)):
+                # A grammar that can only end now wins over min_tokens: no row is left with nothing allowed.
+                emptied = ~torch.isfinite(logits).any(dim=-1)
+                logits[emptied] = unbanned[emptied]
         return logits
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], greedy: list[bool]) -> torch.Tensor:

@@ -82,8 +82,9 @@ class NgramProposer:
     @staticmethod
     def applies_to(params: SamplingParams) -> bool:
         # Penalties make each position's distribution depend on the drafts before it; the verifier
-        # does not model that, so such requests decode one token at a time.
-        return params.speculative is not False and not params.needs_penalties
+        # does not model that, so such requests decode one token at a time. A constrained request's drafts
+        # would not pass through its grammar's mask: it does not speculate either.
+        return params.speculative is not False and not params.needs_penalties and not params.constrained
 
     def propose(self, request: Request) -> list[int]:
         """Drafts for the request's next step (it must be decoding: one token left to compute)."""

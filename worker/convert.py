@@ -35,6 +35,9 @@ def sampling_params(wire: dict[str, Any]) -> SamplingParams:
     Building one validates every field (~15 us); bulk traffic repeats a handful of settings.
     The engine only reads a request's params, so sharing the object is safe.
     """
+    if any(isinstance(v, dict) for v in wire.values()):
+        # A schema or logit_bias: not hashable as it is; the engine caches compiled grammars itself.
+        return SamplingParams.from_dict(wire)
     key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in wire.items()))
     return _sampling_params(key)
 
@@ -59,6 +62,8 @@ def wire_finish_reason(reason: EngineFinishReason | None) -> FinishReason:
             return FinishReason.LENGTH
         case EngineFinishReason.ABORT:
             return FinishReason.CANCELLED
+        case EngineFinishReason.ERROR:  # the worker sends these as error events, never as a done event
+            raise AssertionError("an engine error has no wire finish reason")
         case _:
             assert_never(reason)
 

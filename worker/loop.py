@@ -13,6 +13,7 @@ import redis
 import structlog
 
 from engine.interface import Engine
+from engine.request import FinishReason as EngineFinishReason
 from engine.request import RequestOutput
 from producer.errors import ProtocolError
 from producer.protocol import DEFAULT_LIMITS, ErrorCode, FinishReason, decode_request, done_event, error_event
@@ -162,8 +163,14 @@ class Worker:
         """Queue the terminal event of each finished request; the Redis thread writes it and XACKs in one script."""
         started = time.perf_counter()
         for out in outputs:
-            if out.finished and out.request_id in self.jobs:
-                self._send_done(self.jobs.pop(out.request_id), wire_finish_reason(out.finish_reason), out)
+            if not out.finished or out.request_id not in self.jobs:
+                continue
+            job = self.jobs.pop(out.request_id)
+            if out.finish_reason is EngineFinishReason.ERROR:  # e.g. its structured output would not compile
+                log.info("request failed in the engine", request_id=out.request_id, field=_field(out.error or ""))
+                self._send_error(job, ErrorCode.INVALID_REQUEST, out.error or "the engine could not run it")
+            else:
+                self._send_done(job, wire_finish_reason(out.finish_reason), out)
         self.timing.overhead_s += time.perf_counter() - started
 
     # -- notes from the Redis thread ------------------------------------------------------------------

@@ -8,9 +8,12 @@ from engine.config import SamplingParams
 from producer.errors import ProtocolError
 from producer.params import PARAM_NAMES, validate_params
 
+# Issue 12: the engine has these; the request message gains them with the queue side's part of it.
+NOT_ON_THE_WIRE_YET = {"structured_outputs", "logit_bias", "allowed_token_ids"}
+
 
 def test_the_wire_knows_exactly_the_engines_sampling_params() -> None:
-    assert set(PARAM_NAMES) == set(SamplingParams.__slots__)  # type: ignore[attr-defined]
+    assert set(PARAM_NAMES) == set(SamplingParams.__slots__) - NOT_ON_THE_WIRE_YET  # type: ignore[attr-defined]
 
 
 def test_valid_params_pass_and_are_normalised_for_the_engine() -> None:
