@@ -1,0 +1,127 @@
+"""Redis connections from one URL: `redis://`, `rediss://`, `unix://`, and `redis+cluster://` for Redis Cluster.
+
+The cluster form names one or more startup nodes, comma-separated, with the same user, password and
+query options as a plain URL (`rediss+cluster://` for TLS); the client discovers the rest of the cluster
+and follows MOVED/ASK redirections and failovers by itself:
+
+    redis+cluster://user:password@10.0.0.1:7000,10.0.0.2:7000/0?ssl_cert_reqs=none
+
+Every process that takes a Redis URL (worker, clients, gateway, batch, Celery tasks, status) connects
+through `connect` / `connect_async`, so a deployment switches to a cluster by its URL alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import SSLConnection, parse_url
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_PASSWORD = re.compile(r"//([^:@/]*):[^@/]*@")
+
+SyncRedis = redis.Redis | RedisCluster
+AsyncRedis = aioredis.Redis | AsyncRedisCluster
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***, for logs and status output."""
+    return _PASSWORD.sub(r"//\1:***@", url)
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """Startup nodes and connection options (user, password, TLS, query options) of a cluster URL."""
+    scheme, _, rest = url.partition("://")
+    base = CLUSTER_SCHEMES.get(scheme.lower())
+    if base is None:
+        raise ValueError(f"redis url: {mask_url(url)!r} is not a redis+cluster:// or rediss+cluster:// URL")
+    netloc, slash, tail = rest.partition("/")
+    credentials, at, hosts = netloc.rpartition("@")
+    nodes = [_host_port(part, url) for part in hosts.split(",") if part]
+    if not nodes:
+        raise ValueError(f"redis url: {mask_url(url)!r} names no node")
+    first = f"{base}://{credentials}{at}{nodes[0][0]}:{nodes[0][1]}{slash}{tail}"
+    options = dict(parse_url(first))
+    for name in ("host", "port"):
+        options.pop(name, None)
+    if options.pop("db", 0) not in (0, None):
+        raise ValueError("redis url: a Redis Cluster has only database 0")
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True
+    return nodes, options
+
+
+def _host_port(part: str, url: str) -> tuple[str, int]:
+    host, colon, port = part.rpartition(":")
+    if not colon or not port.isdigit():
+        raise ValueError(f"redis url: node {part!r} of {mask_url(url)!r} must be host:port")
+    return host.strip("[]"), int(port)
+
+
+def connect(url: str, **kwargs: Any) -> SyncRedis:
+    """A redis-py client for the URL: `RedisCluster` for the cluster schemes, `Redis` otherwise."""
+    if not is_cluster_url(url):
+        return redis.Redis.from_url(url, **kwargs)
+    nodes, options = cluster_nodes(url)
+    return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options, **kwargs)
+
+
+def connect_async(url: str, max_connections: int | None = None, **kwargs: Any) -> AsyncRedis:
+    """The asyncio twin of `connect`; `max_connections` bounds a blocking pool (per node on a cluster)."""
+    if not is_cluster_url(url):
+        if max_connections is None:
+            return aioredis.Redis.from_url(url, **kwargs)
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=60, **kwargs)
+        return aioredis.Redis(connection_pool=pool)
+    nodes, options = cluster_nodes(url)
+    if max_connections is not None:
+        kwargs["max_connections"] = max_connections
+    return AsyncRedisCluster(startup_nodes=[AsyncClusterNode(h, p) for h, p in nodes], **options, **kwargs)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster | AsyncRedisCluster)
+
+
+class EvalScript:
+    """A Lua script for Redis Cluster, called like redis-py's `Script` (keys, args, client=pipeline).
+
+    It is sent whole with EVAL, which each node caches by its SHA: a replica promoted by a failover, or a
+    node that joined, has no script that a SCRIPT LOAD put on the old master, and EVALSHA would answer
+    NOSCRIPT there (scripts are not replicated). The cost is the script's few kilobytes per call.
+    """
+
+    def __init__(self, client: Any, script: str) -> None:
+        self.client, self.script = client, script
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
+        target = self.client if client is None else client
+        return target.execute_command("EVAL", self.script, len(keys), *keys, *args)
+
+
+class AsyncEvalScript(EvalScript):
+    """EvalScript for redis.asyncio's cluster client and its pipelines."""
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
+        result = super().__call__(keys, args, client)
+        return (await result) if inspect.iscoroutine(result) else result
+
+
+def register_script(client: Any, script: str) -> Any:
+    """`client.register_script(script)`, or an EVAL-based script on a cluster client (see EvalScript)."""
+    if isinstance(client, AsyncRedisCluster):
+        return AsyncEvalScript(client, script)
+    if isinstance(client, RedisCluster):
+        return EvalScript(client, script)
+    return client.register_script(script)
