@@ -18,12 +18,12 @@ import hashlib
 import os
 from typing import Any
 
-import redis
 from celery import Celery, signals
 
 from producer import maintenance
 from producer.batch.runner import BatchOptions, run_batch
 from producer.client import DEFAULT_REDIS_URL, Client
+from producer.connection import SyncRedis, connect
 from producer.errors import RequestFailed
 from producer.logs import configure_logging
 from producer.protocol import DEFAULT_PREFIX
@@ -83,9 +83,9 @@ def _client() -> Client:
 
 
 @functools.cache
-def _maintenance_redis() -> redis.Redis:
-    return redis.Redis.from_url(os.environ.get("TOKENRELAY_MAINTENANCE_REDIS_URL", REDIS_URL),
-                                socket_connect_timeout=5, socket_timeout=60)
+def _maintenance_redis() -> SyncRedis:
+    return connect(os.environ.get("TOKENRELAY_MAINTENANCE_REDIS_URL", REDIS_URL), socket_connect_timeout=5,
+                   socket_timeout=60)
 
 
 def completion_dict(completion: Completion) -> dict[str, Any]:

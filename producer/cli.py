@@ -110,12 +110,12 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import redis
 
+    from producer.connection import connect
     from producer.status import as_dicts, gather, render
 
     config = ClientConfig.from_env(redis_url=args.redis_url, prefix=args.prefix)
-    statuses = gather(redis.Redis.from_url(config.redis_url, socket_connect_timeout=5), config.prefix)
+    statuses = gather(connect(config.redis_url, socket_connect_timeout=5), config.prefix)
     print(json.dumps(as_dicts(statuses), indent=2) if args.json else render(statuses))
     return 0
 

@@ -7,10 +7,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-import redis
-
 from producer.client_commands import Command, Exists, Operation, Read, RunScript, Sleep
 from producer.client_core import CONNECTION_OPTIONS, SCRIPTS, ClientCore, build_request
+from producer.connection import SyncRedis, connect, register_script
 from producer.protocol import (
     DEFAULT_MODEL_NAME,
     DEFAULT_PREFIX,
@@ -59,19 +58,19 @@ class ClientBase(Generic[R]):
         self.config = ClientConfig.from_env(redis_url=redis_url, model=model, prefix=prefix,
                                             max_queue_depth=max_queue_depth, **config)
         self.redis = client if client is not None else connect(self.config.redis_url, **CONNECTION_OPTIONS)
-        self._scripts = {source: self.redis.register_script(source) for source in SCRIPTS}
+        self._scripts = {source: register_script(self.redis, source) for source in SCRIPTS}
         self._core = ClientCore(self.config)
 
     def keys(self, model: str | None = None) -> Keys:
         return self._core.keys(model)
 
 
-class Client(ClientBase[redis.Redis]):
+class Client(ClientBase[SyncRedis]):
     """`Client("redis://...").generate(["Write a poem about spring."], max_tokens=64)` and friends."""
 
     def __init__(self, redis_url: str | None = None, *, model: str | None = None, prefix: str | None = None,
-                 max_queue_depth: int | None = None, client: redis.Redis | None = None, **config: Any) -> None:
-        super().__init__(client, redis.Redis.from_url, redis_url, model, prefix, max_queue_depth, config)
+                 max_queue_depth: int | None = None, client: SyncRedis | None = None, **config: Any) -> None:
+        super().__init__(client, connect, redis_url, model, prefix, max_queue_depth, config)
 
     # -- submit ---------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ through `connect` / `connect_async`, so a deployment switches to a cluster by it
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import ClusterPipeline as AsyncClusterPipeline
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import SSLConnection, parse_url
@@ -77,17 +79,68 @@ def connect(url: str, **kwargs: Any) -> SyncRedis:
     return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options, **kwargs)
 
 
-def connect_async(url: str, max_connections: int | None = None, **kwargs: Any) -> AsyncRedis:
-    """The asyncio twin of `connect`; `max_connections` bounds a blocking pool (per node on a cluster)."""
+def connect_async(url: str, max_connections: int | None = None, pool_timeout: float = 60.0,
+                  **kwargs: Any) -> AsyncRedis:
+    """The asyncio twin of `connect`. `max_connections` bounds the pool: on one Redis a call past it waits up
+    to `pool_timeout` for a free connection; on a cluster the bound is per node."""
     if not is_cluster_url(url):
         if max_connections is None:
             return aioredis.Redis.from_url(url, **kwargs)
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=60, **kwargs)
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_timeout,
+                                                        **kwargs)
         return aioredis.Redis(connection_pool=pool)
     nodes, options = cluster_nodes(url)
-    if max_connections is not None:
-        kwargs["max_connections"] = max_connections
-    return AsyncRedisCluster(startup_nodes=[AsyncClusterNode(h, p) for h, p in nodes], **options, **kwargs)
+    startup = [AsyncClusterNode(h, p) for h, p in nodes]
+    if max_connections is None:
+        return AsyncRedisCluster(startup_nodes=startup, **options, **kwargs)
+    return BoundedAsyncRedisCluster(max_connections, pool_timeout, startup_nodes=startup,
+                                    max_connections=max_connections, **options, **kwargs)
+
+
+class BoundedAsyncRedisCluster(AsyncRedisCluster):
+    """redis.asyncio's cluster client, waiting for a free connection as a BlockingConnectionPool does.
+
+    Its own pool raises MaxConnectionsError at once when a node's connections are all busy (a gateway with
+    many open streams, a batch window). Here at most `bound` commands and pipelines are in flight; each
+    holds at most one connection per node, so no node ever needs more than `bound`.
+    """
+
+    def __init__(self, bound: int, wait_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._bound = asyncio.Semaphore(bound)
+        self._wait_s = wait_s
+
+    async def _slot(self) -> None:
+        # Commands sent while the client first discovers the cluster can land on connections that the
+        # discovery then closes (seen as "writer is None" under a burst): discover first, then send.
+        await self.initialize()
+        try:
+            await asyncio.wait_for(self._bound.acquire(), self._wait_s)
+        except TimeoutError:
+            raise redis.ConnectionError(f"no free Redis connection within {self._wait_s} s") from None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self._slot()
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._bound.release()
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> AsyncClusterPipeline:
+        if shard_hint:
+            raise redis.RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _BoundedPipeline(self, transaction)  # type: ignore[abstract]  # redis-py declares it abstract
+
+
+class _BoundedPipeline(AsyncClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        client = self.cluster_client
+        assert isinstance(client, BoundedAsyncRedisCluster)
+        await client._slot()
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        finally:
+            client._bound.release()
 
 
 def is_cluster(client: Any) -> bool:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import redis
 
+from producer.connection import SyncRedis
 from producer.protocol import DEFAULT_PREFIX, GROUP, Keys, Priority
 
 # A worker heartbeats every second by default; three missed beats and more mean it is gone.
@@ -30,7 +30,7 @@ class ModelView:
         return bool(self.workers)
 
 
-def served_models(client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> list[str]:
+def served_models(client: SyncRedis, prefix: str = DEFAULT_PREFIX) -> list[str]:
     """Every model a worker has ever registered under this prefix (live or not)."""
     members: Any = client.smembers(Keys("x", prefix).models)
     return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
@@ -51,7 +51,7 @@ def live_workers(raw_heartbeats: dict[Any, Any], now: float | None = None,
     return live
 
 
-def view(client: redis.Redis, prefix: str = DEFAULT_PREFIX, models: list[str] | None = None,
+def view(client: SyncRedis, prefix: str = DEFAULT_PREFIX, models: list[str] | None = None,
          stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[ModelView]:
     """Queues, dead letters and live workers of each model, read in one pipelined round trip."""
     models = served_models(client, prefix) if models is None else models

@@ -16,6 +16,7 @@ import redis
 import structlog
 
 from producer import fleet
+from producer.connection import SyncRedis, register_script
 from producer.errors import ProtocolError
 from producer.protocol import (
     DEFAULT_LIMITS,
@@ -49,7 +50,7 @@ return 'expired'
 """
 
 
-def _models(client: redis.Redis, prefix: str) -> list[str]:
+def _models(client: SyncRedis, prefix: str) -> list[str]:
     return fleet.served_models(client, prefix)
 
 
@@ -65,7 +66,7 @@ def _deadline(fields: dict[bytes, bytes]) -> tuple[str | None, float | None]:
     return request_id, float(deadline) if isinstance(deadline, (int, float)) else None
 
 
-def reclaim_sweep(client: redis.Redis, prefix: str = DEFAULT_PREFIX, claim_idle_s: float = 10.0,
+def reclaim_sweep(client: SyncRedis, prefix: str = DEFAULT_PREFIX, claim_idle_s: float = 10.0,
                   scan_count: int = 1000, result_ttl_s: int = DEFAULT_RESULT_TTL_S) -> dict[str, dict[str, int]]:
     """Per model: expire past-deadline requests nobody is running; count orphans; prune dead heartbeats.
 
@@ -73,7 +74,7 @@ def reclaim_sweep(client: redis.Redis, prefix: str = DEFAULT_PREFIX, claim_idle_
     pending entries idle past `claim_idle_s` (their worker is silent). Live workers take orphans over by
     themselves; with none left, orphans wait for the next worker and are only counted here.
     """
-    expire = client.register_script(EXPIRE_REQUEST)
+    expire = register_script(client, EXPIRE_REQUEST)
     report: dict[str, dict[str, int]] = {}
     now = time.time()
     for view in fleet.view(client, prefix):
@@ -111,7 +112,7 @@ def _entries(reply: Any) -> list[Any]:
     return list(reply or [])
 
 
-def _heartbeat_names(client: redis.Redis, keys: Keys) -> list[str]:
+def _heartbeat_names(client: SyncRedis, keys: Keys) -> list[str]:
     names: Any = client.hgetall(keys.workers).keys()
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
@@ -121,7 +122,7 @@ def _after(entry_id: str) -> str:
     return f"{ms}-{int(seq or 0) + 1}"
 
 
-def trim_acked(client: redis.Redis, prefix: str = DEFAULT_PREFIX, dead_letter_retention_s: float = 7 * 86_400
+def trim_acked(client: SyncRedis, prefix: str = DEFAULT_PREFIX, dead_letter_retention_s: float = 7 * 86_400
                ) -> dict[str, int]:
     """Drops request entries every worker is done with (acked) and dead letters past their retention."""
     trimmed: dict[str, int] = {}
@@ -149,7 +150,7 @@ def trim_acked(client: redis.Redis, prefix: str = DEFAULT_PREFIX, dead_letter_re
     return trimmed
 
 
-def expire_results(client: redis.Redis, prefix: str = DEFAULT_PREFIX, ttl_s: int = DEFAULT_RESULT_TTL_S,
+def expire_results(client: SyncRedis, prefix: str = DEFAULT_PREFIX, ttl_s: int = DEFAULT_RESULT_TTL_S,
                    scan_count: int = 1000) -> int:
     """Puts a TTL back on result streams, request records and cancel sets that have none (a safety net)."""
     fixed = 0
@@ -166,7 +167,7 @@ def expire_results(client: redis.Redis, prefix: str = DEFAULT_PREFIX, ttl_s: int
     return fixed
 
 
-def _expire_unbounded(client: redis.Redis, keys: list[Any], ttl_s: int) -> int:
+def _expire_unbounded(client: SyncRedis, keys: list[Any], ttl_s: int) -> int:
     if not keys:
         return 0
     pipe = client.pipeline(transaction=False)
@@ -179,7 +180,7 @@ def _expire_unbounded(client: redis.Redis, keys: list[Any], ttl_s: int) -> int:
     return len(unbounded)
 
 
-def dead_letter_report(client: redis.Redis, prefix: str = DEFAULT_PREFIX, limit: int = 10_000,
+def dead_letter_report(client: SyncRedis, prefix: str = DEFAULT_PREFIX, limit: int = 10_000,
                        samples: int = 5) -> dict[str, dict[str, Any]]:
     """Dead letters that arrived since the last report, per model: counts by reason and a few samples."""
     report: dict[str, dict[str, Any]] = {}

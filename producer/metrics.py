@@ -9,6 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from producer import fleet
+from producer.connection import SyncRedis
 from producer.protocol import DEFAULT_PREFIX
 
 # Latency buckets (seconds) shared by the TTFT, inter-token, queue-wait and request histograms.
@@ -22,7 +23,7 @@ class FleetCollector(Collector):
     same truth and nothing is polled in between.
     """
 
-    def __init__(self, client: Callable[[], redis.Redis], prefix: str = DEFAULT_PREFIX,
+    def __init__(self, client: Callable[[], SyncRedis], prefix: str = DEFAULT_PREFIX,
                  models: list[str] | None = None) -> None:
         self._client = client
         self.prefix = prefix

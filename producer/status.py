@@ -9,6 +9,7 @@ from typing import Any
 import msgpack
 import redis
 
+from producer.connection import SyncRedis
 from producer.protocol import DEFAULT_PREFIX, GROUP, Keys, Priority
 
 
@@ -22,7 +23,7 @@ class ModelStatus:
     stale_workers: list[str] = field(default_factory=list)
 
 
-def gather(client: redis.Redis, prefix: str = DEFAULT_PREFIX, stale_after_s: float = 15.0) -> list[ModelStatus]:
+def gather(client: SyncRedis, prefix: str = DEFAULT_PREFIX, stale_after_s: float = 15.0) -> list[ModelStatus]:
     members: Any = client.smembers(Keys("x", prefix).models)
     models = sorted(m.decode() for m in members)
     result = []

@@ -21,6 +21,7 @@ import msgpack
 import redis
 import structlog
 
+from producer.connection import SyncRedis, register_script
 from producer.protocol import GROUP, ErrorCode, FinishReason, delta_event, done_event, error_event, restart_event
 from producer.reconnect import RETRYABLE, Reconnect
 from worker import scripts
@@ -32,7 +33,7 @@ Entry = tuple[int, str, list[Any]]  # (queue index, entry id, flat field list) f
 
 
 class Relay:
-    def __init__(self, client: redis.Redis, settings: WorkerSettings, outbox: Outbox,
+    def __init__(self, client: SyncRedis, settings: WorkerSettings, outbox: Outbox,
                  inbox: queue.SimpleQueue[Note], stats: Any) -> None:
         self.redis = client
         self.settings = settings
@@ -59,10 +60,10 @@ class Relay:
         # script skip them along with the already-applied part.
         self._in_doubt: dict[str, Pending] | None = None
         self._script_keys = [*self.keys.queues, self.keys.dead, self.keys.workers, self.keys.cancels(self.me)]
-        self._admit = client.register_script(scripts.ADMIT)
-        self._publish = client.register_script(scripts.PUBLISH)
-        self._heartbeat = client.register_script(scripts.HEARTBEAT)
-        self._hand_back_script = client.register_script(scripts.HAND_BACK)
+        self._admit = register_script(client, scripts.ADMIT)
+        self._publish = register_script(client, scripts.PUBLISH)
+        self._heartbeat = register_script(client, scripts.HEARTBEAT)
+        self._hand_back_script = register_script(client, scripts.HAND_BACK)
         self._restart = restart_event(self.me)
         self._claim_args: dict[str, Any] = dict(
             group=GROUP, consumer=self.me, req_prefix=self.keys.request_prefix, res_prefix=self.keys.result_prefix,

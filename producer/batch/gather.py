@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 import structlog
 
+from producer.connection import AsyncRedis
 from producer.gateway.errors import APIError
 from producer.protocol import EVENT_FIELD, ErrorCode, Keys, decode_event
 from producer.results import Completion
@@ -28,7 +28,7 @@ class _Waiter:
 class Gatherer:
     """One connection for a whole window of requests, instead of one blocking read per request."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: AsyncRedis, prefix: str) -> None:
         self.redis = client
         self.prefix = prefix
         self.positions: dict[str, str] = {}  # result stream key -> last entry id read

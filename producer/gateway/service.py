@@ -6,7 +6,6 @@ import asyncio
 import time
 from typing import Any
 
-import redis
 import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -14,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from producer import fleet
 from producer.async_client import AsyncClient
 from producer.client import build_request
+from producer.connection import SyncRedis
 from producer.errors import ProtocolError, QueueFull, RequestFailed
 from producer.gateway.auth import APIKeys
 from producer.gateway.errors import (
@@ -56,7 +56,7 @@ def model_metadata(view: fleet.ModelView) -> dict[str, Any]:
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings, client: AsyncClient, admin: redis.Redis, keys: APIKeys,
+    def __init__(self, settings: GatewaySettings, client: AsyncClient, admin: SyncRedis, keys: APIKeys,
                  metrics: GatewayMetrics) -> None:
         self.settings = settings
         self.client = client
