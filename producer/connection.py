@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis._parsers.commands import AsyncCommandsParser, CommandsParser
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import ClusterPipeline as AsyncClusterPipeline
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -76,7 +77,55 @@ def connect(url: str, **kwargs: Any) -> SyncRedis:
     if not is_cluster_url(url):
         return redis.Redis.from_url(url, **kwargs)
     nodes, options = cluster_nodes(url)
-    return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options, **kwargs)
+    return Cluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options, **kwargs)
+
+
+def _local_keys(args: Sequence[Any]) -> list[Any] | None:
+    """The keys of EVAL/EVALSHA and XREAD/XREADGROUP, read off the arguments; None for other commands."""
+    name = str(args[0]).upper()
+    if name in ("EVAL", "EVALSHA") and len(args) >= 3:
+        return list(args[3 : 3 + int(args[2])])
+    if name in ("XREAD", "XREADGROUP"):
+        words = [a.upper() if isinstance(a, str) else a for a in args]
+        if "STREAMS" in words:
+            rest = args[words.index("STREAMS") + 1 :]
+            return list(rest[: len(rest) // 2])
+    return None
+
+
+class _LocalKeys(CommandsParser):
+    """redis-py finds the keys of commands whose keys "move" (EVAL in a pipeline, XREAD, XREADGROUP) by
+    asking the cluster's default node (COMMAND GETKEYS), and keeps asking it after a failover killed it:
+    every such command then fails until the client is rebuilt. These commands' keys are read locally."""
+
+    def get_keys(self, redis_conn: Any, *args: Any) -> Any:
+        keys = _local_keys(args)
+        return keys if keys is not None else super().get_keys(redis_conn, *args)
+
+
+class _AsyncLocalKeys(AsyncCommandsParser):
+    """_LocalKeys for redis.asyncio's cluster client."""
+
+    async def get_keys(self, *args: Any) -> Any:
+        keys = _local_keys(args)
+        return tuple(keys) if keys is not None else await super().get_keys(*args)
+
+
+class Cluster(RedisCluster):
+    """RedisCluster whose key lookup survives the loss of its default node (see _LocalKeys)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # the parser is built (and has read the server's command table) inside RedisCluster.__init__
+        self.commands_parser.__class__ = _LocalKeys
+
+
+class AsyncCluster(AsyncRedisCluster):
+    """redis.asyncio's RedisCluster with _LocalKeys' key lookup."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.commands_parser = _AsyncLocalKeys()
 
 
 def connect_async(url: str, max_connections: int | None = None, pool_timeout: float = 60.0,
@@ -92,12 +141,12 @@ def connect_async(url: str, max_connections: int | None = None, pool_timeout: fl
     nodes, options = cluster_nodes(url)
     startup = [AsyncClusterNode(h, p) for h, p in nodes]
     if max_connections is None:
-        return AsyncRedisCluster(startup_nodes=startup, **options, **kwargs)
+        return AsyncCluster(startup_nodes=startup, **options, **kwargs)
     return BoundedAsyncRedisCluster(max_connections, pool_timeout, startup_nodes=startup,
                                     max_connections=max_connections, **options, **kwargs)
 
 
-class BoundedAsyncRedisCluster(AsyncRedisCluster):
+class BoundedAsyncRedisCluster(AsyncCluster):
     """redis.asyncio's cluster client, waiting for a free connection as a BlockingConnectionPool does.
 
     Its own pool raises MaxConnectionsError at once when a node's connections are all busy (a gateway with

@@ -66,6 +66,7 @@ class RedisClusterServer:
         self.servers = [RedisServer(port=free_cluster_port(), extra_args=args, persist=persist, fsync=fsync,
                                     connection_kwargs=self.connection_kwargs)
                         for _ in range(masters * (1 + replicas))]
+        self._orphaned: dict[int, tuple[tuple[int, int], ...]] = {}  # killed master's port -> its slots
 
     @property
     def url(self) -> str:
@@ -86,12 +87,13 @@ class RedisClusterServer:
             end = SLOTS - 1 if i == self.num_masters - 1 else (i + 1) * per - 1
             client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, end)
         def met() -> bool:
-            # a MEET can be lost while a node is still learning its own address: repeat it until all know all
-            counts = [len(self.nodes(s.port)) for s in self.servers]
-            for client, count in zip(clients[1:], counts[1:], strict=True):
-                if count < len(self.servers):
+            # Every node must know every other by its real id (a node still in handshake is listed under a
+            # temporary one). A MEET can be lost while a node learns its own address: repeat it until then.
+            known = [{n.node_id for n in self.nodes(s.port)} for s in self.servers]
+            for client, seen in zip(clients[1:], known[1:], strict=True):
+                if not set(ids) <= seen:
                     client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.servers[0].port)
-            return min(counts) == len(self.servers)
+            return all(set(ids) <= seen for seen in known)
 
         self._wait(met, timeout, "nodes did not meet")
         for i, client in enumerate(clients[self.num_masters:]):
@@ -155,12 +157,14 @@ class RedisClusterServer:
 
     def kill(self, port: int) -> None:
         """SIGKILL one node (a master's replica takes over after the node timeout)."""
+        node = next(n for n in self.nodes() if n.port == port)
+        if node.slots:
+            self._orphaned[port] = node.slots
         self.server(port).kill()
 
     def wait_failover(self, dead_port: int, timeout: float = 30.0) -> ClusterNodeInfo:
-        """Until a replica of the dead master owns its slots and the cluster is ok again; the new master."""
-        dead = next(n for n in self.nodes() if n.port == dead_port)
-        slot = dead.slots[0][0]
+        """Until a replica of the killed master owns its slots and the cluster is ok again; the new master."""
+        slot = self._orphaned[dead_port][0][0]
 
         def promoted() -> bool:
             try:

@@ -23,7 +23,7 @@ import structlog
 
 from producer.connection import SyncRedis, register_script
 from producer.protocol import GROUP, ErrorCode, FinishReason, delta_event, done_event, error_event, restart_event
-from producer.reconnect import RETRYABLE, Reconnect
+from producer.reconnect import REDIS_ERRORS, RETRYABLE, Reconnect
 from worker import scripts
 from worker.jobs import Claim, Note, NoteKind, Outbox, Pending
 from worker.settings import WorkerSettings
@@ -116,7 +116,7 @@ class Relay:
         self._writer.join(timeout)
         try:
             self._farewell()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not deregister", error=str(exc)[:300])
 
     # -- the threads ------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ class Relay:
             try:
                 finished = once()
                 failures = 0
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 failures += 1
                 log.warning("redis round trip failed; retrying", error=str(exc)[:300], failures=failures)
                 if "NOGROUP" in str(exc):  # a queue stream was deleted under us
@@ -361,7 +361,7 @@ class Relay:
     def _safely(self, action: Any) -> None:
         try:
             action()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("redis call failed", error=str(exc)[:300])
 
 

@@ -6,12 +6,12 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
 import structlog
 
 from producer.connection import AsyncRedis
 from producer.gateway.errors import APIError
 from producer.protocol import EVENT_FIELD, ErrorCode, Keys, decode_event
+from producer.reconnect import RETRYABLE
 from producer.results import Completion
 
 log = structlog.get_logger(__name__)
@@ -65,7 +65,7 @@ class Gatherer:
             try:
                 got = await self._read_once()
                 failures = 0
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except RETRYABLE as exc:
                 failures += 1
                 log.warning("reading results failed; retrying", error=str(exc)[:200], failures=failures)
                 await asyncio.sleep(min(2.0, 0.05 * 2**failures))
