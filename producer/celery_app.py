@@ -35,6 +35,7 @@ VISIBILITY_TIMEOUT_S = int(os.environ.get("TOKENRELAY_CELERY_VISIBILITY_TIMEOUT"
 GENERATE_TIMEOUT_S = 600.0
 REDIS_URL = os.environ.get("TOKENRELAY_REDIS_URL", DEFAULT_REDIS_URL)
 PREFIX = os.environ.get("TOKENRELAY_PREFIX", DEFAULT_PREFIX)
+PARTITIONS = int(os.environ.get("TOKENRELAY_PARTITIONS") or 1)  # the workers' --partitions
 
 
 def _interval(name: str, default: float) -> float:
@@ -127,12 +128,12 @@ def run_batch_task(input_path: str, output_path: str, errors_path: str | None = 
 
 @app.task(name="tokenrelay.maintenance.reclaim_sweep")
 def reclaim_sweep() -> dict[str, Any]:
-    return maintenance.reclaim_sweep(_maintenance_redis(), PREFIX)
+    return maintenance.reclaim_sweep(_maintenance_redis(), PREFIX, partitions=PARTITIONS)
 
 
 @app.task(name="tokenrelay.maintenance.trim_acked")
 def trim_acked() -> dict[str, int]:
-    return maintenance.trim_acked(_maintenance_redis(), PREFIX)
+    return maintenance.trim_acked(_maintenance_redis(), PREFIX, partitions=PARTITIONS)
 
 
 @app.task(name="tokenrelay.maintenance.expire_results")
@@ -142,4 +143,4 @@ def expire_results() -> int:
 
 @app.task(name="tokenrelay.maintenance.dead_letter_report")
 def dead_letter_report() -> dict[str, Any]:
-    return maintenance.dead_letter_report(_maintenance_redis(), PREFIX)
+    return maintenance.dead_letter_report(_maintenance_redis(), PREFIX, partitions=PARTITIONS)

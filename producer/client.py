@@ -42,6 +42,11 @@ class ClientConfig:
     max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # 0: no limit
     result_ttl_s: int = DEFAULT_RESULT_TTL_S
     reconnect_s: float = 30.0  # how long submit, stream, result and wait_all keep retrying a lost connection
+    partitions: int = 1  # request streams per model (producers and workers must agree; see protocol.keys)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.partitions, int) or self.partitions < 1:
+            raise ValueError(f"partitions: must be an integer >= 1, got {self.partitions!r}")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientConfig:

@@ -30,7 +30,16 @@ from producer.protocol import (
 )
 from producer.reconnect import RETRYABLE, Reconnect
 from producer.results import UNKNOWN, CancelOutcome, Completion, ResultFold
-from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
+from producer.scripts import (
+    CANCEL,
+    SUBMIT,
+    cancel_args,
+    cancel_keys,
+    partition_depth,
+    submit_args,
+    submit_batches,
+    submit_keys,
+)
 
 if TYPE_CHECKING:
     from producer.client import ClientConfig
@@ -96,8 +105,8 @@ class ClientCore:
         return Keys(model or self.config.model, self.config.prefix)
 
     def request_keys(self, request_id: str, model: str | None) -> Keys:
-        """The keys of a request, under the model it named or was last submitted to."""
-        return self.keys(self._models.of(request_id, model))
+        """The keys of a request: the partition it lives in, of the model it named or was last submitted to."""
+        return self.keys(self._models.of(request_id, model)).for_request(request_id, self.config.partitions)
 
     def requests(self, prompts: Sequence[str | list[int] | None], kwargs: dict[str, Any]) -> list[Request]:
         """One checked request a prompt, from submit's or generate's kwargs (their `model` or the default)."""
@@ -129,9 +138,11 @@ class ClientCore:
         return [done[i].raise_for_error() for i in ids]
 
     def _submit(self, requests: Sequence[Request]) -> Steps[list[str]]:
-        batches = submit_batches(requests)
-        calls = [RunScript(SUBMIT, submit_keys(self.keys(batch[0].model), batch),
-                           submit_args(batch, self.config.max_queue_depth, self.config.result_ttl_s))
+        partitions = self.config.partitions
+        batches = submit_batches(requests, partitions)
+        depth = partition_depth(self.config.max_queue_depth, partitions)
+        calls = [RunScript(SUBMIT, submit_keys(self.request_keys(batch[0].request_id, batch[0].model), batch),
+                           submit_args(batch, depth, self.config.result_ttl_s))
                  for batch in batches]
         reconnect = Reconnect(self.config.reconnect_s)
         while True:
@@ -145,7 +156,7 @@ class ClientCore:
         verdicts = [v for reply in replies for v in reply]
         for request, (verdict, detail) in zip([r for b in batches for r in b], verdicts, strict=True):
             if verdict == b"full":
-                full = full or QueueFull(request.model, int(detail), self.config.max_queue_depth)
+                full = full or QueueFull(request.model, int(detail), depth)
                 continue
             self._models.remember(request.request_id, request.model)
             accepted.append(request.request_id)
@@ -190,7 +201,7 @@ class ClientCore:
 
     def _wait_all(self, request_ids: Sequence[str], model: str | None,
                   timeout: float | None) -> Steps[dict[str, Completion]]:
-        fold = ResultFold(self.keys(model), request_ids, MAX_KEYS_PER_READ)
+        fold = ResultFold({i: self.request_keys(i, model) for i in request_ids}, MAX_KEYS_PER_READ)
         deadline = None if timeout is None else time.monotonic() + timeout
         reconnect = Reconnect(self.config.reconnect_s, deadline)
         checked = time.monotonic()

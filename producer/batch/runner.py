@@ -115,7 +115,8 @@ class BatchRunner:
                 for request_id in request_ids:
                     self.in_flight[request_id] = plan.model
                 completions = await self.gatherer.wait(Keys(plan.model, self.client.config.prefix), request_ids,
-                                                       self.options.request_timeout_s + 30)
+                                                       self.options.request_timeout_s + 30,
+                                                       self.client.config.partitions)
             finally:
                 for request_id in request_ids:
                     self.in_flight.pop(request_id, None)
@@ -231,11 +232,12 @@ def _settle(tasks: set[asyncio.Task[None]], failures: list[BaseException], stop:
         stop.set()
 
 
-def batch_client(redis_url: str | None, prefix: str | None, max_connections: int = 16) -> AsyncClient:
+def batch_client(redis_url: str | None, prefix: str | None, partitions: int | None = None,
+                 max_connections: int = 16) -> AsyncClient:
     """An AsyncClient whose pool waits for a free connection: a window of lines submits concurrently."""
     url = ClientConfig.from_env(redis_url=redis_url).redis_url
     client = connect_async(url, max_connections=max_connections, socket_connect_timeout=5, socket_timeout=11)
-    return AsyncClient(url, prefix=prefix, client=client)
+    return AsyncClient(url, prefix=prefix, partitions=partitions, client=client)
 
 
 def default_errors_path(output_path: Path) -> Path:

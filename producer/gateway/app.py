@@ -32,7 +32,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     admin = connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
-    registry.register(FleetCollector(lambda: admin, settings.prefix))
+    registry.register(FleetCollector(lambda: admin, settings.prefix, partitions=settings.partitions))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,7 +40,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         redis_client = connect_async(settings.redis_url, max_connections=settings.redis_connections,
                                      pool_timeout=30, socket_connect_timeout=5, socket_timeout=11)
         client = AsyncClient(settings.redis_url, prefix=settings.prefix, max_queue_depth=settings.max_queue_depth,
-                             client=redis_client)
+                             partitions=settings.partitions, client=redis_client)
         app.state.gateway = Gateway(settings, client, admin, keys, metrics)
         try:
             yield

@@ -82,7 +82,7 @@ class Gateway:
     def list_models(self) -> dict[str, Any]:
         """The models that live workers serve (heartbeats), OpenAI's list shape."""
         data = []
-        for view in fleet.view(self.admin, self.settings.prefix):
+        for view in fleet.view(self.admin, self.settings.prefix, partitions=self.settings.partitions):
             if view.live:
                 started = min(float(w.get("started_at", w.get("at", 0))) for w in view.workers)
                 data.append({"id": view.model, "object": "model", "created": int(started), "owned_by": "tokenrelay",
