@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 from producer.client import ClientBase
-from producer.client_commands import Command, Exists, Operation, Read, RunScript, Sleep
-from producer.connection import AsyncRedis, connect_async
+from producer.client_commands import Command, Exists, Operation, Read, RunScript, RunScriptsDurably, Sleep
+from producer.connection import AsyncRedis, connect_async, run_durably_async
 from producer.protocol import Event, Request
 from producer.results import CancelOutcome, Completion
 
@@ -96,6 +96,9 @@ class AsyncClient(ClientBase[AsyncRedis]):
             return await self._scripts[command.source](keys=command.keys, args=command.args)
         if isinstance(command, Sleep):
             return await asyncio.sleep(command.seconds)
+        if isinstance(command, RunScriptsDurably):
+            calls = [(c.source, c.keys, c.args) for c in command.calls]
+            return await run_durably_async(self.redis, calls, command.replicas, command.wait_ms)
         pipe = self.redis.pipeline(transaction=False)
         if isinstance(command, Exists):
             for key in command.keys:

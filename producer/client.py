@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from producer.client_commands import Command, Exists, Operation, Read, RunScript, Sleep
+from producer.client_commands import Command, Exists, Operation, Read, RunScript, RunScriptsDurably, Sleep
 from producer.client_core import CONNECTION_OPTIONS, SCRIPTS, ClientCore, build_request
-from producer.connection import SyncRedis, connect, register_script
+from producer.connection import SyncRedis, connect, register_script, run_durably
 from producer.protocol import (
     DEFAULT_MODEL_NAME,
     DEFAULT_PREFIX,
@@ -43,6 +43,10 @@ class ClientConfig:
     result_ttl_s: int = DEFAULT_RESULT_TTL_S
     reconnect_s: float = 30.0  # how long submit, stream, result and wait_all keep retrying a lost connection
     partitions: int = 1  # request streams per model (producers and workers must agree; see protocol.keys)
+    # Durable submits: a submit returns once this many replicas of its master have it (WAIT), so a failover
+    # cannot lose it; 0: once the master has it. Costs a replication round trip per submit.
+    submit_replicas: int = 0
+    submit_wait_ms: int = 1000  # how long each WAIT may take before the submit is retried
 
     def __post_init__(self) -> None:
         if not isinstance(self.partitions, int) or self.partitions < 1:
@@ -163,6 +167,9 @@ class Client(ClientBase[SyncRedis]):
             return self._scripts[command.source](keys=command.keys, args=command.args)
         if isinstance(command, Sleep):
             return time.sleep(command.seconds)
+        if isinstance(command, RunScriptsDurably):
+            calls = [(c.source, c.keys, c.args) for c in command.calls]
+            return run_durably(self.redis, calls, command.replicas, command.wait_ms)
         pipe = self.redis.pipeline(transaction=False)
         if isinstance(command, Exists):
             for key in command.keys:

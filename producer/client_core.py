@@ -13,8 +13,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from producer.client_commands import Exists, Operation, Read, RunScript, RunScripts, Sleep, Steps
-from producer.errors import ProtocolError, QueueFull, RequestFailed
+from producer.client_commands import Exists, Operation, Read, RunScript, RunScripts, RunScriptsDurably, Sleep, Steps
+from producer.errors import NotReplicated, ProtocolError, QueueFull, RequestFailed
 from producer.protocol import (
     DEFAULT_LIMITS,
     EVENT_FIELD,
@@ -147,7 +147,7 @@ class ClientCore:
         reconnect = Reconnect(self.config.reconnect_s)
         while True:
             try:
-                replies = yield RunScripts(calls)
+                replies = yield from self._run_submits(calls)
                 break
             except RETRYABLE as exc:
                 yield Sleep(reconnect.delay(exc))
@@ -164,6 +164,16 @@ class ClientCore:
             full.accepted = accepted
             raise full
         return accepted
+
+    def _run_submits(self, calls: list[RunScript]) -> Steps[list[Any]]:
+        """The submit scripts; with durable submits (submit_replicas), only done once replicas have them."""
+        replicas, wait_ms = self.config.submit_replicas, self.config.submit_wait_ms
+        if not replicas:
+            return (yield RunScripts(calls))
+        replies, acked = yield RunScriptsDurably(calls, replicas, wait_ms)
+        if acked < replicas:
+            raise NotReplicated(acked, replicas, wait_ms)
+        return list(replies)
 
     def _events(self, request_id: str, model: str | None, after: str, timeout: float | None) -> Steps[None]:
         keys = self.request_keys(request_id, model)

@@ -27,6 +27,8 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import SSLConnection, parse_url
 
+from producer.reconnect import REDIS_ERRORS
+
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _PASSWORD = re.compile(r"//([^:@/]*):[^@/]*@")
 
@@ -126,6 +128,20 @@ class AsyncCluster(AsyncRedisCluster):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.commands_parser = _AsyncLocalKeys()
+        self._node_clients: dict[str, aioredis.Redis] = {}
+
+    def node_client(self, node: AsyncClusterNode) -> aioredis.Redis:
+        """A plain client of one node (one connection for a pipeline and the WAIT after it)."""
+        if node.name not in self._node_clients:
+            # the node's connection options already name its host and port
+            pool = aioredis.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+            self._node_clients[node.name] = aioredis.Redis(connection_pool=pool)
+        return self._node_clients[node.name]
+
+    async def aclose(self, *args: Any, **kwargs: Any) -> None:
+        for node_client in self._node_clients.values():
+            await node_client.aclose()
+        await super().aclose(*args, **kwargs)
 
 
 def connect_async(url: str, max_connections: int | None = None, pool_timeout: float = 60.0,
@@ -227,3 +243,90 @@ def register_script(client: Any, script: str) -> Any:
     if isinstance(client, RedisCluster):
         return EvalScript(client, script)
     return client.register_script(script)
+
+
+ScriptCall = tuple[str, Sequence[Any], Sequence[Any]]  # (Lua source, keys, args)
+
+
+def run_durably(client: SyncRedis, calls: Sequence[ScriptCall], replicas: int, wait_ms: int) -> tuple[list[Any], int]:
+    """Runs the scripts, then WAIT on the very connection that ran them (WAIT counts the replicas that have
+    that connection's writes). On a cluster, one pipeline per master the calls' keys live on. Returns the
+    scripts' replies in order and the fewest replicas any WAIT confirmed."""
+    groups: dict[str, tuple[Any, list[int]]] = {}
+    for i, (_, keys, _) in enumerate(calls):
+        if isinstance(client, RedisCluster):
+            node = client.get_node_from_key(keys[0])
+            groups.setdefault(node.name, (client.get_redis_connection(node), []))[1].append(i)
+        else:
+            groups.setdefault("", (client, []))[1].append(i)
+    replies: list[Any] = [None] * len(calls)
+    acked = replicas
+    for node_client, indices in groups.values():
+        pipe = node_client.pipeline(transaction=False)
+        for i in indices:
+            source, keys, args = calls[i]
+            pipe.execute_command("EVAL", source, len(keys), *keys, *args)
+        pipe.execute_command("WAIT", replicas, wait_ms)
+        try:
+            out = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+            if not _topology_changed(client, exc):
+                raise
+            try:  # this node is gone or no longer owns the slot: read the slots map again, then retry
+                client.nodes_manager.initialize()  # type: ignore[union-attr]
+            except REDIS_ERRORS:
+                pass  # mid-failover no node may answer yet: the retry reads it again
+            raise redis.exceptions.ClusterError(f"topology changed during a durable submit: {exc}") from exc
+        for i, reply in zip(indices, out, strict=False):
+            replies[i] = reply
+        acked = min(acked, int(out[-1]))
+    return replies, acked
+
+
+async def run_durably_async(client: AsyncRedis, calls: Sequence[ScriptCall], replicas: int,
+                            wait_ms: int) -> tuple[list[Any], int]:
+    """run_durably for redis.asyncio clients."""
+    if isinstance(client, AsyncCluster):
+        await client.initialize()  # the slots map, before looking a key's node up in it
+    groups: dict[str, tuple[Any, list[int]]] = {}
+    for i, (_, keys, _) in enumerate(calls):
+        if isinstance(client, AsyncCluster):
+            node = client.get_node_from_key(keys[0])
+            if node is None:
+                raise redis.exceptions.SlotNotCoveredError(f"no master for {keys[0]!r} yet")
+            groups.setdefault(node.name, (client.node_client(node), []))[1].append(i)
+        else:
+            groups.setdefault("", (client, []))[1].append(i)
+    replies: list[Any] = [None] * len(calls)
+    acked = replicas
+    for node_client, indices in groups.values():
+        pipe = node_client.pipeline(transaction=False)
+        for i in indices:
+            source, keys, args = calls[i]
+            pipe.execute_command("EVAL", source, len(keys), *keys, *args)
+        pipe.execute_command("WAIT", replicas, wait_ms)
+        try:
+            out = await pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+            if not _topology_changed(client, exc):
+                raise
+            try:
+                await client.nodes_manager.initialize()  # type: ignore[union-attr]
+            except REDIS_ERRORS:
+                pass
+            raise redis.exceptions.ClusterError(f"topology changed during a durable submit: {exc}") from exc
+        for i, reply in zip(indices, out, strict=False):
+            replies[i] = reply
+        acked = min(acked, int(out[-1]))
+    return replies, acked
+
+
+def _topology_changed(client: Any, exc: Exception) -> bool:
+    """A node written to directly is gone, or its slot moved or is moving: on a cluster, the caller reads the
+    topology again and retries (a submit is idempotent)."""
+    if not is_cluster(client):
+        return False
+    if isinstance(exc, redis.ResponseError):  # MovedError is an AskError; CLUSTERDOWN a ClusterDownError
+        return isinstance(exc, redis.exceptions.AskError | redis.exceptions.TryAgainError
+                          | redis.exceptions.ClusterDownError)
+    return True

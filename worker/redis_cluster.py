@@ -162,6 +162,12 @@ class RedisClusterServer:
             self._orphaned[port] = node.slots
         self.server(port).kill()
 
+    def restart(self, port: int, timeout: float = 30.0) -> None:
+        """Starts a killed node again from its nodes.conf: it rejoins, as a replica if it was replaced."""
+        self.server(port).start()
+        self._orphaned.pop(port, None)
+        self.wait_ok(timeout)
+
     def wait_failover(self, dead_port: int, timeout: float = 30.0) -> ClusterNodeInfo:
         """Until a replica of the killed master owns its slots and the cluster is ok again; the new master."""
         slot = self._orphaned[dead_port][0][0]

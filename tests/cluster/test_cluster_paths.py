@@ -95,11 +95,12 @@ def test_priority_classes_are_served_high_first(redis_cluster: RedisClusterServe
 
 
 def test_async_client_generates(redis_cluster: RedisClusterServer, worker: WorkerProcess) -> None:
-    async def run() -> list[str]:
-        async with AsyncClient(redis_cluster.url, model="tiny") as client:
+    async def run(**config: int) -> list[str]:
+        async with AsyncClient(redis_cluster.url, model="tiny", **config) as client:
             return [c.text for c in await client.generate(["a", "b c", "d e f"], max_tokens=2, timeout=60)]
 
     assert asyncio.run(run()) == [" x x"] * 3
+    assert asyncio.run(run(submit_replicas=1)) == [" x x"] * 3  # durable: WAIT on the connection that wrote
 
 
 def test_gateway_serves_the_openai_sdk(redis_cluster: RedisClusterServer, worker: WorkerProcess,
