@@ -6,22 +6,21 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-
 from producer.client import ClientBase
-from producer.client_commands import Command, Exists, Operation, Read, RunScript, Sleep
+from producer.client_commands import Command, Exists, Operation, Read, RunScript, RunScriptsDurably, Sleep
+from producer.connection import AsyncRedis, connect_async, run_durably_async
 from producer.protocol import Event, Request
 from producer.results import CancelOutcome, Completion
 
 T = TypeVar("T")
 
 
-class AsyncClient(ClientBase[aioredis.Redis]):
+class AsyncClient(ClientBase[AsyncRedis]):
     """`await AsyncClient(url).generate([...])`; `async for event in client.stream(id)`."""
 
     def __init__(self, redis_url: str | None = None, *, model: str | None = None, prefix: str | None = None,
-                 max_queue_depth: int | None = None, client: aioredis.Redis | None = None, **config: Any) -> None:
-        super().__init__(client, aioredis.Redis.from_url, redis_url, model, prefix, max_queue_depth, config)
+                 max_queue_depth: int | None = None, client: AsyncRedis | None = None, **config: Any) -> None:
+        super().__init__(client, connect_async, redis_url, model, prefix, max_queue_depth, config)
 
     async def submit(self, prompt: str | list[int] | None = None, **kwargs: Any) -> str:
         """See Client.submit."""
@@ -97,6 +96,9 @@ class AsyncClient(ClientBase[aioredis.Redis]):
             return await self._scripts[command.source](keys=command.keys, args=command.args)
         if isinstance(command, Sleep):
             return await asyncio.sleep(command.seconds)
+        if isinstance(command, RunScriptsDurably):
+            calls = [(c.source, c.keys, c.args) for c in command.calls]
+            return await run_durably_async(self.redis, calls, command.replicas, command.wait_ms)
         pipe = self.redis.pipeline(transaction=False)
         if isinstance(command, Exists):
             for key in command.keys:

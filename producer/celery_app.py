@@ -18,12 +18,12 @@ import hashlib
 import os
 from typing import Any
 
-import redis
 from celery import Celery, signals
 
 from producer import maintenance
 from producer.batch.runner import BatchOptions, run_batch
 from producer.client import DEFAULT_REDIS_URL, Client
+from producer.connection import SyncRedis, connect
 from producer.errors import RequestFailed
 from producer.logs import configure_logging
 from producer.protocol import DEFAULT_PREFIX
@@ -35,6 +35,7 @@ VISIBILITY_TIMEOUT_S = int(os.environ.get("TOKENRELAY_CELERY_VISIBILITY_TIMEOUT"
 GENERATE_TIMEOUT_S = 600.0
 REDIS_URL = os.environ.get("TOKENRELAY_REDIS_URL", DEFAULT_REDIS_URL)
 PREFIX = os.environ.get("TOKENRELAY_PREFIX", DEFAULT_PREFIX)
+PARTITIONS = int(os.environ.get("TOKENRELAY_PARTITIONS") or 1)  # the workers' --partitions
 
 
 def _interval(name: str, default: float) -> float:
@@ -83,9 +84,9 @@ def _client() -> Client:
 
 
 @functools.cache
-def _maintenance_redis() -> redis.Redis:
-    return redis.Redis.from_url(os.environ.get("TOKENRELAY_MAINTENANCE_REDIS_URL", REDIS_URL),
-                                socket_connect_timeout=5, socket_timeout=60)
+def _maintenance_redis() -> SyncRedis:
+    return connect(os.environ.get("TOKENRELAY_MAINTENANCE_REDIS_URL", REDIS_URL), socket_connect_timeout=5,
+                   socket_timeout=60)
 
 
 def completion_dict(completion: Completion) -> dict[str, Any]:
@@ -127,12 +128,12 @@ def run_batch_task(input_path: str, output_path: str, errors_path: str | None = 
 
 @app.task(name="tokenrelay.maintenance.reclaim_sweep")
 def reclaim_sweep() -> dict[str, Any]:
-    return maintenance.reclaim_sweep(_maintenance_redis(), PREFIX)
+    return maintenance.reclaim_sweep(_maintenance_redis(), PREFIX, partitions=PARTITIONS)
 
 
 @app.task(name="tokenrelay.maintenance.trim_acked")
 def trim_acked() -> dict[str, int]:
-    return maintenance.trim_acked(_maintenance_redis(), PREFIX)
+    return maintenance.trim_acked(_maintenance_redis(), PREFIX, partitions=PARTITIONS)
 
 
 @app.task(name="tokenrelay.maintenance.expire_results")
@@ -142,4 +143,4 @@ def expire_results() -> int:
 
 @app.task(name="tokenrelay.maintenance.dead_letter_report")
 def dead_letter_report() -> dict[str, Any]:
-    return maintenance.dead_letter_report(_maintenance_redis(), PREFIX)
+    return maintenance.dead_letter_report(_maintenance_redis(), PREFIX, partitions=PARTITIONS)

@@ -14,7 +14,8 @@ from producer.protocol import Priority
 from producer.settings import add_flags
 
 CLIENT_FLAGS = {"redis_url": "--redis"}
-CLIENT_HELP = {"redis_url": "Redis URL", "prefix": "key prefix"}
+CLIENT_HELP = {"redis_url": "Redis URL", "prefix": "key prefix",
+               "partitions": "request streams per model (the workers' --partitions)"}
 
 
 class UsageError(Exception):
@@ -29,7 +30,7 @@ def command_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    add_flags(p, ClientConfig, flags=CLIENT_FLAGS, helps=CLIENT_HELP, only=("redis_url", "prefix"))
+    add_flags(p, ClientConfig, flags=CLIENT_FLAGS, helps=CLIENT_HELP, only=("redis_url", "prefix", "partitions"))
 
 
 def add_commands(sub: Any) -> None:
@@ -87,7 +88,7 @@ def _submit(args: argparse.Namespace) -> int:
     from producer.errors import QueueFull, RequestFailed
     from producer.protocol import EventType
 
-    client = Client(args.redis_url, model=args.model, prefix=args.prefix)
+    client = Client(args.redis_url, model=args.model, prefix=args.prefix, partitions=args.partitions)
     params = {k: v for k, v in {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}.items()
               if v is not None}
     prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
@@ -110,12 +111,13 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import redis
 
+    from producer.connection import connect
     from producer.status import as_dicts, gather, render
 
-    config = ClientConfig.from_env(redis_url=args.redis_url, prefix=args.prefix)
-    statuses = gather(redis.Redis.from_url(config.redis_url, socket_connect_timeout=5), config.prefix)
+    config = ClientConfig.from_env(redis_url=args.redis_url, prefix=args.prefix, partitions=args.partitions)
+    statuses = gather(connect(config.redis_url, socket_connect_timeout=5), config.prefix,
+                      partitions=config.partitions)
     print(json.dumps(as_dicts(statuses), indent=2) if args.json else render(statuses))
     return 0
 

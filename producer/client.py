@@ -7,10 +7,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-import redis
-
-from producer.client_commands import Command, Exists, Operation, Read, RunScript, Sleep
+from producer.client_commands import Command, Exists, Operation, Read, RunScript, RunScriptsDurably, Sleep
 from producer.client_core import CONNECTION_OPTIONS, SCRIPTS, ClientCore, build_request
+from producer.connection import SyncRedis, connect, register_script, run_durably
 from producer.protocol import (
     DEFAULT_MODEL_NAME,
     DEFAULT_PREFIX,
@@ -43,6 +42,15 @@ class ClientConfig:
     max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # 0: no limit
     result_ttl_s: int = DEFAULT_RESULT_TTL_S
     reconnect_s: float = 30.0  # how long submit, stream, result and wait_all keep retrying a lost connection
+    partitions: int = 1  # request streams per model (producers and workers must agree; see protocol.keys)
+    # Durable submits: a submit returns once this many replicas of its master have it (WAIT), so a failover
+    # cannot lose it; 0: once the master has it. Costs a replication round trip per submit.
+    submit_replicas: int = 0
+    submit_wait_ms: int = 1000  # how long each WAIT may take before the submit is retried
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.partitions, int) or self.partitions < 1:
+            raise ValueError(f"partitions: must be an integer >= 1, got {self.partitions!r}")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientConfig:
@@ -59,19 +67,19 @@ class ClientBase(Generic[R]):
         self.config = ClientConfig.from_env(redis_url=redis_url, model=model, prefix=prefix,
                                             max_queue_depth=max_queue_depth, **config)
         self.redis = client if client is not None else connect(self.config.redis_url, **CONNECTION_OPTIONS)
-        self._scripts = {source: self.redis.register_script(source) for source in SCRIPTS}
+        self._scripts = {source: register_script(self.redis, source) for source in SCRIPTS}
         self._core = ClientCore(self.config)
 
     def keys(self, model: str | None = None) -> Keys:
         return self._core.keys(model)
 
 
-class Client(ClientBase[redis.Redis]):
+class Client(ClientBase[SyncRedis]):
     """`Client("redis://...").generate(["Write a poem about spring."], max_tokens=64)` and friends."""
 
     def __init__(self, redis_url: str | None = None, *, model: str | None = None, prefix: str | None = None,
-                 max_queue_depth: int | None = None, client: redis.Redis | None = None, **config: Any) -> None:
-        super().__init__(client, redis.Redis.from_url, redis_url, model, prefix, max_queue_depth, config)
+                 max_queue_depth: int | None = None, client: SyncRedis | None = None, **config: Any) -> None:
+        super().__init__(client, connect, redis_url, model, prefix, max_queue_depth, config)
 
     # -- submit ---------------------------------------------------------------------------------------
 
@@ -159,6 +167,9 @@ class Client(ClientBase[redis.Redis]):
             return self._scripts[command.source](keys=command.keys, args=command.args)
         if isinstance(command, Sleep):
             return time.sleep(command.seconds)
+        if isinstance(command, RunScriptsDurably):
+            calls = [(c.source, c.keys, c.args) for c in command.calls]
+            return run_durably(self.redis, calls, command.replicas, command.wait_ms)
         pipe = self.redis.pipeline(transaction=False)
         if isinstance(command, Exists):
             for key in command.keys:

@@ -55,7 +55,17 @@ class Sleep:
     seconds: float
 
 
-Command = Read | Exists | RunScript | RunScripts | Sleep
+@dataclass(slots=True, frozen=True)
+class RunScriptsDurably:
+    """RunScripts, then WAIT for `replicas` replicas (up to `wait_ms`) on each connection that wrote; the
+    reply is (the script replies, the fewest replicas any WAIT confirmed)."""
+
+    calls: list[RunScript]
+    replicas: int
+    wait_ms: int
+
+
+Command = Read | Exists | RunScript | RunScripts | RunScriptsDurably | Sleep
 Steps = Generator[Command | Event, Any, T]
 
 

@@ -13,8 +13,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from producer.client_commands import Exists, Operation, Read, RunScript, RunScripts, Sleep, Steps
-from producer.errors import ProtocolError, QueueFull, RequestFailed
+from producer.client_commands import Exists, Operation, Read, RunScript, RunScripts, RunScriptsDurably, Sleep, Steps
+from producer.errors import NotReplicated, ProtocolError, QueueFull, RequestFailed
 from producer.protocol import (
     DEFAULT_LIMITS,
     EVENT_FIELD,
@@ -30,7 +30,16 @@ from producer.protocol import (
 )
 from producer.reconnect import RETRYABLE, Reconnect
 from producer.results import UNKNOWN, CancelOutcome, Completion, ResultFold
-from producer.scripts import CANCEL, SUBMIT, cancel_args, cancel_keys, submit_args, submit_batches, submit_keys
+from producer.scripts import (
+    CANCEL,
+    SUBMIT,
+    cancel_args,
+    cancel_keys,
+    partition_depth,
+    submit_args,
+    submit_batches,
+    submit_keys,
+)
 
 if TYPE_CHECKING:
     from producer.client import ClientConfig
@@ -96,8 +105,8 @@ class ClientCore:
         return Keys(model or self.config.model, self.config.prefix)
 
     def request_keys(self, request_id: str, model: str | None) -> Keys:
-        """The keys of a request, under the model it named or was last submitted to."""
-        return self.keys(self._models.of(request_id, model))
+        """The keys of a request: the partition it lives in, of the model it named or was last submitted to."""
+        return self.keys(self._models.of(request_id, model)).for_request(request_id, self.config.partitions)
 
     def requests(self, prompts: Sequence[str | list[int] | None], kwargs: dict[str, Any]) -> list[Request]:
         """One checked request a prompt, from submit's or generate's kwargs (their `model` or the default)."""
@@ -129,14 +138,16 @@ class ClientCore:
         return [done[i].raise_for_error() for i in ids]
 
     def _submit(self, requests: Sequence[Request]) -> Steps[list[str]]:
-        batches = submit_batches(requests)
-        calls = [RunScript(SUBMIT, submit_keys(self.keys(batch[0].model), batch),
-                           submit_args(batch, self.config.max_queue_depth, self.config.result_ttl_s))
+        partitions = self.config.partitions
+        batches = submit_batches(requests, partitions)
+        depth = partition_depth(self.config.max_queue_depth, partitions)
+        calls = [RunScript(SUBMIT, submit_keys(self.request_keys(batch[0].request_id, batch[0].model), batch),
+                           submit_args(batch, depth, self.config.result_ttl_s))
                  for batch in batches]
         reconnect = Reconnect(self.config.reconnect_s)
         while True:
             try:
-                replies = yield RunScripts(calls)
+                replies = yield from self._run_submits(calls)
                 break
             except RETRYABLE as exc:
                 yield Sleep(reconnect.delay(exc))
@@ -145,7 +156,7 @@ class ClientCore:
         verdicts = [v for reply in replies for v in reply]
         for request, (verdict, detail) in zip([r for b in batches for r in b], verdicts, strict=True):
             if verdict == b"full":
-                full = full or QueueFull(request.model, int(detail), self.config.max_queue_depth)
+                full = full or QueueFull(request.model, int(detail), depth)
                 continue
             self._models.remember(request.request_id, request.model)
             accepted.append(request.request_id)
@@ -153,6 +164,16 @@ class ClientCore:
             full.accepted = accepted
             raise full
         return accepted
+
+    def _run_submits(self, calls: list[RunScript]) -> Steps[list[Any]]:
+        """The submit scripts; with durable submits (submit_replicas), only done once replicas have them."""
+        replicas, wait_ms = self.config.submit_replicas, self.config.submit_wait_ms
+        if not replicas:
+            return (yield RunScripts(calls))
+        replies, acked = yield RunScriptsDurably(calls, replicas, wait_ms)
+        if acked < replicas:
+            raise NotReplicated(acked, replicas, wait_ms)
+        return list(replies)
 
     def _events(self, request_id: str, model: str | None, after: str, timeout: float | None) -> Steps[None]:
         keys = self.request_keys(request_id, model)
@@ -190,7 +211,7 @@ class ClientCore:
 
     def _wait_all(self, request_ids: Sequence[str], model: str | None,
                   timeout: float | None) -> Steps[dict[str, Completion]]:
-        fold = ResultFold(self.keys(model), request_ids, MAX_KEYS_PER_READ)
+        fold = ResultFold({i: self.request_keys(i, model) for i in request_ids}, MAX_KEYS_PER_READ)
         deadline = None if timeout is None else time.monotonic() + timeout
         reconnect = Reconnect(self.config.reconnect_s, deadline)
         checked = time.monotonic()

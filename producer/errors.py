@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 if TYPE_CHECKING:  # at run time producer.protocol imports this module
     from producer.protocol.enums import ErrorCode
 
@@ -37,3 +39,16 @@ class RequestFailed(RuntimeError):
         self.code = code
         self.message = message
         self.metadata = metadata
+
+
+class NotReplicated(redis.ConnectionError):
+    """Durable submits: the master took the submit but fewer than `replicas` replicas confirmed it in time.
+
+    A lost connection to the client, as far as retrying goes: the submit is sent again under the same ids
+    (a no-op where it already landed) until the reconnect window runs out, then this is raised.
+    """
+
+    def __init__(self, acked: int, replicas: int, wait_ms: int) -> None:
+        super().__init__(f"submit confirmed by {acked} of {replicas} replicas within {wait_ms} ms")
+        self.acked, self.replicas = acked, replicas
+

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import redis
 
+from producer.connection import SyncRedis
 from producer.protocol import DEFAULT_PREFIX, GROUP, Keys, Priority
 
 # A worker heartbeats every second by default; three missed beats and more mean it is gone.
@@ -30,7 +30,7 @@ class ModelView:
         return bool(self.workers)
 
 
-def served_models(client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> list[str]:
+def served_models(client: SyncRedis, prefix: str = DEFAULT_PREFIX) -> list[str]:
     """Every model a worker has ever registered under this prefix (live or not)."""
     members: Any = client.smembers(Keys("x", prefix).models)
     return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
@@ -51,32 +51,36 @@ def live_workers(raw_heartbeats: dict[Any, Any], now: float | None = None,
     return live
 
 
-def view(client: redis.Redis, prefix: str = DEFAULT_PREFIX, models: list[str] | None = None,
-         stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[ModelView]:
-    """Queues, dead letters and live workers of each model, read in one pipelined round trip."""
+def view(client: SyncRedis, prefix: str = DEFAULT_PREFIX, models: list[str] | None = None,
+         stale_after_s: float = DEFAULT_STALE_AFTER_S, partitions: int = 1) -> list[ModelView]:
+    """Queues, dead letters and live workers of each model (summed over its partitions), read in one
+    pipelined round trip."""
     models = served_models(client, prefix) if models is None else models
     pipe = client.pipeline(transaction=False)
     for model in models:
-        keys = Keys(model, prefix)
-        for priority in Priority:
-            pipe.xlen(keys.queue(priority))
-            pipe.execute_command("XPENDING", keys.queue(priority), GROUP)
-        pipe.xlen(keys.dead)
-        pipe.hgetall(keys.workers)
+        for keys in Keys(model, prefix).partitions(partitions):
+            for priority in Priority:
+                pipe.xlen(keys.queue(priority))
+                pipe.execute_command("XPENDING", keys.queue(priority), GROUP)
+            pipe.xlen(keys.dead)
+        pipe.hgetall(Keys(model, prefix).workers)
     replies: list[Any] = pipe.execute(raise_on_error=False)
     views, now, at = [], time.time(), 0
     for model in models:
         current = ModelView(model)
-        for priority in Priority:
-            length, pending = replies[at], replies[at + 1]
-            at += 2
-            length = length if isinstance(length, int) else 0
-            in_flight = int(pending[0]) if isinstance(pending, list) and pending else 0  # NOGROUP: none yet
-            current.queued[priority.value] = max(0, length - in_flight)
-            current.pending[priority.value] = in_flight
-        dead, heartbeats = replies[at], replies[at + 1]
-        at += 2
-        current.dead_letters = dead if isinstance(dead, int) else 0
+        for _ in range(partitions):
+            for priority in Priority:
+                length, pending = replies[at], replies[at + 1]
+                at += 2
+                length = length if isinstance(length, int) else 0
+                in_flight = int(pending[0]) if isinstance(pending, list) and pending else 0  # NOGROUP: none yet
+                current.queued[priority.value] = current.queued.get(priority.value, 0) + max(0, length - in_flight)
+                current.pending[priority.value] = current.pending.get(priority.value, 0) + in_flight
+            dead = replies[at]
+            at += 1
+            current.dead_letters += dead if isinstance(dead, int) else 0
+        heartbeats = replies[at]
+        at += 1
         current.workers = live_workers(heartbeats if isinstance(heartbeats, dict) else {}, now, stale_after_s)
         views.append(current)
     return views

@@ -16,6 +16,7 @@ import redis
 import structlog
 
 from producer import fleet
+from producer.connection import SyncRedis, register_script
 from producer.errors import ProtocolError
 from producer.protocol import (
     DEFAULT_LIMITS,
@@ -49,7 +50,7 @@ return 'expired'
 """
 
 
-def _models(client: redis.Redis, prefix: str) -> list[str]:
+def _models(client: SyncRedis, prefix: str) -> list[str]:
     return fleet.served_models(client, prefix)
 
 
@@ -65,23 +66,24 @@ def _deadline(fields: dict[bytes, bytes]) -> tuple[str | None, float | None]:
     return request_id, float(deadline) if isinstance(deadline, (int, float)) else None
 
 
-def reclaim_sweep(client: redis.Redis, prefix: str = DEFAULT_PREFIX, claim_idle_s: float = 10.0,
-                  scan_count: int = 1000, result_ttl_s: int = DEFAULT_RESULT_TTL_S) -> dict[str, dict[str, int]]:
+def reclaim_sweep(client: SyncRedis, prefix: str = DEFAULT_PREFIX, claim_idle_s: float = 10.0,
+                  scan_count: int = 1000, result_ttl_s: int = DEFAULT_RESULT_TTL_S,
+                  partitions: int = 1) -> dict[str, dict[str, int]]:
     """Per model: expire past-deadline requests nobody is running; count orphans; prune dead heartbeats.
 
     Looks at the oldest `scan_count` queued entries of each queue (the likeliest to be late) and the
     pending entries idle past `claim_idle_s` (their worker is silent). Live workers take orphans over by
     themselves; with none left, orphans wait for the next worker and are only counted here.
     """
-    expire = client.register_script(EXPIRE_REQUEST)
+    expire = register_script(client, EXPIRE_REQUEST)
     report: dict[str, dict[str, int]] = {}
     now = time.time()
-    for view in fleet.view(client, prefix):
-        keys, counts = Keys(view.model, prefix), Counter[str]()
-        stale = set(_heartbeat_names(client, keys)) - {w["name"] for w in view.workers}
+    for view in fleet.view(client, prefix, partitions=partitions):
+        model_keys, counts = Keys(view.model, prefix), Counter[str]()
+        stale = set(_heartbeat_names(client, model_keys)) - {w["name"] for w in view.workers}
         if stale:
-            counts["pruned_heartbeats"] = int(client.hdel(keys.workers, *stale))
-        for queue in keys.queues:
+            counts["pruned_heartbeats"] = int(client.hdel(model_keys.workers, *stale))
+        for keys, queue in [(k, q) for k in model_keys.partitions(partitions) for q in k.queues]:
             entries: Any = client.xrange(queue, count=scan_count)
             try:
                 idle: Any = client.xpending_range(queue, GROUP, min="-", max="+", count=scan_count,
@@ -111,7 +113,7 @@ def _entries(reply: Any) -> list[Any]:
     return list(reply or [])
 
 
-def _heartbeat_names(client: redis.Redis, keys: Keys) -> list[str]:
+def _heartbeat_names(client: SyncRedis, keys: Keys) -> list[str]:
     names: Any = client.hgetall(keys.workers).keys()
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
@@ -121,35 +123,39 @@ def _after(entry_id: str) -> str:
     return f"{ms}-{int(seq or 0) + 1}"
 
 
-def trim_acked(client: redis.Redis, prefix: str = DEFAULT_PREFIX, dead_letter_retention_s: float = 7 * 86_400
-               ) -> dict[str, int]:
+def trim_acked(client: SyncRedis, prefix: str = DEFAULT_PREFIX, dead_letter_retention_s: float = 7 * 86_400,
+               partitions: int = 1) -> dict[str, int]:
     """Drops request entries every worker is done with (acked) and dead letters past their retention."""
     trimmed: dict[str, int] = {}
     for model in _models(client, prefix):
-        keys, count = Keys(model, prefix), 0
-        for queue in keys.queues:
-            try:
-                groups: Any = client.xinfo_groups(queue)
-            except redis.ResponseError:
-                continue  # no such stream yet
-            group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
-            if group is None:
-                continue
-            last = group["last-delivered-id"]
-            keep_from = _after(last.decode() if isinstance(last, bytes) else str(last))
-            pending: Any = client.xpending(queue, GROUP)
-            if pending["pending"]:
-                oldest = pending["min"]
-                oldest = oldest.decode() if isinstance(oldest, bytes) else str(oldest)
-                keep_from = min(keep_from, oldest, key=lambda i: tuple(int(p) for p in i.split("-")))
-            count += int(client.xtrim(queue, minid=keep_from, approximate=False))
-        horizon = int((time.time() - dead_letter_retention_s) * 1000)
-        count += int(client.xtrim(keys.dead, minid=f"{max(0, horizon)}-0", approximate=False))
-        trimmed[model] = count
+        trimmed[model] = sum(_trim_partition(client, keys, dead_letter_retention_s)
+                             for keys in Keys(model, prefix).partitions(partitions))
     return trimmed
 
 
-def expire_results(client: redis.Redis, prefix: str = DEFAULT_PREFIX, ttl_s: int = DEFAULT_RESULT_TTL_S,
+def _trim_partition(client: SyncRedis, keys: Keys, dead_letter_retention_s: float) -> int:
+    count = 0
+    for queue in keys.queues:
+        try:
+            groups: Any = client.xinfo_groups(queue)
+        except redis.ResponseError:
+            continue  # no such stream yet
+        group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
+        if group is None:
+            continue
+        last = group["last-delivered-id"]
+        keep_from = _after(last.decode() if isinstance(last, bytes) else str(last))
+        pending: Any = client.xpending(queue, GROUP)
+        if pending["pending"]:
+            oldest = pending["min"]
+            oldest = oldest.decode() if isinstance(oldest, bytes) else str(oldest)
+            keep_from = min(keep_from, oldest, key=lambda i: tuple(int(p) for p in i.split("-")))
+        count += int(client.xtrim(queue, minid=keep_from, approximate=False))
+    horizon = int((time.time() - dead_letter_retention_s) * 1000)
+    return count + int(client.xtrim(keys.dead, minid=f"{max(0, horizon)}-0", approximate=False))
+
+
+def expire_results(client: SyncRedis, prefix: str = DEFAULT_PREFIX, ttl_s: int = DEFAULT_RESULT_TTL_S,
                    scan_count: int = 1000) -> int:
     """Puts a TTL back on result streams, request records and cancel sets that have none (a safety net)."""
     fixed = 0
@@ -166,7 +172,7 @@ def expire_results(client: redis.Redis, prefix: str = DEFAULT_PREFIX, ttl_s: int
     return fixed
 
 
-def _expire_unbounded(client: redis.Redis, keys: list[Any], ttl_s: int) -> int:
+def _expire_unbounded(client: SyncRedis, keys: list[Any], ttl_s: int) -> int:
     if not keys:
         return 0
     pipe = client.pipeline(transaction=False)
@@ -179,23 +185,30 @@ def _expire_unbounded(client: redis.Redis, keys: list[Any], ttl_s: int) -> int:
     return len(unbounded)
 
 
-def dead_letter_report(client: redis.Redis, prefix: str = DEFAULT_PREFIX, limit: int = 10_000,
-                       samples: int = 5) -> dict[str, dict[str, Any]]:
-    """Dead letters that arrived since the last report, per model: counts by reason and a few samples."""
+def dead_letter_report(client: SyncRedis, prefix: str = DEFAULT_PREFIX, limit: int = 10_000,
+                       samples: int = 5, partitions: int = 1) -> dict[str, dict[str, Any]]:
+    """Dead letters that arrived since the last report, per model (all its partitions): counts by reason
+    and a few samples."""
     report: dict[str, dict[str, Any]] = {}
     for model in _models(client, prefix):
-        keys = Keys(model, prefix)
-        cursor: Any = client.get(keys.dead_cursor)
-        start = "(" + cursor.decode() if cursor else "-"
-        entries: Any = client.xrange(keys.dead, min=start, max="+", count=limit)
-        if not entries:
+        new, total, reasons, found = 0, 0, Counter[str](), []
+        for keys in Keys(model, prefix).partitions(partitions):
+            cursor: Any = client.get(keys.dead_cursor)
+            start = "(" + cursor.decode() if cursor else "-"
+            entries: Any = client.xrange(keys.dead, min=start, max="+", count=limit)
+            if not entries:
+                continue
+            new += len(entries)
+            total += int(client.xlen(keys.dead))
+            reasons.update(fields.get(b"reason", b"?").decode() for _, fields in entries)
+            found += entries[-samples:]
+            client.set(keys.dead_cursor, entries[-1][0])
+        if not new:
             continue
-        reasons = Counter(fields.get(b"reason", b"?").decode() for _, fields in entries)
-        report[model] = {"new": len(entries), "total": int(client.xlen(keys.dead)), "reasons": dict(reasons),
+        report[model] = {"new": new, "total": total, "reasons": dict(reasons),
                          "samples": [{"entry": e.decode(), "id": f.get(b"id", b"").decode(),
                                       "reason": f.get(b"reason", b"").decode(),
                                       "message": f.get(b"message", b"").decode()[:200]}
-                                     for e, f in entries[-samples:]]}
-        client.set(keys.dead_cursor, entries[-1][0])
-        log.warning("new dead letters", model=model, new=len(entries), reasons=dict(reasons))
+                                     for e, f in found[-samples:]]}
+        log.warning("new dead letters", model=model, new=new, reasons=dict(reasons))
     return report

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from producer import fleet
+from producer.connection import SyncRedis
 from producer.protocol import DEFAULT_PREFIX
+from producer.reconnect import REDIS_ERRORS
 
 # Latency buckets (seconds) shared by the TTFT, inter-token, queue-wait and request histograms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -22,17 +23,18 @@ class FleetCollector(Collector):
     same truth and nothing is polled in between.
     """
 
-    def __init__(self, client: Callable[[], redis.Redis], prefix: str = DEFAULT_PREFIX,
-                 models: list[str] | None = None) -> None:
+    def __init__(self, client: Callable[[], SyncRedis], prefix: str = DEFAULT_PREFIX,
+                 models: list[str] | None = None, partitions: int = 1) -> None:
         self._client = client
         self.prefix = prefix
         self.models = models  # None: every model registered under the prefix
+        self.partitions = partitions  # summed: a model's depth is the sum over its partitions
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("tokenrelay_redis_up", "1 when the last scrape could read Redis")
         try:
-            views = fleet.view(self._client(), self.prefix, self.models)
-        except redis.RedisError:
+            views = fleet.view(self._client(), self.prefix, self.models, partitions=self.partitions)
+        except REDIS_ERRORS:
             up.add_metric([], 0)
             yield up
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,24 +77,32 @@ class Completion:
 
 
 class ResultFold:
-    """Folds many result streams read together (XREAD over many keys): what to read next, what came."""
+    """Folds many result streams read together (XREAD over many keys): what to read next, what came.
 
-    def __init__(self, keys: Keys, request_ids: Sequence[str], max_keys: int = 1_000) -> None:
-        self.keys = keys
-        self.completions = {i: Completion(i) for i in request_ids}
-        self.positions = {keys.result(i): "0-0" for i in request_ids}
-        self._owners = {keys.result(i): i for i in request_ids}
+    `keys` gives each request's keys (its model's partition): one XREAD covers streams of one partition
+    only, since Redis Cluster refuses a read across slots.
+    """
+
+    def __init__(self, keys: Mapping[str, Keys], max_keys: int = 1_000) -> None:
+        self.completions = {i: Completion(i) for i in keys}
+        self.positions = {k.result(i): "0-0" for i, k in keys.items()}
+        self._owners = {k.result(i): i for i, k in keys.items()}
+        self._records = {k.result(i): k.request(i) for i, k in keys.items()}
+        self._slots = {k.result(i): k.base for i, k in keys.items()}
         self._max_keys = max_keys
 
     def chunks(self) -> list[dict[str, str]]:
-        """Stream key -> last entry id seen, for each XREAD to send (at most max_keys streams each)."""
-        keys = list(self.positions)
-        return [{k: self.positions[k] for k in keys[i:i + self._max_keys]} for i in range(0, len(keys), self._max_keys)]
+        """Stream key -> last entry id seen, for each XREAD to send (one partition, at most max_keys each)."""
+        by_slot: dict[str, list[str]] = {}
+        for key in self.positions:
+            by_slot.setdefault(self._slots[key], []).append(key)
+        return [{k: self.positions[k] for k in keys[i:i + self._max_keys]}
+                for keys in by_slot.values() for i in range(0, len(keys), self._max_keys)]
 
     def existence_checks(self) -> list[str]:
         """Record key then result key of each request still open, for one single-key EXISTS each (an ACL
         selector covers one key pattern); neither existing means nothing will ever arrive for it."""
-        return [key for k in self.positions for key in (self.keys.request(self._owners[k]), k)]
+        return [key for k in self.positions for key in (self._records[k], k)]
 
     def settle_unknown(self, answers: Sequence[int]) -> int:
         """Given the EXISTS answers in existence_checks' order, ends the requests Redis knows nothing of."""

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from producer.lua import Argv, priority_table
-from producer.protocol import GROUP, Keys, Request
+from producer.protocol import GROUP, Keys, Request, partition_of
 
 # KEYS: high, normal, low, then the meta key of each request
 # ARGV: the names, then per request: id, priority index (1-3), payload
@@ -86,12 +86,19 @@ return 'requested'
 """, queues=priority_table(lambda i: f"KEYS[{i + 2}]"))
 
 
-def submit_batches(requests: Sequence[Request]) -> list[list[Request]]:
-    """Requests grouped by model (one script call per model: its keys share a slot), at most 1,000 a call."""
-    by_model: dict[str, list[Request]] = {}
+def submit_batches(requests: Sequence[Request], partitions: int = 1) -> list[list[Request]]:
+    """Requests grouped by model and partition (one script call each: its keys share a slot), at most 1,000
+    a call."""
+    by_slot: dict[tuple[str, int], list[Request]] = {}
     for request in requests:
-        by_model.setdefault(request.model, []).append(request)
-    return [batch[i:i + 1000] for batch in by_model.values() for i in range(0, len(batch), 1000)]
+        by_slot.setdefault((request.model, partition_of(request.request_id, partitions)), []).append(request)
+    return [batch[i:i + 1000] for batch in by_slot.values() for i in range(0, len(batch), 1000)]
+
+
+def partition_depth(max_depth: int, partitions: int) -> int:
+    """Each partition's share of a model's backlog limit (0: none), so the partitions together hold about
+    `max_depth`."""
+    return -(-max_depth // partitions) if max_depth > 0 else 0
 
 
 def submit_keys(keys: Keys, batch: Sequence[Request]) -> list[str]:

@@ -9,6 +9,7 @@ from typing import Any
 import msgpack
 import redis
 
+from producer.connection import SyncRedis
 from producer.protocol import DEFAULT_PREFIX, GROUP, Keys, Priority
 
 
@@ -22,7 +23,8 @@ class ModelStatus:
     stale_workers: list[str] = field(default_factory=list)
 
 
-def gather(client: redis.Redis, prefix: str = DEFAULT_PREFIX, stale_after_s: float = 15.0) -> list[ModelStatus]:
+def gather(client: SyncRedis, prefix: str = DEFAULT_PREFIX, stale_after_s: float = 15.0,
+           partitions: int = 1) -> list[ModelStatus]:
     members: Any = client.smembers(Keys("x", prefix).models)
     models = sorted(m.decode() for m in members)
     result = []
@@ -30,16 +32,17 @@ def gather(client: redis.Redis, prefix: str = DEFAULT_PREFIX, stale_after_s: flo
     for model in models:
         keys = Keys(model, prefix)
         status = ModelStatus(model)
-        for priority in Priority:
-            key = keys.queue(priority)
-            length = int(client.xlen(key))
-            try:
-                pending = int(client.xpending(key, GROUP)["pending"])
-            except redis.ResponseError:
-                pending = 0
-            status.queued[priority.value] = max(0, length - pending)
-            status.pending[priority.value] = pending
-        status.dead_letters = int(client.xlen(keys.dead))
+        for part in keys.partitions(partitions):  # summed: users see the model, not its partitions
+            for priority in Priority:
+                key = part.queue(priority)
+                length = int(client.xlen(key))
+                try:
+                    pending = int(client.xpending(key, GROUP)["pending"])
+                except redis.ResponseError:
+                    pending = 0
+                status.queued[priority.value] = status.queued.get(priority.value, 0) + max(0, length - pending)
+                status.pending[priority.value] = status.pending.get(priority.value, 0) + pending
+            status.dead_letters += int(client.xlen(part.dead))
         heartbeats: Any = client.hgetall(keys.workers)
         for name, raw in sorted(heartbeats.items()):
             info = msgpack.unpackb(raw, raw=False)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import redis
 
+from producer.connection import SyncRedis, connect
 from producer.protocol import EVENT_FIELD, Event, EventType, Keys, decode_event
 from worker.loop import EngineFailed, Worker
 from worker.settings import WorkerSettings
@@ -86,16 +86,17 @@ class WorkerProcess:
     """`python -m worker.cli worker` for a tiny float64 model, JSON logs to a file."""
 
     def __init__(self, redis_url: str, model_dir: Path, log_path: Path, extra: list[str],
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, model_name: str = "tiny") -> None:
         self.log_path = log_path
+        self.model_name = model_name
         args = [sys.executable, "-m", "worker.cli", "worker", "--redis", redis_url, "--model", str(model_dir),
-                "--model-name", "tiny", "--dtype", "float64", "--threads", "1", "--num-kv-blocks", "256",
+                "--model-name", model_name, "--dtype", "float64", "--threads", "1", "--num-kv-blocks", "256",
                 "--heartbeat", str(FAST["heartbeat_s"]), "--claim-idle", str(FAST["claim_idle_s"]), *extra]
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                             env={**os.environ, "TOKENRELAY_LOG_JSON": "1", "OMP_NUM_THREADS": "1",
                                                  **(env or {})})
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = connect(redis_url)
 
     @property
     def pid(self) -> int:
@@ -105,7 +106,7 @@ class WorkerProcess:
         """Until its first heartbeat is in Redis (model loaded, serving)."""
         def ready() -> bool:
             assert self.process.poll() is None, f"worker exited early:\n{self.log_path.read_text()[-3000:]}"
-            for raw in self.redis.hvals(Keys("tiny").workers):
+            for raw in self.redis.hvals(Keys(self.model_name).workers):
                 if msgpack.unpackb(raw).get("pid") == self.pid:
                     return True
             return False
@@ -141,7 +142,7 @@ class WorkerProcess:
         return lines
 
 
-def read_events(client: redis.Redis, keys: Keys, request_id: str) -> list[Event]:
+def read_events(client: SyncRedis, keys: Keys, request_id: str) -> list[Event]:
     """The whole result stream, decoded, without blocking."""
     return [decode_event(fields[EVENT_FIELD.encode()], entry_id.decode())
             for entry_id, fields in client.xrange(keys.result(request_id))]

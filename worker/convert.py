@@ -7,12 +7,12 @@ import functools
 from collections.abc import Sequence
 from typing import Any, assert_never
 
-import redis
-
 from engine.config import SamplingParams
 from engine.interface import Engine, Tokenizer
 from engine.request import FinishReason as EngineFinishReason
 from engine.request import TokenLogprob
+from producer.connection import SyncRedis
+from producer.connection import connect as connect_url
 from producer.protocol import FinishReason, Logprobs, Request
 
 
@@ -47,9 +47,9 @@ def _sampling_params(key: tuple[tuple[str, Any], ...]) -> SamplingParams:
     return SamplingParams.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in key})
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str) -> SyncRedis:
     # No read timeout below the idle XREADGROUP block; a dead server still fails within 30 s.
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+    return connect_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
 
 
 def wire_finish_reason(reason: EngineFinishReason | None) -> FinishReason:

@@ -20,6 +20,7 @@ class Claim:
     entry_id: str
     seq: int = 0  # publishes that landed for this claim; makes a retried publish a no-op
     cancel_seen: bool = False
+    partition: int = 0  # of the model's request streams (protocol.keys): where its keys live
 
 
 @dataclass(slots=True)

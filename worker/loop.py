@@ -9,12 +9,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 import structlog
 
 from engine.interface import Engine
 from engine.request import FinishReason as EngineFinishReason
 from engine.request import RequestOutput
+from producer.connection import SyncRedis
 from producer.errors import ProtocolError
 from producer.protocol import DEFAULT_LIMITS, ErrorCode, FinishReason, decode_request, done_event, error_event
 from worker.convert import build_prompt, connect, sampling_params, wire_finish_reason, wire_logprobs
@@ -57,7 +57,7 @@ class EngineFailed(RuntimeError):
 class Worker:
     """Serves one engine from the model's request streams until stopped."""
 
-    def __init__(self, engine: Engine, settings: WorkerSettings, client: redis.Redis | None = None,
+    def __init__(self, engine: Engine, settings: WorkerSettings, client: SyncRedis | None = None,
                  metrics: WorkerMetrics | None = None) -> None:
         self.engine = engine
         self.metrics = metrics or WorkerMetrics(settings.served_model, settings.max_num_seqs)

@@ -78,5 +78,6 @@ class WorkerMetrics:
 def serve_metrics(metrics: WorkerMetrics, settings: WorkerSettings) -> None:
     """Exposes the worker's metrics, and its model's queues read from Redis at scrape, on metrics_port."""
     admin = connect(settings.redis_url)
-    metrics.registry.register(FleetCollector(lambda: admin, settings.prefix, [settings.served_model]))
+    fleet = FleetCollector(lambda: admin, settings.prefix, [settings.served_model], settings.partitions)
+    metrics.registry.register(fleet)
     start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry)

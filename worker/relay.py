@@ -11,28 +11,41 @@ tokens pile up in the Outbox and go out together in the next one (coalescing by 
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
 import redis
 import structlog
 
-from producer.protocol import GROUP, ErrorCode, FinishReason, delta_event, done_event, error_event, restart_event
-from producer.reconnect import RETRYABLE, Reconnect
+from producer.connection import SyncRedis, register_script
+from producer.protocol import (
+    GROUP,
+    ErrorCode,
+    FinishReason,
+    delta_event,
+    done_event,
+    error_event,
+    restart_event,
+)
+from producer.reconnect import REDIS_ERRORS, RETRYABLE, Reconnect
 from worker import scripts
+from worker.admission import Admission, Entry, Partition, as_text
 from worker.jobs import Claim, Note, NoteKind, Outbox, Pending
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
-Entry = tuple[int, str, list[Any]]  # (queue index, entry id, flat field list) from a blocking read
 
 
-class Relay:
-    def __init__(self, client: redis.Redis, settings: WorkerSettings, outbox: Outbox,
+class Relay(Admission):
+    """The worker's Redis side: its reader, writer and doorbell threads, and everything they hold."""
+
+    def __init__(self, client: SyncRedis, settings: WorkerSettings, outbox: Outbox,
                  inbox: queue.SimpleQueue[Note], stats: Any) -> None:
         self.redis = client
         self.settings = settings
@@ -43,7 +56,9 @@ class Relay:
         self.stats = stats  # callable -> dict for heartbeats
         self.claims: dict[str, Claim] = {}  # guarded by _lock: the reader adds, the writer retires
         self.reading = True  # cleared when draining: no new requests
-        self.cursors = ["0-0", "0-0", "0-0"]
+        # partition 0 holds the model's heartbeats; every partition has its own queues, records and results
+        self.parts = [Partition(p, k, [*k.queues, k.dead, k.workers, k.cancels(self.me)])
+                      for p, k in enumerate(self.keys.partitions(settings.partitions))]
         self.round_trips = 0
         self.rollbacks = 0  # claims Redis forgot writes of (restart from a lagging AOF, failover to a replica)
         self._lock = threading.Lock()
@@ -58,21 +73,28 @@ class Relay:
         # it was, with the same seq, before anything newer. Merging newer events into it would let the
         # script skip them along with the already-applied part.
         self._in_doubt: dict[str, Pending] | None = None
-        self._script_keys = [*self.keys.queues, self.keys.dead, self.keys.workers, self.keys.cancels(self.me)]
-        self._admit = client.register_script(scripts.ADMIT)
-        self._publish = client.register_script(scripts.PUBLISH)
-        self._heartbeat = client.register_script(scripts.HEARTBEAT)
-        self._hand_back_script = client.register_script(scripts.HAND_BACK)
+        self._admit = register_script(client, scripts.ADMIT)
+        self._publish = register_script(client, scripts.PUBLISH)
+        self._heartbeat = register_script(client, scripts.HEARTBEAT)
+        self._hand_back_script = register_script(client, scripts.HAND_BACK)
         self._restart = restart_event(self.me)
         self._claim_args: dict[str, Any] = dict(
-            group=GROUP, consumer=self.me, req_prefix=self.keys.request_prefix, res_prefix=self.keys.result_prefix,
-            ttl=settings.result_ttl_s, max_deliveries=settings.max_deliveries,
+            group=GROUP, consumer=self.me, ttl=settings.result_ttl_s, max_deliveries=settings.max_deliveries,
             dead_maxlen=settings.dead_letter_maxlen, restart_payload=self._restart,
             cancelled_payload=done_event(FinishReason.CANCELLED, {}, worker=self.me),
             dead_payload=error_event(ErrorCode.MAX_DELIVERIES, f"gave up after {settings.max_deliveries} "
                                      "deliveries: workers kept failing on this request", worker=self.me))
         self._reader = threading.Thread(target=self._loop, args=(self._read,), name="tokenrelay-read", daemon=True)
         self._writer = threading.Thread(target=self._loop, args=(self._write,), name="tokenrelay-write", daemon=True)
+        # More than one partition: a thread per partition blocks in XREADGROUP on it (one slot per read) and
+        # rings with what it read; the reader then sweeps every partition, high priority first.
+        self._doorbell: queue.SimpleQueue[tuple[int, list[Entry]]] = queue.SimpleQueue()
+        self._room = threading.Event()  # set while the free slots can take what every doorbell may read
+        self._bells = [threading.Thread(target=self._loop, args=(functools.partial(self._ring, part),),
+                                        name=f"tokenrelay-bell-{part.index}", daemon=True)
+                       for part in self.parts] if len(self.parts) > 1 else []
+        self._turn = 0  # which partition a sweep starts at: none is always last
+        self._more = False  # the last sweep filled every free slot
 
     @property
     def held(self) -> int:
@@ -93,10 +115,12 @@ class Relay:
         self._safely(self._prune_the_dead)
         self._reader.start()
         self._writer.start()
+        for bell in self._bells:
+            bell.start()
 
     def ensure_groups(self) -> None:
         """The consumer group on each priority stream, created from the start of the stream if missing."""
-        for key in self.keys.queues:
+        for key in (q for part in self.parts for q in part.keys.queues):
             try:
                 self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
             except redis.ResponseError as exc:
@@ -113,9 +137,11 @@ class Relay:
         self._slots_freed.set()
         self._reader.join(timeout)
         self._writer.join(timeout)
+        for bell in self._bells:
+            bell.join(timeout)
         try:
             self._farewell()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not deregister", error=str(exc)[:300])
 
     # -- the threads ------------------------------------------------------------------------------
@@ -126,7 +152,7 @@ class Relay:
             try:
                 finished = once()
                 failures = 0
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 failures += 1
                 log.warning("redis round trip failed; retrying", error=str(exc)[:300], failures=failures)
                 if "NOGROUP" in str(exc):  # a queue stream was deleted under us
@@ -136,80 +162,6 @@ class Relay:
                     time.sleep(min(2.0, 0.05 * 2**failures))
             if finished:
                 return
-
-    def _read(self) -> bool:
-        """One admission: block in Redis for the first request, then claim up to the free slots."""
-        if self._stop.is_set():
-            return True
-        budget = self.settings.max_num_seqs - len(self.claims) if self.reading else 0
-        if budget <= 0:
-            self._slots_freed.wait(0.5)
-            self._slots_freed.clear()
-            return False
-        autoclaim = time.monotonic() >= self._next_autoclaim
-        preread: list[Entry] = []
-        if not autoclaim:
-            preread = self._blocking_read(budget)
-            if not preread:
-                return False
-        self.admit_once(budget, autoclaim, preread)
-        return False
-
-    def _blocking_read(self, budget: int) -> list[Entry]:
-        block_ms = int(min(0.5, self.settings.claim_idle_s / 4) * 1000)
-        # one entry per stream, high first: never more than a worker with free slots can hold
-        streams = dict.fromkeys(self.keys.queues[:budget], ">")
-        reply: Any = self.redis.xreadgroup(GROUP, self.me, streams, count=1, block=block_ms)  # type: ignore[arg-type]
-        preread: list[Entry] = []
-        for stream_key, entries in reply or []:
-            index = self.keys.queues.index(_text(stream_key)) + 1
-            for entry_id, fields in entries:
-                flat = [item for pair in (fields or {}).items() for item in pair]
-                preread.append((index, _text(entry_id), flat))
-        return preread
-
-    def admit_once(self, budget: int, autoclaim: bool, preread: list[Entry]) -> None:
-        """Claims pre-read entries, idle entries of dead workers (when `autoclaim`), and new ones."""
-        entries: list[Any] = []
-        for index, entry_id, flat in preread:
-            entries += [index, entry_id, len(flat), *flat]
-        high, normal, low = self.cursors
-        args = scripts.ADMIT_ARGV.args(*entries, **self._claim_args, budget=budget, autoclaim=int(autoclaim),
-                                       min_idle_ms=int(self.settings.claim_idle_s * 1000), cursor_high=high,
-                                       cursor_normal=normal, cursor_low=low)
-        reply: Any = self._admit(keys=self._script_keys, args=args)
-        if autoclaim:
-            self._next_autoclaim = time.monotonic() + self.settings.claim_idle_s / 4
-        self.cursors = [_text(c) for c in reply[:3]]
-        forgotten: list[Any] = []
-        for index, entry_id, raw_id, payload, epoch, verdict in reply[3]:
-            request_id, verdict = _text(raw_id), _text(verdict)
-            if verdict != "ok":
-                log.info("request settled at claim", request_id=request_id or None, verdict=verdict,
-                         entry=_text(entry_id))
-                continue
-            with self._lock:
-                held = self.claims.get(request_id)
-                if held is not None:  # our own earlier claim was taken over, by us
-                    self._lose(request_id, held.epoch)
-                    if int(epoch) <= held.epoch:
-                        # Not a takeover: Redis forgot our claim (and what we published under it) and
-                        # delivered the entry again. Running it under the same epoch would mix the old
-                        # run's unsent tokens into the new one with no restart for the client; handing it
-                        # back makes the next claim a new epoch that starts the client over.
-                        forgotten += [request_id, epoch, index, entry_id]
-                        continue
-                self.claims[request_id] = claim = Claim(request_id, int(epoch), int(index), _text(entry_id))
-            # decoding happens on the step loop's thread: this one's time is the queue's critical path
-            self.inbox.put(Note(NoteKind.JOB, request_id, claim.epoch, payload, claim.entry_id))
-        if forgotten:
-            with self._lock:
-                self.rollbacks += len(forgotten) // 4
-            log.warning("redis forgot claims it had acknowledged; the requests affected start over",
-                        requests=len(forgotten) // 4)
-            args = scripts.HAND_BACK_ARGV.args(*forgotten, group=GROUP, consumer=self.me,
-                                               req_prefix=self.keys.request_prefix)
-            self._hand_back_script(keys=self._script_keys, args=args)
 
     def _write(self) -> bool:
         """One publish: wait for events (or a due heartbeat), then one round trip for all of them."""
@@ -231,17 +183,26 @@ class Relay:
         return stopping and settled and (self._hand_back or not self.claims or time.monotonic() > self._stop_by)
 
     def publish_once(self, heartbeat: bool) -> None:
+        """One round trip: a fenced publish per partition with events or claims (it also collects the
+        cancellations), and when due a heartbeat per partition with claims (partition 0's carries the
+        worker's heartbeat)."""
         batch = self._in_doubt if self._in_doubt is not None else self.outbox.take()
         with self._lock:
             items = {rid: p for rid, p in batch.items() if rid in self.claims and self.claims[rid].epoch == p.epoch}
-            publish_args = self._publish_args(items) if items or self.claims else None
-            heartbeat_args = self._heartbeat_args() if heartbeat else None
+            by_part: dict[int, dict[str, Pending]] = {}
+            for rid, pending in items.items():
+                by_part.setdefault(self.claims[rid].partition, {})[rid] = pending
+            held = {c.partition for c in self.claims.values()}
+            publish = {part.index: self._publish_args(part, by_part.get(part.index, {}))
+                       for part in self.parts if part.index in by_part or part.index in held}
+            beats = {part.index: self._heartbeat_args(part) for part in self.parts
+                     if heartbeat and (part.index == 0 or part.index in held)}
             beat_epochs = {c.request_id: c.epoch for c in self.claims.values()}
         pipe = self.redis.pipeline(transaction=False)
-        if publish_args is not None:
-            self._publish(keys=self._script_keys, args=publish_args, client=pipe)
-        if heartbeat_args is not None:
-            self._heartbeat(keys=self._script_keys, args=heartbeat_args, client=pipe)
+        for index, args in publish.items():
+            self._publish(keys=self.parts[index].script_keys, args=args, client=pipe)
+        for index, args in beats.items():
+            self._heartbeat(keys=self.parts[index].script_keys, args=args, client=pipe)
         try:
             replies: Any = pipe.execute() if len(pipe) else []
         except BaseException:
@@ -253,15 +214,15 @@ class Relay:
         if heartbeat:
             self._next_heartbeat = now + self.settings.heartbeat_s
         with self._lock:
-            if publish_args is not None:
-                self._after_publish(list(items.items()), replies[0])
-            if heartbeat_args is not None:
-                for request_id in replies[-1]:
-                    self._lose(_text(request_id), beat_epochs[_text(request_id)])
+            for index, reply in zip(publish, replies, strict=False):
+                self._after_publish(list(by_part.get(index, {}).items()), reply)
+            for lost in replies[len(publish):]:
+                for request_id in lost:
+                    self._lose(as_text(request_id), beat_epochs[as_text(request_id)])
 
     # -- script arguments and replies (callers hold _lock) -------------------------------------------
 
-    def _publish_args(self, items: dict[str, Pending]) -> list[Any]:
+    def _publish_args(self, part: Partition, items: dict[str, Pending]) -> list[Any]:
         per_item: list[Any] = []
         for request_id, pending in items.items():
             events = []
@@ -272,21 +233,22 @@ class Relay:
             dead = pending.dead_letter or []
             per_item += [request_id, pending.epoch, self.claims[request_id].seq, len(events), *events,
                          int(pending.terminal is not None), len(dead), *dead]
-        return scripts.PUBLISH_ARGV.args(*per_item, group=GROUP, consumer=self.me, req_prefix=self.keys.request_prefix,
-                                         res_prefix=self.keys.result_prefix, ttl=self.settings.result_ttl_s,
+        return scripts.PUBLISH_ARGV.args(*per_item, group=GROUP, consumer=self.me, req_prefix=part.keys.request_prefix,
+                                         res_prefix=part.keys.result_prefix, ttl=self.settings.result_ttl_s,
                                          dead_maxlen=self.settings.dead_letter_maxlen, restart_payload=self._restart,
                                          n_items=len(items))
 
-    def _heartbeat_args(self) -> list[Any]:
-        info = {"model": self.keys.model, "at": time.time(), "pid": os.getpid(),
-                "slots_total": self.settings.max_num_seqs, "slots_used": len(self.claims),
-                "draining": not self.reading, "engine_options": self.settings.engine_summary(), **self.stats()}
-        quads: list[Any] = []
-        for claim in self.claims.values():
-            quads += [claim.request_id, claim.epoch, claim.queue_index, claim.entry_id]
-        return scripts.HEARTBEAT_ARGV.args(*quads, group=GROUP, consumer=self.me, req_prefix=self.keys.request_prefix,
-                                           ttl=self.settings.result_ttl_s,
-                                           heartbeat=msgpack.packb(info, use_bin_type=True))
+    def _heartbeat_args(self, part: Partition) -> list[Any]:
+        payload = b""
+        if part.index == 0:
+            info = {"model": self.keys.model, "at": time.time(), "pid": os.getpid(),
+                    "slots_total": self.settings.max_num_seqs, "slots_used": len(self.claims),
+                    "partitions": len(self.parts), "draining": not self.reading,
+                    "engine_options": self.settings.engine_summary(), **self.stats()}
+            payload = msgpack.packb(info, use_bin_type=True)
+        return scripts.HEARTBEAT_ARGV.args(*_quads(c for c in self.claims.values() if c.partition == part.index),
+                                           group=GROUP, consumer=self.me, req_prefix=part.keys.request_prefix,
+                                           ttl=self.settings.result_ttl_s, heartbeat=payload)
 
     def _after_publish(self, items: list[tuple[str, Pending]], reply: list[Any]) -> None:
         statuses, lost, cancelled, rolled_back = reply
@@ -305,12 +267,12 @@ class Relay:
                 freed = True
         epochs = {request_id: pending.epoch for request_id, pending in items}
         for request_id in lost:
-            self._lose(_text(request_id), epochs[_text(request_id)])
+            self._lose(as_text(request_id), epochs[as_text(request_id)])
             freed = True
         if freed:
             self._slots_freed.set()
         for raw_id in cancelled:
-            claim = self.claims.get(_text(raw_id))
+            claim = self.claims.get(as_text(raw_id))
             if claim is not None and not claim.cancel_seen:
                 claim.cancel_seen = True
                 self.inbox.put(Note(NoteKind.CANCEL, claim.request_id, claim.epoch))
@@ -329,17 +291,16 @@ class Relay:
     def _farewell(self) -> None:
         # Whatever is still claimed now (past the grace period, or read just as the drain began)
         # goes back at once rather than waiting out the claim threshold.
-        if self.claims:
-            quads: list[Any] = []
-            for claim in self.claims.values():
-                quads += [claim.request_id, claim.epoch, claim.queue_index, claim.entry_id]
-            args = scripts.HAND_BACK_ARGV.args(*quads, group=GROUP, consumer=self.me,
-                                               req_prefix=self.keys.request_prefix)
-            handed = self._hand_back_script(keys=self._script_keys, args=args)
-            log.info("handed back in-flight requests", count=handed)
+        for part in self.parts:
+            claims = [c for c in self.claims.values() if c.partition == part.index]
+            if claims:
+                args = scripts.HAND_BACK_ARGV.args(*_quads(claims), group=GROUP, consumer=self.me,
+                                                   req_prefix=part.keys.request_prefix)
+                handed = self._hand_back_script(keys=part.script_keys, args=args)
+                log.info("handed back in-flight requests", count=handed, partition=part.index)
         self.redis.hdel(self.keys.workers, self.me)
         if not self.claims:
-            for key in self.keys.queues:
+            for key in (q for part in self.parts for q in part.keys.queues):
                 pending: Any = self.redis.xpending_range(key, GROUP, min="-", max="+", count=1, consumername=self.me)
                 if not pending:
                     self.redis.xgroup_delconsumer(key, GROUP, self.me)
@@ -351,7 +312,7 @@ class Relay:
         for name, raw in heartbeats.items():
             if time.time() - float(msgpack.unpackb(raw).get("at", 0)) > stale_s:
                 self.redis.hdel(self.keys.workers, name)
-        for key in self.keys.queues:
+        for key in (q for part in self.parts for q in part.keys.queues):
             consumers: Any = self.redis.xinfo_consumers(key, GROUP)
             for consumer in consumers:
                 if consumer["pending"] == 0 and consumer["idle"] > stale_s * 1000:
@@ -360,9 +321,10 @@ class Relay:
     def _safely(self, action: Any) -> None:
         try:
             action()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("redis call failed", error=str(exc)[:300])
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _quads(claims: Iterable[Claim]) -> list[Any]:
+    """(id, epoch, queue index, entry) of each claim, flat, as HEARTBEAT and HAND_BACK take them."""
+    return [item for c in claims for item in (c.request_id, c.epoch, c.queue_index, c.entry_id)]

@@ -76,8 +76,11 @@ end
 """
 
 # The names, then pre-read entries (from a blocking XREADGROUP) as: queue index, entry id, n fields, fields...
-ADMIT_ARGV = Argv((*_CLAIM_NAMES, "budget", "autoclaim", "min_idle_ms", "cursor_high", "cursor_normal", "cursor_low"),
-                  numbers=frozenset({"max_deliveries", "budget"}))
+# New entries are read from queues first_queue..last_queue (1 high .. 3 low): a worker reading several
+# partitions takes one priority class at a time across all of them.
+ADMIT_ARGV = Argv((*_CLAIM_NAMES, "budget", "autoclaim", "min_idle_ms", "cursor_high", "cursor_normal", "cursor_low",
+                   "first_queue", "last_queue"),
+                  numbers=frozenset({"max_deliveries", "budget", "first_queue", "last_queue"}))
 ADMIT = ADMIT_ARGV.script(_CLAIM + """
 local cursors = {cursor_high, cursor_normal, cursor_low}
 local out = {}
@@ -108,7 +111,7 @@ if autoclaim == '1' then
     end
   end
 end
-for qi = 1, 3 do
+for qi = first_queue, last_queue do
   if budget <= 0 then break end
   local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', budget, 'STREAMS', KEYS[qi], '>')
   if r then
@@ -196,7 +199,8 @@ return {statuses, lost, cancelled, rolled_back}
 """, queues=priority_table(lambda i: f"KEYS[{i}]"), to_ack=priority_table(lambda i: "{}"))
 
 # The names, then (id, epoch, queue index, entry) quads.
-# Keeps this worker's entries fresh (idle 0) so no one takes them over; returns the ids it lost.
+# Keeps this worker's entries fresh (idle 0) so no one takes them over; returns the ids it lost. The
+# heartbeat payload is written to KEYS[5] unless empty (partitions other than 0 carry none).
 HEARTBEAT_ARGV = Argv(("group", "consumer", "req_prefix", "ttl", "heartbeat"))
 HEARTBEAT = HEARTBEAT_ARGV.script("""
 local lost = {}
@@ -210,7 +214,7 @@ for i = $tail, #ARGV, 4 do
     lost[#lost + 1] = ARGV[i]
   end
 end
-redis.call('HSET', KEYS[5], consumer, heartbeat)
+if heartbeat ~= '' then redis.call('HSET', KEYS[5], consumer, heartbeat) end
 return lost
 """)
 

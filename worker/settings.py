@@ -70,6 +70,8 @@ class WorkerSettings:
     num_threads: int | None = setting(None, help="torch intra-op threads")
     num_kv_blocks: int | None = setting(None, help="KV-cache blocks (default: from --kv-cache-memory-gb)")
     noop_step_delay_s: float = setting(0.0, help="--engine noop: seconds each step takes")
+    partitions: int = setting(1, help="request streams per model, each its own Redis Cluster slot (producers "
+                              "must use the same number)")
     heartbeat_s: float = setting(1.0, help="seconds between claim refreshes and heartbeats")
     claim_idle_s: float = setting(10.0, help="seconds before a silent worker's requests are taken over")
     max_deliveries: int = setting(3, help="claims of one request before it is dead-lettered")

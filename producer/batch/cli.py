@@ -46,7 +46,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, interrupt)
-        async with batch_client(args.redis_url, args.prefix) as client:
+        async with batch_client(args.redis_url, args.prefix, args.partitions) as client:
             return await run_batch_async(Path(args.input), Path(args.output), client, options,
                                          Path(args.errors) if args.errors else None, on_start, on_line, stop)
 

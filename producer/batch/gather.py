@@ -6,12 +6,12 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-import redis.asyncio as aioredis
 import structlog
 
+from producer.connection import AsyncRedis
 from producer.gateway.errors import APIError
 from producer.protocol import EVENT_FIELD, ErrorCode, Keys, decode_event
+from producer.reconnect import RETRYABLE
 from producer.results import Completion
 
 log = structlog.get_logger(__name__)
@@ -28,20 +28,24 @@ class _Waiter:
 class Gatherer:
     """One connection for a whole window of requests, instead of one blocking read per request."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: AsyncRedis, prefix: str) -> None:
         self.redis = client
         self.prefix = prefix
         self.positions: dict[str, str] = {}  # result stream key -> last entry id read
+        self._slots: dict[str, str] = {}  # result stream key -> its partition's hash tag (one XREAD each)
         self._owners: dict[str, tuple[Completion, _Waiter]] = {}
         self._added = asyncio.Event()
+        self._chunked = False
 
-    async def wait(self, keys: Keys, request_ids: list[str], timeout: float) -> list[Completion]:
+    async def wait(self, keys: Keys, request_ids: list[str], timeout: float, partitions: int = 1) -> list[Completion]:
         """Every request's completion (in order) once each has its terminal event; 504 past `timeout`."""
         waiter = _Waiter(len(request_ids))
         completions = [Completion(rid) for rid in request_ids]
-        stream_keys = [keys.result(rid) for rid in request_ids]
-        for key, completion in zip(stream_keys, completions, strict=True):
+        parts = [keys.for_request(rid, partitions) for rid in request_ids]
+        stream_keys = [part.result(rid) for part, rid in zip(parts, request_ids, strict=True)]
+        for key, part, completion in zip(stream_keys, parts, completions, strict=True):
             self.positions[key] = "0-0"
+            self._slots[key] = part.base
             self._owners[key] = (completion, waiter)
         self._added.set()
         try:
@@ -52,6 +56,7 @@ class Gatherer:
         finally:
             for key in stream_keys:
                 self.positions.pop(key, None)
+                self._slots.pop(key, None)
                 self._owners.pop(key, None)
         return completions
 
@@ -65,18 +70,21 @@ class Gatherer:
             try:
                 got = await self._read_once()
                 failures = 0
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except RETRYABLE as exc:
                 failures += 1
                 log.warning("reading results failed; retrying", error=str(exc)[:200], failures=failures)
                 await asyncio.sleep(min(2.0, 0.05 * 2**failures))
                 continue
-            if not got and len(self.positions) > _MAX_KEYS_PER_READ:
+            if not got and self._chunked:  # several reads that do not block: pause when none brought anything
                 await asyncio.sleep(0.005)
 
     async def _read_once(self) -> int:
-        keys = list(self.positions)
-        chunks = [keys[i:i + _MAX_KEYS_PER_READ] for i in range(0, len(keys), _MAX_KEYS_PER_READ)]
-        got = 0
+        by_slot: dict[str, list[str]] = {}
+        for key in self.positions:
+            by_slot.setdefault(self._slots[key], []).append(key)
+        chunks = [keys[i:i + _MAX_KEYS_PER_READ] for keys in by_slot.values()
+                  for i in range(0, len(keys), _MAX_KEYS_PER_READ)]
+        got, self._chunked = 0, len(chunks) > 1
         for chunk in chunks:
             streams = {k: self.positions[k] for k in chunk if k in self.positions}
             block = _BLOCK_MS if len(chunks) == 1 else None

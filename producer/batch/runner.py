@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from producer.async_client import AsyncClient
 from producer.batch.files import ResultWriter, done_ids, read_input, scan_input
 from producer.batch.gather import Gatherer
 from producer.client import ClientConfig, build_request
+from producer.connection import connect_async
 from producer.errors import ProtocolError, QueueFull, RequestFailed
 from producer.gateway.errors import APIError, from_protocol_error, from_request_failed, invalid, model_not_found
 from producer.gateway.requests import GenerationPlan, parse_chat, parse_completion
@@ -116,7 +115,8 @@ class BatchRunner:
                 for request_id in request_ids:
                     self.in_flight[request_id] = plan.model
                 completions = await self.gatherer.wait(Keys(plan.model, self.client.config.prefix), request_ids,
-                                                       self.options.request_timeout_s + 30)
+                                                       self.options.request_timeout_s + 30,
+                                                       self.client.config.partitions)
             finally:
                 for request_id in request_ids:
                     self.in_flight.pop(request_id, None)
@@ -232,12 +232,12 @@ def _settle(tasks: set[asyncio.Task[None]], failures: list[BaseException], stop:
         stop.set()
 
 
-def batch_client(redis_url: str | None, prefix: str | None, max_connections: int = 16) -> AsyncClient:
+def batch_client(redis_url: str | None, prefix: str | None, partitions: int | None = None,
+                 max_connections: int = 16) -> AsyncClient:
     """An AsyncClient whose pool waits for a free connection: a window of lines submits concurrently."""
     url = ClientConfig.from_env(redis_url=redis_url).redis_url
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=60,
-                                                    socket_connect_timeout=5, socket_timeout=11)
-    return AsyncClient(url, prefix=prefix, client=aioredis.Redis(connection_pool=pool))
+    client = connect_async(url, max_connections=max_connections, socket_connect_timeout=5, socket_timeout=11)
+    return AsyncClient(url, prefix=prefix, partitions=partitions, client=client)
 
 
 def default_errors_path(output_path: Path) -> Path:

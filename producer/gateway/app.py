@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
 from producer.async_client import AsyncClient
+from producer.connection import connect, connect_async
 from producer.gateway.auth import APIKeys
 from producer.gateway.errors import APIError
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
@@ -32,16 +31,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     keys = APIKeys.load(settings.api_key_file)
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
-    admin = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
-    registry.register(FleetCollector(lambda: admin, settings.prefix))
+    admin = connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    registry.register(FleetCollector(lambda: admin, settings.prefix, partitions=settings.partitions))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # every open stream holds a connection in a blocking read: past the pool's size, requests wait for one
-        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.redis_connections,
-                                                        timeout=30, socket_connect_timeout=5, socket_timeout=11)
+        redis_client = connect_async(settings.redis_url, max_connections=settings.redis_connections,
+                                     pool_timeout=30, socket_connect_timeout=5, socket_timeout=11)
         client = AsyncClient(settings.redis_url, prefix=settings.prefix, max_queue_depth=settings.max_queue_depth,
-                             client=aioredis.Redis(connection_pool=pool))
+                             partitions=settings.partitions, client=redis_client)
         app.state.gateway = Gateway(settings, client, admin, keys, metrics)
         try:
             yield

@@ -6,7 +6,6 @@ import asyncio
 import time
 from typing import Any
 
-import redis
 import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -14,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from producer import fleet
 from producer.async_client import AsyncClient
 from producer.client import build_request
+from producer.connection import SyncRedis
 from producer.errors import ProtocolError, QueueFull, RequestFailed
 from producer.gateway.auth import APIKeys
 from producer.gateway.errors import (
@@ -56,7 +56,7 @@ def model_metadata(view: fleet.ModelView) -> dict[str, Any]:
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings, client: AsyncClient, admin: redis.Redis, keys: APIKeys,
+    def __init__(self, settings: GatewaySettings, client: AsyncClient, admin: SyncRedis, keys: APIKeys,
                  metrics: GatewayMetrics) -> None:
         self.settings = settings
         self.client = client
@@ -82,7 +82,7 @@ class Gateway:
     def list_models(self) -> dict[str, Any]:
         """The models that live workers serve (heartbeats), OpenAI's list shape."""
         data = []
-        for view in fleet.view(self.admin, self.settings.prefix):
+        for view in fleet.view(self.admin, self.settings.prefix, partitions=self.settings.partitions):
             if view.live:
                 started = min(float(w.get("started_at", w.get("at", 0))) for w in view.workers)
                 data.append({"id": view.model, "object": "model", "created": int(started), "owned_by": "tokenrelay",

@@ -30,6 +30,7 @@ class GatewaySettings:
     default_max_tokens: int = setting(1024, help="for chat requests that set no limit (completions: 16, as OpenAI)")
     max_choices: int = setting(128, help="prompts x n of one request")
     models_cache_s: float = setting(2.0, help="seconds the set of served models is trusted")
+    partitions: int = setting(1, help="request streams per model (the workers' --partitions)")
     redis_connections: int = setting(1024, help="the Redis pool's size: each open stream holds a connection")
 
     def __post_init__(self) -> None:

@@ -28,6 +28,7 @@ from producer.protocol.keys import (
     check_model_name,
     is_request_id,
     new_request_id,
+    partition_of,
 )
 from producer.protocol.requests import DEFAULT_LIMITS, Limits, Request, decode_request, unpack
 
@@ -46,6 +47,7 @@ __all__ = [
     "EventType",
     "FinishReason",
     "Keys",
+    "partition_of",
     "Limits",
     "Logprobs",
     "Priority",

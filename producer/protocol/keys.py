@@ -11,6 +11,13 @@ that touch a request's queue entry, its owner record and its result stream stay 
     {p}:{{m}}:dead:cursor         the last dead letter a maintenance report covered
     {p}:{{m}}:workers             hash: worker name -> heartbeat (msgpack)
     {p}:models                    set of model names that workers serve (for `tokenrelay status`)
+
+Partitions: a model's traffic can be split over P partitions (a setting that producers and workers
+share; 1 by default). Partition 0 keeps the names above; partition i > 0 uses the hash tag `{m#i}`
+(`#` is not allowed in model names), so each partition is a slot of its own and a cluster spreads them
+over shards. A request lives wholly in one partition, chosen from its id (`partition_of`): queue entry,
+owner record, result stream and the cancel set of its owner share that partition's slot. Heartbeats and
+the model's registration stay in partition 0.
 """
 
 from __future__ import annotations
@@ -53,21 +60,41 @@ def new_request_id() -> str:
     return secrets.token_hex(16)
 
 
+def partition_of(request_id: str, partitions: int) -> int:
+    """The partition a request lives in: from its id, so a retried submit lands where the first one did."""
+    return int(request_id[:8], 16) % partitions if partitions > 1 else 0
+
+
 @dataclass(slots=True, frozen=True)
 class Keys:
-    """Key names of one model under one prefix."""
+    """Key names of one model (one partition of it) under one prefix."""
 
     model: str
     prefix: str = DEFAULT_PREFIX
+    partition: int = 0
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
         if not _PREFIX.match(self.prefix):
             raise ValueError(f"prefix: {self.prefix!r} must be 1-32 of letters, digits and ._-")
+        if not isinstance(self.partition, int) or self.partition < 0:
+            raise ValueError(f"partition: must be an integer >= 0, got {self.partition!r}")
 
     @property
     def base(self) -> str:
-        return f"{self.prefix}:{{{self.model}}}"
+        tag = self.model if self.partition == 0 else f"{self.model}#{self.partition}"
+        return f"{self.prefix}:{{{tag}}}"
+
+    def of_partition(self, partition: int) -> Keys:
+        return Keys(self.model, self.prefix, partition)
+
+    def partitions(self, count: int) -> list[Keys]:
+        """The keys of every partition of this model, partition 0 first."""
+        return [self.of_partition(p) for p in range(count)]
+
+    def for_request(self, request_id: str, partitions: int) -> Keys:
+        """The keys of the partition `request_id` lives in."""
+        return self.of_partition(partition_of(request_id, partitions))
 
     def queue(self, priority: Priority) -> str:
         return f"{self.base}:q:{priority.value}"

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from producer.client import Client, build_request
-from producer.errors import QueueFull, RequestFailed
+from producer.errors import NotReplicated, QueueFull, RequestFailed
 from producer.protocol import GROUP, EventType, Keys, Priority
 from producer.results import CancelOutcome
 from tests.queue_helpers import WorkerThread, read_events
@@ -161,3 +161,11 @@ def test_waiting_for_a_request_redis_does_not_know_is_an_error_not_a_hang(redis_
     assert done[unknown].finished and done[unknown].error is not None and done[unknown].error[0] == "unknown_request"
     with pytest.raises(RequestFailed, match="unknown_request"):
         done[unknown].raise_for_error()
+
+
+def test_durable_submits_without_a_replica_fail_with_not_replicated(redis_url: str) -> None:
+    client = Client(redis_url, model="noop", submit_replicas=1, submit_wait_ms=20, reconnect_s=0.3)
+    with pytest.raises(NotReplicated, match="0 of 1 replicas"):
+        client.submit("x")
+    # the submit did reach the master (retries were no-ops there): the id is known, queued once
+    assert client.redis.xlen(Keys("noop").queue(Priority.NORMAL)) == 1

@@ -1,0 +1,90 @@
+"""producer.connection: the URL forms, and scripts and pipelines on a real Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+
+from producer.connection import cluster_nodes, connect, connect_async, is_cluster_url, mask_url, register_script
+from worker.redis_cluster import RedisClusterServer
+
+APPEND = "redis.call('XADD', KEYS[1], '*', 'm', ARGV[1]); return redis.call('XLEN', KEYS[1])"
+
+
+def test_cluster_url_names_every_node_and_keeps_credentials_and_options() -> None:
+    nodes, options = cluster_nodes("rediss+cluster://app:s3cret@10.0.0.1:7000,[::1]:7001/0?ssl_cert_reqs=none")
+    assert nodes == [("10.0.0.1", 7000), ("::1", 7001)]
+    assert options["username"] == "app" and options["password"] == "s3cret"
+    assert options["ssl"] is True and options["ssl_cert_reqs"] == "none"
+    assert is_cluster_url("redis+cluster://h:1/0") and not is_cluster_url("redis://h:1/0")
+
+
+@pytest.mark.parametrize("url, error", [
+    ("redis+cluster://h1:1/3", "only database 0"),
+    ("redis+cluster://h1/0", "host:port"),
+    ("redis+cluster:///0", "names no node"),
+])
+def test_bad_cluster_urls_are_refused_with_the_reason(url: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        cluster_nodes(url)
+
+
+def test_passwords_are_masked() -> None:
+    assert mask_url("redis+cluster://app:s3cret@h1:1,h2:2/0") == "redis+cluster://app:***@h1:1,h2:2/0"
+    assert mask_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+
+
+@pytest.fixture(scope="module")
+def redis_cluster():  # noqa: ANN201
+    with RedisClusterServer() as cluster:
+        yield cluster
+
+
+def test_scripts_run_in_pipelines_across_shards_and_survive_a_failover(redis_cluster: RedisClusterServer) -> None:
+    client = connect(redis_cluster.url, socket_connect_timeout=5, socket_timeout=10)
+    assert isinstance(client, RedisCluster)
+    append = register_script(client, APPEND)
+    keys = [f"{{t{i}}}:s" for i in range(12)]
+    assert len({redis_cluster.master_of(k).port for k in keys}) == 3  # the pipeline really spans shards
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        append(keys=[key], args=["a"], client=pipe)
+    assert pipe.execute() == [1] * 12
+    # The promoted replica never saw a SCRIPT LOAD: EVAL still runs there, and the client finds it.
+    dead = redis_cluster.master_of(keys[0])
+    redis_cluster.kill(dead.port)
+    promoted = redis_cluster.wait_failover(dead.port)
+    assert promoted.port != dead.port
+    assert append(keys=[keys[0]], args=["b"]) == 2
+    client.close()
+
+
+def test_async_client_runs_scripts_and_pipelines_on_the_cluster(redis_cluster: RedisClusterServer) -> None:
+    async def run() -> list[int]:
+        client = connect_async(redis_cluster.url, max_connections=16)
+        assert isinstance(client, AsyncRedisCluster)
+        append = register_script(client, APPEND)
+        first = await append(keys=["{x}:s"], args=["a"])
+        pipe = client.pipeline(transaction=False)
+        for key in ("{x}:s", "{y}:s", "{z}:s"):
+            await append(keys=[key], args=["b"], client=pipe)
+        rest = await pipe.execute()
+        await client.aclose()
+        return [first, *rest]
+
+    assert asyncio.run(run()) == [1, 2, 1, 1]
+
+
+def test_a_slot_moved_while_in_use_is_followed(redis_cluster: RedisClusterServer) -> None:
+    client = connect(redis_cluster.url)
+    append = register_script(client, APPEND)
+    assert append(keys=["{moving}:s"], args=["a"]) == 1
+    source = redis_cluster.master_of("{moving}:s")
+    target = next(n for n in redis_cluster.masters() if n.port != source.port)
+    redis_cluster.move_slot(redis_cluster.keyslot("{moving}:s"), target.port)
+    assert redis_cluster.master_of("{moving}:s").port == target.port
+    assert append(keys=["{moving}:s"], args=["b"]) == 2
+    client.close()
