@@ -62,8 +62,9 @@ def in_process(workload: list[tuple[list[int], int]]) -> dict[str, Any]:
 def start_worker(url: str, log_dir: Path, *args: str) -> subprocess.Popen[bytes]:
     log = open(log_dir / f"worker-{len(list(log_dir.iterdir()))}.log", "wb")  # noqa: SIM115 - lives with the process
     env = {**os.environ, "TOKENRELAY_LOG_JSON": "1", "TOKENRELAY_LOG_LEVEL": "warning"}
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--redis", url, *args],
-                            stdout=log, stderr=log, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "worker", "--redis", url, *args], stdout=log, stderr=log, env=env
+    )
 
 
 def wait_ready(url: str, model: str, process: subprocess.Popen[bytes]) -> None:
@@ -81,8 +82,9 @@ def stop_worker(process: subprocess.Popen[bytes]) -> int:
     return process.wait(60)
 
 
-def collect(client: Client, ids: list[str], model: str, worker: subprocess.Popen[bytes],
-            done_at: dict[str, int] | None = None) -> tuple[dict[str, Completion], dict[str, float], int]:
+def collect(
+    client: Client, ids: list[str], model: str, worker: subprocess.Popen[bytes], done_at: dict[str, int] | None = None
+) -> tuple[dict[str, Completion], dict[str, float], int]:
     """Folds all result streams; returns completions, first-delta arrival times, and delta events read.
 
     `done_at`, when given, receives each terminal event's Redis timestamp (ms, from its entry id).
@@ -126,8 +128,9 @@ def through_redis(url: str, log_dir: Path, workload: list[tuple[list[int], int]]
         wait_ready(url, MODEL, worker)
         client = Client(url, model=MODEL, max_queue_depth=0)
         client.generate([[1, 2, 3]], max_tokens=4, temperature=0.0)  # warm-up, as in-process
-        requests = [build_request(MODEL, prompt, max_tokens=n, temperature=0.0, ignore_eos=True)
-                    for prompt, n in workload]
+        requests = [
+            build_request(MODEL, prompt, max_tokens=n, temperature=0.0, ignore_eos=True) for prompt, n in workload
+        ]
         started = time.perf_counter()
         ids = client.submit_requests(requests)
         submitted = time.perf_counter()
@@ -138,10 +141,16 @@ def through_redis(url: str, log_dir: Path, workload: list[tuple[list[int], int]]
         stop_worker(worker)
     tokens = sum(len(c.token_ids) for c in completions.values())
     added = [(first[i] - submitted) - completions[i].usage["engine_ttft_s"] for i in ids]
-    return {"seconds": round(elapsed, 2), "output_tokens": tokens, "tokens_per_s": round(tokens / elapsed, 2),
-            "worker_loop_overhead_pct": stats.get("overhead_pct"),
-            "queue_added_ttft_ms": {"p50": round(1000 * percentile(added, 0.5), 2),
-                                    "p99": round(1000 * percentile(added, 0.99), 2)}}
+    return {
+        "seconds": round(elapsed, 2),
+        "output_tokens": tokens,
+        "tokens_per_s": round(tokens / elapsed, 2),
+        "worker_loop_overhead_pct": stats.get("overhead_pct"),
+        "queue_added_ttft_ms": {
+            "p50": round(1000 * percentile(added, 0.5), 2),
+            "p99": round(1000 * percentile(added, 0.99), 2),
+        },
+    }
 
 
 def capacity(url: str, log_dir: Path, n_requests: int, n_streams: int, stream_tokens: int) -> dict[str, Any]:
@@ -172,7 +181,7 @@ def capacity(url: str, log_dir: Path, n_requests: int, n_streams: int, stream_to
         def produce() -> None:
             producer = Client(url, model="noop", max_queue_depth=0)
             for i in range(0, n_requests, 500):
-                producer.submit_requests(requests[i:i + 500])
+                producer.submit_requests(requests[i : i + 500])
 
         thread = threading.Thread(target=produce)
         thread.start()
@@ -196,28 +205,46 @@ def capacity(url: str, log_dir: Path, n_requests: int, n_streams: int, stream_to
             added.append((first[rid] - t0) - completion[rid].usage["engine_ttft_s"])
     finally:
         stop_worker(worker)
-    return {"requests_per_s": round(request_rate), "requests": n_requests,
-            "worker_drain_requests_per_s": round(drain_rate), "batch_submit_requests_per_s": round(submit_rate),
-            "token_events_per_s": round(tokens / elapsed), "tokens": tokens, "delta_entries": deltas,
-            "tokens_per_delta_entry": round(tokens / max(1, deltas), 1),
-            "idle_queue_added_ttft_ms": {"p50": round(1000 * percentile(added, 0.5), 3),
-                                         "p99": round(1000 * percentile(added, 0.99), 3)}}
+    return {
+        "requests_per_s": round(request_rate),
+        "requests": n_requests,
+        "worker_drain_requests_per_s": round(drain_rate),
+        "batch_submit_requests_per_s": round(submit_rate),
+        "token_events_per_s": round(tokens / elapsed),
+        "tokens": tokens,
+        "delta_entries": deltas,
+        "tokens_per_delta_entry": round(tokens / max(1, deltas), 1),
+        "idle_queue_added_ttft_ms": {
+            "p50": round(1000 * percentile(added, 0.5), 3),
+            "p99": round(1000 * percentile(added, 0.99), 3),
+        },
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 mixed requests and a smaller capacity run")
     parser.add_argument("--skip-model", action="store_true", help="only (b) and the idle part of (c)")
-    parser.add_argument("--rounds", type=int, default=None, help="mixed-workload rounds, each in-process then "
-                        "through Redis in alternating order (default 2, 1 with --quick)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="mixed-workload rounds, each in-process then "
+        "through Redis in alternating order (default 2, 1 with --quick)",
+    )
     args = parser.parse_args()
     from producer.logs import configure_logging
 
     configure_logging(level="warning", json=True)
     result: dict[str, Any] = {"quick": args.quick}
     with RedisServer() as server, tempfile.TemporaryDirectory(prefix="bench-queue-") as logs:
-        result["capacity_noop"] = capacity(server.url, Path(logs), 5_000 if args.quick else 30_000,
-                                           64 if args.quick else 256, 500 if args.quick else 2_000)
+        result["capacity_noop"] = capacity(
+            server.url,
+            Path(logs),
+            5_000 if args.quick else 30_000,
+            64 if args.quick else 256,
+            500 if args.quick else 2_000,
+        )
         if not args.skip_model:
             workload = mixed_workload(16 if args.quick else 64)
             rounds = args.rounds or (1 if args.quick else 2)
@@ -233,8 +260,11 @@ def main() -> None:
                         queued.append(through_redis(server.url, Path(logs), workload))
             result["mixed_in_process"] = local
             result["mixed_through_redis"] = queued
-            result["mixed_ratio"] = round(statistics.median(q["tokens_per_s"] for q in queued)
-                                          / statistics.median(x["tokens_per_s"] for x in local), 3)
+            result["mixed_ratio"] = round(
+                statistics.median(q["tokens_per_s"] for q in queued)
+                / statistics.median(x["tokens_per_s"] for x in local),
+                3,
+            )
     result["note"] = "mixed_ratio: median tokens/s through Redis over median in-process, same run"
     print(json.dumps(result, indent=2))
 

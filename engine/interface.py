@@ -16,8 +16,9 @@ class Tokenizer(Protocol):
     @property
     def chat_template(self) -> str | None: ...
 
-    def apply_chat_template(self, conversation: list[dict[str, str]], *, tokenize: bool,
-                            add_generation_prompt: bool) -> Any: ...
+    def apply_chat_template(
+        self, conversation: list[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool
+    ) -> Any: ...
 
     def decode(self, token_ids: list[int], *, skip_special_tokens: bool) -> Any: ...
 
@@ -30,8 +31,14 @@ class Engine(Protocol):
         """None for an engine without one: prompts must then be token ids, and logprobs carry no texts."""
         ...
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> object:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> object:
         """Queue a request (priority: lower runs first); raises ValueError naming the field it refuses."""
         ...
 

@@ -34,7 +34,11 @@ class Int8Linear(nn.Module):
     bias: torch.Tensor | None
 
     def __init__(
-        self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, cpu_kernels: ModuleType | None,
+        self,
+        qweight: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        cpu_kernels: ModuleType | None,
         pack: bool = True,
     ) -> None:
         super().__init__()

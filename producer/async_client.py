@@ -18,8 +18,16 @@ T = TypeVar("T")
 class AsyncClient(ClientBase[AsyncRedis]):
     """`await AsyncClient(url).generate([...])`; `async for event in client.stream(id)`."""
 
-    def __init__(self, redis_url: str | None = None, *, model: str | None = None, prefix: str | None = None,
-                 max_queue_depth: int | None = None, client: AsyncRedis | None = None, **config: Any) -> None:
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        model: str | None = None,
+        prefix: str | None = None,
+        max_queue_depth: int | None = None,
+        client: AsyncRedis | None = None,
+        **config: Any,
+    ) -> None:
         super().__init__(client, connect_async, redis_url, model, prefix, max_queue_depth, config)
 
     async def submit(self, prompt: str | list[int] | None = None, **kwargs: Any) -> str:
@@ -30,8 +38,9 @@ class AsyncClient(ClientBase[AsyncRedis]):
         """See Client.submit_requests (same retry of a lost connection under the same ids)."""
         return await self._run(self._core.submit(requests))
 
-    async def events(self, request_id: str, *, model: str | None = None, after: str = "0-0",
-                     timeout: float | None = None) -> AsyncIterator[Event]:
+    async def events(
+        self, request_id: str, *, model: str | None = None, after: str = "0-0", timeout: float | None = None
+    ) -> AsyncIterator[Event]:
         async for event in self._drive(self._core.events(request_id, model, after, timeout)):
             yield event
 
@@ -52,13 +61,15 @@ class AsyncClient(ClientBase[AsyncRedis]):
     async def cancel(self, request_id: str, *, model: str | None = None) -> CancelOutcome:
         return await self._run(self._core.cancel(request_id, model))
 
-    async def generate(self, prompts: Sequence[str | list[int]], timeout: float | None = None,
-                       **kwargs: Any) -> list[Completion]:
+    async def generate(
+        self, prompts: Sequence[str | list[int]], timeout: float | None = None, **kwargs: Any
+    ) -> list[Completion]:
         """Submits every prompt, waits for all concurrently; completions in order."""
         return await self._run(self._core.generate(prompts, timeout, kwargs))
 
-    async def wait_all(self, request_ids: Sequence[str], *, model: str | None = None,
-                       timeout: float | None = None) -> dict[str, Completion]:
+    async def wait_all(
+        self, request_ids: Sequence[str], *, model: str | None = None, timeout: float | None = None
+    ) -> dict[str, Completion]:
         """Folds many result streams over one connection (see Client.wait_all)."""
         return await self._run(self._core.wait_all(request_ids, model, timeout))
 
@@ -90,8 +101,11 @@ class AsyncClient(ClientBase[AsyncRedis]):
 
     async def _send(self, command: Command) -> Any:
         if isinstance(command, Read):
-            return await self.redis.xread(command.streams, count=command.count,  # type: ignore[arg-type]
-                                          block=command.block)
+            return await self.redis.xread(
+                command.streams,  # type: ignore[arg-type]
+                count=command.count,
+                block=command.block,
+            )
         if isinstance(command, RunScript):
             return await self._scripts[command.source](keys=command.keys, args=command.args)
         if isinstance(command, Sleep):

@@ -45,8 +45,9 @@ def _interval(name: str, default: float) -> float:
 app = Celery("tokenrelay")
 app.conf.update(
     broker_url=os.environ.get("TOKENRELAY_CELERY_BROKER_URL", REDIS_URL),
-    result_backend=os.environ.get("TOKENRELAY_CELERY_RESULT_BACKEND",
-                                  os.environ.get("TOKENRELAY_CELERY_BROKER_URL", REDIS_URL)),
+    result_backend=os.environ.get(
+        "TOKENRELAY_CELERY_RESULT_BACKEND", os.environ.get("TOKENRELAY_CELERY_BROKER_URL", REDIS_URL)
+    ),
     task_serializer="json",
     result_serializer="json",
     accept_content={"json"},  # never pickle: a broker message must not be able to run code
@@ -61,13 +62,19 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     beat_schedule={
-        "tokenrelay-reclaim-sweep": {"task": "tokenrelay.maintenance.reclaim_sweep",
-                                     "schedule": _interval("reclaim", 30.0)},
+        "tokenrelay-reclaim-sweep": {
+            "task": "tokenrelay.maintenance.reclaim_sweep",
+            "schedule": _interval("reclaim", 30.0),
+        },
         "tokenrelay-trim-acked": {"task": "tokenrelay.maintenance.trim_acked", "schedule": _interval("trim", 300.0)},
-        "tokenrelay-expire-results": {"task": "tokenrelay.maintenance.expire_results",
-                                      "schedule": _interval("expire", 3600.0)},
-        "tokenrelay-dead-letter-report": {"task": "tokenrelay.maintenance.dead_letter_report",
-                                          "schedule": _interval("dead_letter", 900.0)},
+        "tokenrelay-expire-results": {
+            "task": "tokenrelay.maintenance.expire_results",
+            "schedule": _interval("expire", 3600.0),
+        },
+        "tokenrelay-dead-letter-report": {
+            "task": "tokenrelay.maintenance.dead_letter_report",
+            "schedule": _interval("dead_letter", 900.0),
+        },
     },
 )
 
@@ -85,14 +92,22 @@ def _client() -> Client:
 
 @functools.cache
 def _maintenance_redis() -> SyncRedis:
-    return connect(os.environ.get("TOKENRELAY_MAINTENANCE_REDIS_URL", REDIS_URL), socket_connect_timeout=5,
-                   socket_timeout=60)
+    return connect(
+        os.environ.get("TOKENRELAY_MAINTENANCE_REDIS_URL", REDIS_URL), socket_connect_timeout=5, socket_timeout=60
+    )
 
 
 def completion_dict(completion: Completion) -> dict[str, Any]:
-    return {"request_id": completion.request_id, "text": completion.text, "token_ids": completion.token_ids,
-            "finish_reason": completion.finish_reason, "usage": completion.usage, "logprobs": completion.logprobs,
-            "metadata": completion.metadata, "worker": completion.worker}
+    return {
+        "request_id": completion.request_id,
+        "text": completion.text,
+        "token_ids": completion.token_ids,
+        "finish_reason": completion.finish_reason,
+        "usage": completion.usage,
+        "logprobs": completion.logprobs,
+        "metadata": completion.metadata,
+        "worker": completion.worker,
+    }
 
 
 class GenerationFailed(RuntimeError):
@@ -100,8 +115,9 @@ class GenerationFailed(RuntimeError):
 
 
 @app.task(name="tokenrelay.generate", bind=True)
-def generate(self: Any, prompt: str | list[int] | None = None, *, timeout: float = GENERATE_TIMEOUT_S,
-             **kwargs: Any) -> dict[str, Any]:
+def generate(
+    self: Any, prompt: str | list[int] | None = None, *, timeout: float = GENERATE_TIMEOUT_S, **kwargs: Any
+) -> dict[str, Any]:
     """Submit and wait: returns the completion dict; raises RequestFailed (code, message) on an error event.
 
     kwargs: messages, model, priority, metadata and any sampling parameter, as Client.submit takes them.
@@ -118,11 +134,22 @@ def generate(self: Any, prompt: str | list[int] | None = None, *, timeout: float
 
 
 @app.task(name="tokenrelay.run_batch")
-def run_batch_task(input_path: str, output_path: str, errors_path: str | None = None, window: int = 256,
-                   request_timeout_s: float = 3600.0) -> dict[str, Any]:
+def run_batch_task(
+    input_path: str,
+    output_path: str,
+    errors_path: str | None = None,
+    window: int = 256,
+    request_timeout_s: float = 3600.0,
+) -> dict[str, Any]:
     """Runs an OpenAI Batch JSONL file (paths the Celery worker can read and write); returns the counts."""
-    summary = run_batch(input_path, output_path, REDIS_URL, errors_path=errors_path, prefix=PREFIX,
-                        options=BatchOptions(window=window, request_timeout_s=request_timeout_s))
+    summary = run_batch(
+        input_path,
+        output_path,
+        REDIS_URL,
+        errors_path=errors_path,
+        prefix=PREFIX,
+        options=BatchOptions(window=window, request_timeout_s=request_timeout_s),
+    )
     return {name: getattr(summary, name) for name in summary.__slots__}
 
 

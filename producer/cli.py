@@ -14,12 +14,16 @@ from producer.protocol import Priority
 from producer.settings import add_flags
 
 CLIENT_FLAGS = {"redis_url": "--redis"}
-CLIENT_HELP = {"redis_url": "Redis URL", "prefix": "key prefix",
-               "partitions": "request streams per model (the workers' --partitions)"}
+CLIENT_HELP = {
+    "redis_url": "Redis URL",
+    "prefix": "key prefix",
+    "partitions": "request streams per model (the workers' --partitions)",
+}
 
 
 class UsageError(Exception):
     """A command's settings are invalid: reported as `tokenrelay <command>: error: ...`, exit status 2."""
+
 
 PRIORITIES = [p.value for p in Priority]
 
@@ -89,12 +93,21 @@ def _submit(args: argparse.Namespace) -> int:
     from producer.protocol import EventType
 
     client = Client(args.redis_url, model=args.model, prefix=args.prefix, partitions=args.partitions)
-    params = {k: v for k, v in {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}.items()
-              if v is not None}
+    params = {
+        k: v
+        for k, v in {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}.items()
+        if v is not None
+    }
     prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
     try:
-        request_id = client.submit(max_tokens=args.max_tokens, priority=args.priority, timeout=args.timeout,
-                                   stream=not args.no_stream, **prompt, **params)
+        request_id = client.submit(
+            max_tokens=args.max_tokens,
+            priority=args.priority,
+            timeout=args.timeout,
+            stream=not args.no_stream,
+            **prompt,
+            **params,
+        )
         print(f"request {request_id}", file=sys.stderr)
         for event in client.stream(request_id):
             if event.type is EventType.RESTART:
@@ -116,11 +129,14 @@ def _status(args: argparse.Namespace) -> int:
     from producer.status import as_dicts, gather, render
 
     config = ClientConfig.from_env(redis_url=args.redis_url, prefix=args.prefix, partitions=args.partitions)
-    statuses = gather(connect(config.redis_url, socket_connect_timeout=5), config.prefix,
-                      partitions=config.partitions)
+    statuses = gather(connect(config.redis_url, socket_connect_timeout=5), config.prefix, partitions=config.partitions)
     print(json.dumps(as_dicts(statuses), indent=2) if args.json else render(statuses))
     return 0
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "serve": _serve, "batch": _batch, "submit": _submit, "status": _status}
+    "serve": _serve,
+    "batch": _batch,
+    "submit": _submit,
+    "status": _status,
+}

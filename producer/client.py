@@ -62,10 +62,19 @@ class ClientConfig:
 class ClientBase(Generic[R]):
     """What Client and AsyncClient hold alike: settings, connection, scripts, core; each adds only its I/O."""
 
-    def __init__(self, client: R | None, connect: Callable[..., R], redis_url: str | None, model: str | None,
-                 prefix: str | None, max_queue_depth: int | None, config: dict[str, Any]) -> None:
-        self.config = ClientConfig.from_env(redis_url=redis_url, model=model, prefix=prefix,
-                                            max_queue_depth=max_queue_depth, **config)
+    def __init__(
+        self,
+        client: R | None,
+        connect: Callable[..., R],
+        redis_url: str | None,
+        model: str | None,
+        prefix: str | None,
+        max_queue_depth: int | None,
+        config: dict[str, Any],
+    ) -> None:
+        self.config = ClientConfig.from_env(
+            redis_url=redis_url, model=model, prefix=prefix, max_queue_depth=max_queue_depth, **config
+        )
         self.redis = client if client is not None else connect(self.config.redis_url, **CONNECTION_OPTIONS)
         self._scripts = {source: register_script(self.redis, source) for source in SCRIPTS}
         self._core = ClientCore(self.config)
@@ -77,8 +86,16 @@ class ClientBase(Generic[R]):
 class Client(ClientBase[SyncRedis]):
     """`Client("redis://...").generate(["Write a poem about spring."], max_tokens=64)` and friends."""
 
-    def __init__(self, redis_url: str | None = None, *, model: str | None = None, prefix: str | None = None,
-                 max_queue_depth: int | None = None, client: SyncRedis | None = None, **config: Any) -> None:
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        model: str | None = None,
+        prefix: str | None = None,
+        max_queue_depth: int | None = None,
+        client: SyncRedis | None = None,
+        **config: Any,
+    ) -> None:
         super().__init__(client, connect, redis_url, model, prefix, max_queue_depth, config)
 
     # -- submit ---------------------------------------------------------------------------------------
@@ -102,8 +119,9 @@ class Client(ClientBase[SyncRedis]):
 
     # -- results --------------------------------------------------------------------------------------
 
-    def events(self, request_id: str, *, model: str | None = None, after: str = "0-0",
-               timeout: float | None = None) -> Iterator[Event]:
+    def events(
+        self, request_id: str, *, model: str | None = None, after: str = "0-0", timeout: float | None = None
+    ) -> Iterator[Event]:
         """Every event from entry `after` on, through the terminal one; survives reconnects."""
         return self._drive(self._core.events(request_id, model, after, timeout))
 
@@ -124,13 +142,15 @@ class Client(ClientBase[SyncRedis]):
     def cancel(self, request_id: str, *, model: str | None = None) -> CancelOutcome:
         return self._run(self._core.cancel(request_id, model))
 
-    def generate(self, prompts: Sequence[str | list[int]], timeout: float | None = None,
-                 **kwargs: Any) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[str | list[int]], timeout: float | None = None, **kwargs: Any
+    ) -> list[Completion]:
         """Submits every prompt, waits for all; completions in order. Raises the first RequestFailed."""
         return self._run(self._core.generate(prompts, timeout, kwargs))
 
-    def wait_all(self, request_ids: Sequence[str], *, model: str | None = None,
-                 timeout: float | None = None) -> dict[str, Completion]:
+    def wait_all(
+        self, request_ids: Sequence[str], *, model: str | None = None, timeout: float | None = None
+    ) -> dict[str, Completion]:
         """Folds many result streams at once (one XREAD over up to 1,000 streams per call)."""
         return self._run(self._core.wait_all(request_ids, model, timeout))
 

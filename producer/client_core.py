@@ -53,25 +53,47 @@ SCRIPTS = (SUBMIT, CANCEL)  # the Lua sources a client registers; RunScript name
 CONNECTION_OPTIONS: dict[str, float] = {"socket_connect_timeout": 5, "socket_timeout": READ_BLOCK_MS / 1000 + 10}
 
 
-def build_request(model: str, prompt: str | list[int] | None = None, *, messages: list[dict[str, str]] | None = None,
-                  prompt_token_ids: list[int] | None = None, stream: bool = True,
-                  priority: Priority | str = Priority.NORMAL, deadline: float | None = None,
-                  timeout: float | None = None, metadata: Any = None, request_id: str | None = None,
-                  limits: Limits = DEFAULT_LIMITS, **params: Any) -> Request:
+def build_request(
+    model: str,
+    prompt: str | list[int] | None = None,
+    *,
+    messages: list[dict[str, str]] | None = None,
+    prompt_token_ids: list[int] | None = None,
+    stream: bool = True,
+    priority: Priority | str = Priority.NORMAL,
+    deadline: float | None = None,
+    timeout: float | None = None,
+    metadata: Any = None,
+    request_id: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    **params: Any,
+) -> Request:
     """A checked Request; raises ProtocolError (a ValueError) naming the bad field."""
     if isinstance(prompt, list):
         prompt, prompt_token_ids = None, prompt
     if timeout is not None:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout):
-            raise ProtocolError(ErrorCode.INVALID_REQUEST,
-                                f"timeout: must be a finite number of seconds, got {timeout!r:.40}")
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST, f"timeout: must be a finite number of seconds, got {timeout!r:.40}"
+            )
         if deadline is not None and (not isinstance(deadline, (int, float)) or isinstance(deadline, bool)):
-            raise ProtocolError(ErrorCode.INVALID_REQUEST,
-                                f"deadline: must be seconds since the epoch, got {deadline!r:.40}")
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST, f"deadline: must be seconds since the epoch, got {deadline!r:.40}"
+            )
         deadline = time.time() + timeout if deadline is None else min(deadline, time.time() + timeout)
-    request = Request(request_id=request_id or new_request_id(), model=model, prompt=prompt, messages=messages,
-                      prompt_token_ids=prompt_token_ids, params=params, stream=stream,
-                      priority=Priority(priority), deadline=deadline, submitted_at=time.time(), metadata=metadata)
+    request = Request(
+        request_id=request_id or new_request_id(),
+        model=model,
+        prompt=prompt,
+        messages=messages,
+        prompt_token_ids=prompt_token_ids,
+        params=params,
+        stream=stream,
+        priority=Priority(priority),
+        deadline=deadline,
+        submitted_at=time.time(),
+        metadata=metadata,
+    )
     return request.validate(limits)
 
 
@@ -122,16 +144,19 @@ class ClientCore:
     def cancel(self, request_id: str, model: str | None) -> Operation[CancelOutcome]:
         return Operation(self._cancel(request_id, model))
 
-    def wait_all(self, request_ids: Sequence[str], model: str | None,
-                 timeout: float | None) -> Operation[dict[str, Completion]]:
+    def wait_all(
+        self, request_ids: Sequence[str], model: str | None, timeout: float | None
+    ) -> Operation[dict[str, Completion]]:
         return Operation(self._wait_all(request_ids, model, timeout))
 
-    def generate(self, prompts: Sequence[str | list[int]], timeout: float | None,
-                 kwargs: dict[str, Any]) -> Operation[list[Completion]]:
+    def generate(
+        self, prompts: Sequence[str | list[int]], timeout: float | None, kwargs: dict[str, Any]
+    ) -> Operation[list[Completion]]:
         return Operation(self._generate(prompts, timeout, kwargs))
 
-    def _generate(self, prompts: Sequence[str | list[int]], timeout: float | None,
-                  kwargs: dict[str, Any]) -> Steps[list[Completion]]:
+    def _generate(
+        self, prompts: Sequence[str | list[int]], timeout: float | None, kwargs: dict[str, Any]
+    ) -> Steps[list[Completion]]:
         model = kwargs.get("model") or self.config.model
         ids = yield from self._submit(self.requests(prompts, kwargs))
         done = yield from self._wait_all(ids, model, timeout)
@@ -141,9 +166,14 @@ class ClientCore:
         partitions = self.config.partitions
         batches = submit_batches(requests, partitions)
         depth = partition_depth(self.config.max_queue_depth, partitions)
-        calls = [RunScript(SUBMIT, submit_keys(self.request_keys(batch[0].request_id, batch[0].model), batch),
-                           submit_args(batch, depth, self.config.result_ttl_s))
-                 for batch in batches]
+        calls = [
+            RunScript(
+                SUBMIT,
+                submit_keys(self.request_keys(batch[0].request_id, batch[0].model), batch),
+                submit_args(batch, depth, self.config.result_ttl_s),
+            )
+            for batch in batches
+        ]
         reconnect = Reconnect(self.config.reconnect_s)
         while True:
             try:
@@ -184,8 +214,7 @@ class ClientCore:
             try:
                 reply = yield Read({key: last}, block_ms(deadline))
                 # nothing came: does Redis know the request at all? (else this would wait forever)
-                known = bool(reply) or any((yield Exists([keys.request(request_id)]))) or any(
-                    (yield Exists([key])))
+                known = bool(reply) or any((yield Exists([keys.request(request_id)]))) or any((yield Exists([key])))
                 reconnect.ok()
             except RETRYABLE as exc:
                 yield Sleep(reconnect.delay(exc))
@@ -205,12 +234,14 @@ class ClientCore:
     def _cancel(self, request_id: str, model: str | None) -> Steps[CancelOutcome]:
         keys = self.request_keys(request_id, model)
         cancelled = done_event(FinishReason.CANCELLED, {})
-        reply = yield RunScript(CANCEL, cancel_keys(keys, request_id),
-                                cancel_args(keys, request_id, cancelled, self.config.result_ttl_s))
+        reply = yield RunScript(
+            CANCEL, cancel_keys(keys, request_id), cancel_args(keys, request_id, cancelled, self.config.result_ttl_s)
+        )
         return CancelOutcome(reply.decode())
 
-    def _wait_all(self, request_ids: Sequence[str], model: str | None,
-                  timeout: float | None) -> Steps[dict[str, Completion]]:
+    def _wait_all(
+        self, request_ids: Sequence[str], model: str | None, timeout: float | None
+    ) -> Steps[dict[str, Completion]]:
         fold = ResultFold({i: self.request_keys(i, model) for i in request_ids}, MAX_KEYS_PER_READ)
         deadline = None if timeout is None else time.monotonic() + timeout
         reconnect = Reconnect(self.config.reconnect_s, deadline)

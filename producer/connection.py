@@ -144,22 +144,25 @@ class AsyncCluster(AsyncRedisCluster):
         await super().aclose(*args, **kwargs)
 
 
-def connect_async(url: str, max_connections: int | None = None, pool_timeout: float = 60.0,
-                  **kwargs: Any) -> AsyncRedis:
+def connect_async(
+    url: str, max_connections: int | None = None, pool_timeout: float = 60.0, **kwargs: Any
+) -> AsyncRedis:
     """The asyncio twin of `connect`. `max_connections` bounds the pool: on one Redis a call past it waits up
     to `pool_timeout` for a free connection; on a cluster the bound is per node."""
     if not is_cluster_url(url):
         if max_connections is None:
             return aioredis.Redis.from_url(url, **kwargs)
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_timeout,
-                                                        **kwargs)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=pool_timeout, **kwargs
+        )
         return aioredis.Redis(connection_pool=pool)
     nodes, options = cluster_nodes(url)
     startup = [AsyncClusterNode(h, p) for h, p in nodes]
     if max_connections is None:
         return AsyncCluster(startup_nodes=startup, **options, **kwargs)
-    return BoundedAsyncRedisCluster(max_connections, pool_timeout, startup_nodes=startup,
-                                    max_connections=max_connections, **options, **kwargs)
+    return BoundedAsyncRedisCluster(
+        max_connections, pool_timeout, startup_nodes=startup, max_connections=max_connections, **options, **kwargs
+    )
 
 
 class BoundedAsyncRedisCluster(AsyncCluster):
@@ -283,8 +286,9 @@ def run_durably(client: SyncRedis, calls: Sequence[ScriptCall], replicas: int, w
     return replies, acked
 
 
-async def run_durably_async(client: AsyncRedis, calls: Sequence[ScriptCall], replicas: int,
-                            wait_ms: int) -> tuple[list[Any], int]:
+async def run_durably_async(
+    client: AsyncRedis, calls: Sequence[ScriptCall], replicas: int, wait_ms: int
+) -> tuple[list[Any], int]:
     """run_durably for redis.asyncio clients."""
     if isinstance(client, AsyncCluster):
         await client.initialize()  # the slots map, before looking a key's node up in it
@@ -327,6 +331,7 @@ def _topology_changed(client: Any, exc: Exception) -> bool:
     if not is_cluster(client):
         return False
     if isinstance(exc, redis.ResponseError):  # MovedError is an AskError; CLUSTERDOWN a ClusterDownError
-        return isinstance(exc, redis.exceptions.AskError | redis.exceptions.TryAgainError
-                          | redis.exceptions.ClusterDownError)
+        return isinstance(
+            exc, redis.exceptions.AskError | redis.exceptions.TryAgainError | redis.exceptions.ClusterDownError
+        )
     return True

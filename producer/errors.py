@@ -51,4 +51,3 @@ class NotReplicated(redis.ConnectionError):
     def __init__(self, acked: int, replicas: int, wait_ms: int) -> None:
         super().__init__(f"submit confirmed by {acked} of {replicas} replicas within {wait_ms} ms")
         self.acked, self.replicas = acked, replicas
-

@@ -36,8 +36,9 @@ def served_models(client: SyncRedis, prefix: str = DEFAULT_PREFIX) -> list[str]:
     return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
 
 
-def live_workers(raw_heartbeats: dict[Any, Any], now: float | None = None,
-                 stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[dict[str, Any]]:
+def live_workers(
+    raw_heartbeats: dict[Any, Any], now: float | None = None, stale_after_s: float = DEFAULT_STALE_AFTER_S
+) -> list[dict[str, Any]]:
     """Decoded heartbeats that are recent enough to belong to a running worker."""
     now = time.time() if now is None else now
     live = []
@@ -51,8 +52,13 @@ def live_workers(raw_heartbeats: dict[Any, Any], now: float | None = None,
     return live
 
 
-def view(client: SyncRedis, prefix: str = DEFAULT_PREFIX, models: list[str] | None = None,
-         stale_after_s: float = DEFAULT_STALE_AFTER_S, partitions: int = 1) -> list[ModelView]:
+def view(
+    client: SyncRedis,
+    prefix: str = DEFAULT_PREFIX,
+    models: list[str] | None = None,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    partitions: int = 1,
+) -> list[ModelView]:
     """Queues, dead letters and live workers of each model (summed over its partitions), read in one
     pipelined round trip."""
     models = served_models(client, prefix) if models is None else models

@@ -73,7 +73,9 @@ class Argv:
             raise ValueError(f"script: reads {literal[0]} by position; use the names and $tail")
         if unused := [n for n in self.names if not re.search(rf"\b{n}\b", body)]:
             raise ValueError(f"script: never uses {unused}")
-        header = "".join(f"local {n} = tonumber(ARGV[{i}])\n" if n in self.numbers else f"local {n} = ARGV[{i}]\n"
-                         for i, n in enumerate(self.names, 1))
+        header = "".join(
+            f"local {n} = tonumber(ARGV[{i}])\n" if n in self.numbers else f"local {n} = ARGV[{i}]\n"
+            for i, n in enumerate(self.names, 1)
+        )
         filled = Template(body).substitute(CONSTANTS, named=len(self.names), tail=self.tail, **constants)
         return header + filled

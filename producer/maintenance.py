@@ -66,9 +66,14 @@ def _deadline(fields: dict[bytes, bytes]) -> tuple[str | None, float | None]:
     return request_id, float(deadline) if isinstance(deadline, (int, float)) else None
 
 
-def reclaim_sweep(client: SyncRedis, prefix: str = DEFAULT_PREFIX, claim_idle_s: float = 10.0,
-                  scan_count: int = 1000, result_ttl_s: int = DEFAULT_RESULT_TTL_S,
-                  partitions: int = 1) -> dict[str, dict[str, int]]:
+def reclaim_sweep(
+    client: SyncRedis,
+    prefix: str = DEFAULT_PREFIX,
+    claim_idle_s: float = 10.0,
+    scan_count: int = 1000,
+    result_ttl_s: int = DEFAULT_RESULT_TTL_S,
+    partitions: int = 1,
+) -> dict[str, dict[str, int]]:
     """Per model: expire past-deadline requests nobody is running; count orphans; prune dead heartbeats.
 
     Looks at the oldest `scan_count` queued entries of each queue (the likeliest to be late) and the
@@ -86,22 +91,26 @@ def reclaim_sweep(client: SyncRedis, prefix: str = DEFAULT_PREFIX, claim_idle_s:
         for keys, queue in [(k, q) for k in model_keys.partitions(partitions) for q in k.queues]:
             entries: Any = client.xrange(queue, count=scan_count)
             try:
-                idle: Any = client.xpending_range(queue, GROUP, min="-", max="+", count=scan_count,
-                                                  idle=int(claim_idle_s * 1000))
+                idle: Any = client.xpending_range(
+                    queue, GROUP, min="-", max="+", count=scan_count, idle=int(claim_idle_s * 1000)
+                )
             except redis.ResponseError:
                 idle = []  # no group yet: nothing was ever delivered
             counts["orphaned"] += len(idle)
             pending_ids = {p["message_id"] for p in idle}
             if pending_ids:
                 entries = [e for e in entries if e[0] not in pending_ids] + [
-                    e for pid in pending_ids for e in _entries(client.xrange(queue, pid, pid))]
+                    e for pid in pending_ids for e in _entries(client.xrange(queue, pid, pid))
+                ]
             for entry_id, fields in entries:
                 request_id, deadline = _deadline(fields)
                 if request_id is None or deadline is None or deadline > now:
                     continue
                 event = error_event(ErrorCode.DEADLINE, "deadline passed while no worker was running the request")
-                verdict = expire(keys=[queue, keys.request(request_id), keys.result(request_id)],
-                                 args=[GROUP, entry_id, event, result_ttl_s])
+                verdict = expire(
+                    keys=[queue, keys.request(request_id), keys.result(request_id)],
+                    args=[GROUP, entry_id, event, result_ttl_s],
+                )
                 counts[verdict.decode() if isinstance(verdict, bytes) else str(verdict)] += 1
         report[view.model] = dict(counts)
         if counts.get("expired") or (counts.get("orphaned") and not view.live):
@@ -123,13 +132,16 @@ def _after(entry_id: str) -> str:
     return f"{ms}-{int(seq or 0) + 1}"
 
 
-def trim_acked(client: SyncRedis, prefix: str = DEFAULT_PREFIX, dead_letter_retention_s: float = 7 * 86_400,
-               partitions: int = 1) -> dict[str, int]:
+def trim_acked(
+    client: SyncRedis, prefix: str = DEFAULT_PREFIX, dead_letter_retention_s: float = 7 * 86_400, partitions: int = 1
+) -> dict[str, int]:
     """Drops request entries every worker is done with (acked) and dead letters past their retention."""
     trimmed: dict[str, int] = {}
     for model in _models(client, prefix):
-        trimmed[model] = sum(_trim_partition(client, keys, dead_letter_retention_s)
-                             for keys in Keys(model, prefix).partitions(partitions))
+        trimmed[model] = sum(
+            _trim_partition(client, keys, dead_letter_retention_s)
+            for keys in Keys(model, prefix).partitions(partitions)
+        )
     return trimmed
 
 
@@ -155,8 +167,9 @@ def _trim_partition(client: SyncRedis, keys: Keys, dead_letter_retention_s: floa
     return count + int(client.xtrim(keys.dead, minid=f"{max(0, horizon)}-0", approximate=False))
 
 
-def expire_results(client: SyncRedis, prefix: str = DEFAULT_PREFIX, ttl_s: int = DEFAULT_RESULT_TTL_S,
-                   scan_count: int = 1000) -> int:
+def expire_results(
+    client: SyncRedis, prefix: str = DEFAULT_PREFIX, ttl_s: int = DEFAULT_RESULT_TTL_S, scan_count: int = 1000
+) -> int:
     """Puts a TTL back on result streams, request records and cancel sets that have none (a safety net)."""
     fixed = 0
     for kind in ("res", "req", "cancel"):
@@ -185,8 +198,9 @@ def _expire_unbounded(client: SyncRedis, keys: list[Any], ttl_s: int) -> int:
     return len(unbounded)
 
 
-def dead_letter_report(client: SyncRedis, prefix: str = DEFAULT_PREFIX, limit: int = 10_000,
-                       samples: int = 5, partitions: int = 1) -> dict[str, dict[str, Any]]:
+def dead_letter_report(
+    client: SyncRedis, prefix: str = DEFAULT_PREFIX, limit: int = 10_000, samples: int = 5, partitions: int = 1
+) -> dict[str, dict[str, Any]]:
     """Dead letters that arrived since the last report, per model (all its partitions): counts by reason
     and a few samples."""
     report: dict[str, dict[str, Any]] = {}
@@ -205,10 +219,19 @@ def dead_letter_report(client: SyncRedis, prefix: str = DEFAULT_PREFIX, limit: i
             client.set(keys.dead_cursor, entries[-1][0])
         if not new:
             continue
-        report[model] = {"new": new, "total": total, "reasons": dict(reasons),
-                         "samples": [{"entry": e.decode(), "id": f.get(b"id", b"").decode(),
-                                      "reason": f.get(b"reason", b"").decode(),
-                                      "message": f.get(b"message", b"").decode()[:200]}
-                                     for e, f in found[-samples:]]}
+        report[model] = {
+            "new": new,
+            "total": total,
+            "reasons": dict(reasons),
+            "samples": [
+                {
+                    "entry": e.decode(),
+                    "id": f.get(b"id", b"").decode(),
+                    "reason": f.get(b"reason", b"").decode(),
+                    "message": f.get(b"message", b"").decode()[:200],
+                }
+                for e, f in found[-samples:]
+            ],
+        }
         log.warning("new dead letters", model=model, new=new, reasons=dict(reasons))
     return report

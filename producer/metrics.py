@@ -23,8 +23,13 @@ class FleetCollector(Collector):
     same truth and nothing is polled in between.
     """
 
-    def __init__(self, client: Callable[[], SyncRedis], prefix: str = DEFAULT_PREFIX,
-                 models: list[str] | None = None, partitions: int = 1) -> None:
+    def __init__(
+        self,
+        client: Callable[[], SyncRedis],
+        prefix: str = DEFAULT_PREFIX,
+        models: list[str] | None = None,
+        partitions: int = 1,
+    ) -> None:
         self._client = client
         self.prefix = prefix
         self.models = models  # None: every model registered under the prefix
@@ -39,12 +44,17 @@ class FleetCollector(Collector):
             yield up
             return
         up.add_metric([], 1)
-        depth = GaugeMetricFamily("tokenrelay_queue_depth", "Requests waiting, not yet delivered to a worker",
-                                  labels=["model", "priority"])
-        pending = GaugeMetricFamily("tokenrelay_queue_pending", "Requests delivered to a worker and not yet answered",
-                                    labels=["model", "priority"])
-        dead = GaugeMetricFamily("tokenrelay_dead_letters", "Entries in the model's dead-letter stream",
-                                 labels=["model"])
+        depth = GaugeMetricFamily(
+            "tokenrelay_queue_depth", "Requests waiting, not yet delivered to a worker", labels=["model", "priority"]
+        )
+        pending = GaugeMetricFamily(
+            "tokenrelay_queue_pending",
+            "Requests delivered to a worker and not yet answered",
+            labels=["model", "priority"],
+        )
+        dead = GaugeMetricFamily(
+            "tokenrelay_dead_letters", "Entries in the model's dead-letter stream", labels=["model"]
+        )
         workers = GaugeMetricFamily("tokenrelay_live_workers", "Workers whose heartbeat is recent", labels=["model"])
         for view in views:
             for priority, count in view.queued.items():

@@ -31,13 +31,17 @@ def _number(value: Any) -> bool:
 
 def _stop(value: Any) -> bool:
     items = [value] if isinstance(value, str) else value
-    return (isinstance(items, list) and len(items) <= MAX_STOP_STRINGS
-            and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items))
+    return (
+        isinstance(items, list)
+        and len(items) <= MAX_STOP_STRINGS
+        and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items)
+    )
 
 
 def _stop_token_ids(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) <= MAX_STOP_TOKEN_IDS
-            and all(_int(t) and 0 <= t < 2**31 for t in value))
+    return (
+        isinstance(value, list) and len(value) <= MAX_STOP_TOKEN_IDS and all(_int(t) and 0 <= t < 2**31 for t in value)
+    )
 
 
 # name -> (check, what the check demands: the text of the error)
@@ -61,8 +65,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "skip_special_tokens": (lambda v: isinstance(v, bool), "a boolean"),
 }
 PARAM_NAMES = frozenset(_RULES)
-_FLOATS = frozenset({"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty"})
+_FLOATS = frozenset({"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"})
 
 
 def validate_params(params: Any) -> dict[str, Any]:

@@ -15,8 +15,13 @@ import redis
 # BusyLoadingError (AOF loading) is a ConnectionError. On a cluster a failover or a reshard in progress
 # answers CLUSTERDOWN / TRYAGAIN, or leaves a slot without a known master for a moment; redis-py follows
 # MOVED and ASK by itself and raises these once its own retries are spent.
-RETRYABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
-                                          redis.exceptions.TryAgainError, redis.exceptions.SlotNotCoveredError)
+RETRYABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+)
 # what a Redis round trip can raise: redis-py's cluster client raises a few that are not RedisError
 REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, redis.exceptions.RedisClusterException)
 FIRST_DELAY_S = 0.05

@@ -10,10 +10,12 @@ from typing import Any
 from producer.errors import RequestFailed
 from producer.protocol import EVENT_FIELD, ErrorCode, Event, EventType, Keys, Logprobs, decode_event
 
-UNKNOWN = (ErrorCode.UNKNOWN_REQUEST.value,
-           "Redis has no record of this request: its results expired (result_ttl_s), no request was submitted "
-           "under this id for this model, or Redis lost it (restarted or failed over without the data); "
-           "submit it again")
+UNKNOWN = (
+    ErrorCode.UNKNOWN_REQUEST.value,
+    "Redis has no record of this request: its results expired (result_ttl_s), no request was submitted "
+    "under this id for this model, or Redis lost it (restarted or failed over without the data); "
+    "submit it again",
+)
 
 
 class CancelOutcome(enum.StrEnum):
@@ -96,8 +98,11 @@ class ResultFold:
         by_slot: dict[str, list[str]] = {}
         for key in self.positions:
             by_slot.setdefault(self._slots[key], []).append(key)
-        return [{k: self.positions[k] for k in keys[i:i + self._max_keys]}
-                for keys in by_slot.values() for i in range(0, len(keys), self._max_keys)]
+        return [
+            {k: self.positions[k] for k in keys[i : i + self._max_keys]}
+            for keys in by_slot.values()
+            for i in range(0, len(keys), self._max_keys)
+        ]
 
     def existence_checks(self) -> list[str]:
         """Record key then result key of each request still open, for one single-key EXISTS each (an ACL
@@ -121,8 +126,9 @@ class ResultFold:
             for entry_id, fields in entries:
                 got += 1
                 self.positions[key] = entry_id.decode()
-                if self.completions[self._owners[key]].apply(decode_event(fields.get(EVENT_FIELD.encode()),
-                                                                          self.positions[key])):
+                if self.completions[self._owners[key]].apply(
+                    decode_event(fields.get(EVENT_FIELD.encode()), self.positions[key])
+                ):
                     del self.positions[key]
                     break
         return got

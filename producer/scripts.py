@@ -58,7 +58,8 @@ return out
 
 # KEYS: meta, result stream, high, normal, low   ARGV: the names
 CANCEL_ARGV = Argv(("cancelled_payload", "ttl", "cancel_prefix", "request_id"))
-CANCEL = CANCEL_ARGV.script("""
+CANCEL = CANCEL_ARGV.script(
+    """
 local meta, result = KEYS[1], KEYS[2]
 local state = redis.call('HGET', meta, 'state')
 if not state then return 'unknown' end
@@ -83,7 +84,9 @@ if worker then
   redis.call('EXPIRE', inbox, ttl)
 end
 return 'requested'
-""", queues=priority_table(lambda i: f"KEYS[{i + 2}]"))
+""",
+    queues=priority_table(lambda i: f"KEYS[{i + 2}]"),
+)
 
 
 def submit_batches(requests: Sequence[Request], partitions: int = 1) -> list[list[Request]]:
@@ -92,7 +95,7 @@ def submit_batches(requests: Sequence[Request], partitions: int = 1) -> list[lis
     by_slot: dict[tuple[str, int], list[Request]] = {}
     for request in requests:
         by_slot.setdefault((request.model, partition_of(request.request_id, partitions)), []).append(request)
-    return [batch[i:i + 1000] for batch in by_slot.values() for i in range(0, len(batch), 1000)]
+    return [batch[i : i + 1000] for batch in by_slot.values() for i in range(0, len(batch), 1000)]
 
 
 def partition_depth(max_depth: int, partitions: int) -> int:
@@ -117,5 +120,6 @@ def cancel_keys(keys: Keys, request_id: str) -> list[str]:
 
 
 def cancel_args(keys: Keys, request_id: str, cancelled_event: bytes, ttl_s: int) -> list[Any]:
-    return CANCEL_ARGV.args(cancelled_payload=cancelled_event, ttl=ttl_s, cancel_prefix=keys.cancel_prefix,
-                            request_id=request_id)
+    return CANCEL_ARGV.args(
+        cancelled_payload=cancelled_event, ttl=ttl_s, cancel_prefix=keys.cancel_prefix, request_id=request_id
+    )

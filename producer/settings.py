@@ -35,8 +35,15 @@ class _ExplicitNone:
 EXPLICIT_NONE: Any = _ExplicitNone()
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str = "", env: bool = True, flag: bool = True,
-            secret: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    env: bool = True,
+    flag: bool = True,
+    secret: bool = False,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A dataclass field with its help text; env=False / flag=False keep it out of TOKENRELAY_* / the CLI."""
     metadata = {"help": help, "env": env, "flag": flag, "secret": secret}
     if default_factory is not dataclasses.MISSING:
@@ -116,13 +123,28 @@ def options(cls: type) -> list[Option]:
         if kind is None:
             continue
         meta = f.metadata
-        found.append(Option(f.name, kind[0], kind[1], f.default, meta.get("help", ""), meta.get("env", True),
-                            meta.get("flag", True), meta.get("secret", False)))
+        found.append(
+            Option(
+                f.name,
+                kind[0],
+                kind[1],
+                f.default,
+                meta.get("help", ""),
+                meta.get("env", True),
+                meta.get("flag", True),
+                meta.get("secret", False),
+            )
+        )
     return found
 
 
-def read(cls: type, overrides: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None,
-         only: Collection[str] | None = None) -> dict[str, Any]:
+def read(
+    cls: type,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    only: Collection[str] | None = None,
+) -> dict[str, Any]:
     """The values given for `cls`'s fields: TOKENRELAY_<FIELD> variables, then `overrides` that are not None
     (EXPLICIT_NONE, which a flag given "none" parses to, sets None).
 
@@ -144,8 +166,7 @@ def read(cls: type, overrides: Mapping[str, Any] | None = None, *, environ: Mapp
     return values
 
 
-def load(cls: type[T], overrides: Mapping[str, Any] | None = None, *,
-         environ: Mapping[str, str] | None = None) -> T:
+def load(cls: type[T], overrides: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None) -> T:
     """`cls(**read(...))`: defaults, then the environment, then explicit overrides (None: not given)."""
     return cls(**read(cls, overrides, environ=environ))
 
@@ -183,9 +204,15 @@ def _flag_type(option: Option) -> Any:
     return convert
 
 
-def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
-              flags: Mapping[str, str] | None = None, helps: Mapping[str, str] | None = None,
-              only: Collection[str] | None = None, exclude: Collection[str] = ()) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    flags: Mapping[str, str] | None = None,
+    helps: Mapping[str, str] | None = None,
+    only: Collection[str] | None = None,
+    exclude: Collection[str] = (),
+) -> None:
     """One flag per field of `cls` (`--field-name`, or the name `flags` gives), each defaulting to None
     (not given) so that the environment and the dataclass's default still apply beneath it.
 
@@ -201,8 +228,12 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         if option.env:
             notes.append(f"env {option.env_name}")
         text = " ".join(filter(None, [helps.get(option.name) or option.help, f"({'; '.join(notes)})" if notes else ""]))
-        kwargs: dict[str, Any] = {"dest": option.name, "type": _flag_type(option), "default": None,
-                                  "help": text.replace("%", "%%")}
+        kwargs: dict[str, Any] = {
+            "dest": option.name,
+            "type": _flag_type(option),
+            "default": None,
+            "help": text.replace("%", "%%"),
+        }
         if option.kind is bool:
             kwargs.update(nargs="?", const=True, metavar="{true,false}")
         elif option.kind is int:

@@ -23,8 +23,9 @@ class ModelStatus:
     stale_workers: list[str] = field(default_factory=list)
 
 
-def gather(client: SyncRedis, prefix: str = DEFAULT_PREFIX, stale_after_s: float = 15.0,
-           partitions: int = 1) -> list[ModelStatus]:
+def gather(
+    client: SyncRedis, prefix: str = DEFAULT_PREFIX, stale_after_s: float = 15.0, partitions: int = 1
+) -> list[ModelStatus]:
     members: Any = client.smembers(Keys("x", prefix).models)
     models = sorted(m.decode() for m in members)
     result = []
@@ -60,18 +61,25 @@ def render(statuses: list[ModelStatus]) -> str:
     lines = []
     for s in statuses:
         lines.append(f"model {s.model}")
-        lines.append("  queued   " + "  ".join(f"{k}={v}" for k, v in s.queued.items())
-                     + "    pending " + "  ".join(f"{k}={v}" for k, v in s.pending.items())
-                     + f"    dead letters {s.dead_letters}")
+        lines.append(
+            "  queued   "
+            + "  ".join(f"{k}={v}" for k, v in s.queued.items())
+            + "    pending "
+            + "  ".join(f"{k}={v}" for k, v in s.pending.items())
+            + f"    dead letters {s.dead_letters}"
+        )
         for w in s.workers:
-            lines.append(f"  worker {w['name']}: slots {w.get('slots_used', 0)}/{w.get('slots_total', 0)}, "
-                         f"kv blocks {w.get('kv_blocks_used', 0)}/{w.get('kv_blocks_total', 0)}, "
-                         f"{w.get('tokens_per_s', 0)} tokens/s{', draining' if w.get('draining') else ''}")
+            lines.append(
+                f"  worker {w['name']}: slots {w.get('slots_used', 0)}/{w.get('slots_total', 0)}, "
+                f"kv blocks {w.get('kv_blocks_used', 0)}/{w.get('kv_blocks_total', 0)}, "
+                f"{w.get('tokens_per_s', 0)} tokens/s{', draining' if w.get('draining') else ''}"
+            )
             if w.get("engine_options"):
                 options = dict(w["engine_options"])
                 kind = options.pop("engine", "")
-                lines.append(f"    engine {kind}" + (": " + "  ".join(f"{k}={v}" for k, v in options.items())
-                                                     if options else ""))
+                lines.append(
+                    f"    engine {kind}" + (": " + "  ".join(f"{k}={v}" for k, v in options.items()) if options else "")
+                )
         if not s.workers:
             lines.append("  no live workers")
         if s.stale_workers:

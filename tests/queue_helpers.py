@@ -35,8 +35,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: floa
         time.sleep(interval)
 
 
-def attempt_in_turn(attempts: list[Callable[[], Any]],
-                    errors: tuple[type[BaseException], ...]) -> tuple[threading.Thread, list[type[BaseException]]]:
+def attempt_in_turn(
+    attempts: list[Callable[[], Any]], errors: tuple[type[BaseException], ...]
+) -> tuple[threading.Thread, list[type[BaseException]]]:
     """Runs `attempts` one after another on a thread, recording the type of each expected error; the
     caller joins the thread with a guard against a hang and then reads the outcomes."""
     outcomes: list[type[BaseException]] = []
@@ -85,17 +86,47 @@ class WorkerThread:
 class WorkerProcess:
     """`python -m worker.cli worker` for a tiny float64 model, JSON logs to a file."""
 
-    def __init__(self, redis_url: str, model_dir: Path, log_path: Path, extra: list[str],
-                 env: dict[str, str] | None = None, model_name: str = "tiny") -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        model_dir: Path,
+        log_path: Path,
+        extra: list[str],
+        env: dict[str, str] | None = None,
+        model_name: str = "tiny",
+    ) -> None:
         self.log_path = log_path
         self.model_name = model_name
-        args = [sys.executable, "-m", "worker.cli", "worker", "--redis", redis_url, "--model", str(model_dir),
-                "--model-name", model_name, "--dtype", "float64", "--threads", "1", "--num-kv-blocks", "256",
-                "--heartbeat", str(FAST["heartbeat_s"]), "--claim-idle", str(FAST["claim_idle_s"]), *extra]
+        args = [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "worker",
+            "--redis",
+            redis_url,
+            "--model",
+            str(model_dir),
+            "--model-name",
+            model_name,
+            "--dtype",
+            "float64",
+            "--threads",
+            "1",
+            "--num-kv-blocks",
+            "256",
+            "--heartbeat",
+            str(FAST["heartbeat_s"]),
+            "--claim-idle",
+            str(FAST["claim_idle_s"]),
+            *extra,
+        ]
         with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "TOKENRELAY_LOG_JSON": "1", "OMP_NUM_THREADS": "1",
-                                                 **(env or {})})
+            self.process = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TOKENRELAY_LOG_JSON": "1", "OMP_NUM_THREADS": "1", **(env or {})},
+            )
         self.redis = connect(redis_url)
 
     @property
@@ -104,6 +135,7 @@ class WorkerProcess:
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Until its first heartbeat is in Redis (model loaded, serving)."""
+
         def ready() -> bool:
             assert self.process.poll() is None, f"worker exited early:\n{self.log_path.read_text()[-3000:]}"
             for raw in self.redis.hvals(Keys(self.model_name).workers):
@@ -123,8 +155,9 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             os.kill(self.pid, signal.SIGUSR1)
             time.sleep(1.0)
-            raise AssertionError(f"worker {self.pid} still running after {timeout} s; its log ends:\n"
-                                 f"{self.log_path.read_text()[-6000:]}") from None
+            raise AssertionError(
+                f"worker {self.pid} still running after {timeout} s; its log ends:\n{self.log_path.read_text()[-6000:]}"
+            ) from None
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -144,8 +177,10 @@ class WorkerProcess:
 
 def read_events(client: SyncRedis, keys: Keys, request_id: str) -> list[Event]:
     """The whole result stream, decoded, without blocking."""
-    return [decode_event(fields[EVENT_FIELD.encode()], entry_id.decode())
-            for entry_id, fields in client.xrange(keys.result(request_id))]
+    return [
+        decode_event(fields[EVENT_FIELD.encode()], entry_id.decode())
+        for entry_id, fields in client.xrange(keys.result(request_id))
+    ]
 
 
 def terminal_count(events: list[Event]) -> int:
@@ -154,4 +189,4 @@ def terminal_count(events: list[Event]) -> int:
 
 def after_last_restart(events: list[Event]) -> list[Event]:
     restarts = [i for i, e in enumerate(events) if e.type is EventType.RESTART]
-    return events[restarts[-1] + 1:] if restarts else events
+    return events[restarts[-1] + 1 :] if restarts else events

@@ -56,8 +56,13 @@ def celery_client(broker_url: str):  # noqa: ANN201 - celery.Celery
     from celery import Celery
 
     app = Celery("tokenrelay-test-client", broker=broker_url, backend=broker_url)
-    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                    result_accept_content=["json"], task_default_queue="tokenrelay")
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_default_queue="tokenrelay",
+    )
     return app
 
 
@@ -78,8 +83,13 @@ class Stack:
         self.redis.close()
 
 
-def start_stack(directory: Path, worker_args: tuple[str, ...] = (), gateway_args: tuple[str, ...] = (),
-                model_dir: Path | None = None, gateway_env: dict[str, str] | None = None) -> Stack:
+def start_stack(
+    directory: Path,
+    worker_args: tuple[str, ...] = (),
+    gateway_args: tuple[str, ...] = (),
+    model_dir: Path | None = None,
+    gateway_env: dict[str, str] | None = None,
+) -> Stack:
     """redis-server + one worker (noop unless `model_dir`) + the gateway, ready to serve `tiny`."""
     server = RedisServer().start()
     worker: WorkerProcess | None = None

@@ -112,8 +112,13 @@ class Admission:
     def _blocking_read(self, part: Partition, budget: int) -> list[Entry]:
         # one entry per stream, high first: never more than a worker with free slots can hold
         streams = dict.fromkeys(part.keys.queues[:budget], ">")
-        reply: Any = self.redis.xreadgroup(GROUP, self.me, streams, count=1,  # type: ignore[arg-type]
-                                           block=self._block_ms())
+        reply: Any = self.redis.xreadgroup(
+            GROUP,
+            self.me,
+            streams,  # type: ignore[arg-type]
+            count=1,
+            block=self._block_ms(),
+        )
         preread: list[Entry] = []
         for stream_key, entries in reply or []:
             index = part.keys.queues.index(as_text(stream_key)) + 1
@@ -137,8 +142,9 @@ class Admission:
         """What the doorbells read, by partition; with `block`, waits up to one read's block for the first."""
         rung: dict[int, list[Entry]] = {}
         try:
-            index, entries = self._doorbell.get(timeout=self._block_ms() / 1000) if block else \
-                self._doorbell.get_nowait()
+            index, entries = (
+                self._doorbell.get(timeout=self._block_ms() / 1000) if block else self._doorbell.get_nowait()
+            )
             while True:
                 rung.setdefault(index, []).extend(entries)
                 index, entries = self._doorbell.get_nowait()
@@ -154,12 +160,13 @@ class Admission:
         entries one priority class at a time over all partitions (high before normal before low), the free
         slots shared out evenly and each sweep starting one partition further on. Returns the claims made."""
         self._turn = (self._turn + 1) % len(self.parts)
-        order = self.parts[self._turn:] + self.parts[:self._turn]
+        order = self.parts[self._turn :] + self.parts[: self._turn]
         claimed = 0
         for part in order:  # no new entries here: those go by priority class below
             if autoclaim or part.index in rung:
-                claimed += self.admit_once(max(0, budget - claimed), autoclaim, rung.get(part.index, []), part,
-                                           new_entries=False)
+                claimed += self.admit_once(
+                    max(0, budget - claimed), autoclaim, rung.get(part.index, []), part, new_entries=False
+                )
         for queue_index in (1, 2, 3):
             open_parts = order
             while open_parts and budget > claimed:
@@ -177,26 +184,41 @@ class Admission:
                 open_parts = [part for (part, n), g in zip(calls, got, strict=True) if g >= n] + untried
         return claimed
 
-    def _admit_args(self, part: Partition, budget: int, autoclaim: bool, preread: list[Entry],
-                    queues: tuple[int, int] = (1, 3)) -> list[Any]:
+    def _admit_args(
+        self, part: Partition, budget: int, autoclaim: bool, preread: list[Entry], queues: tuple[int, int] = (1, 3)
+    ) -> list[Any]:
         entries: list[Any] = []
         for index, entry_id, flat in preread:
             entries += [index, entry_id, len(flat), *flat]
         high, normal, low = part.cursors
-        return scripts.ADMIT_ARGV.args(*entries, **self._claim_args, req_prefix=part.keys.request_prefix,
-                                       res_prefix=part.keys.result_prefix, budget=budget, autoclaim=int(autoclaim),
-                                       min_idle_ms=int(self.settings.claim_idle_s * 1000), cursor_high=high,
-                                       cursor_normal=normal, cursor_low=low, first_queue=queues[0],
-                                       last_queue=queues[1])
+        return scripts.ADMIT_ARGV.args(
+            *entries,
+            **self._claim_args,
+            req_prefix=part.keys.request_prefix,
+            res_prefix=part.keys.result_prefix,
+            budget=budget,
+            autoclaim=int(autoclaim),
+            min_idle_ms=int(self.settings.claim_idle_s * 1000),
+            cursor_high=high,
+            cursor_normal=normal,
+            cursor_low=low,
+            first_queue=queues[0],
+            last_queue=queues[1],
+        )
 
-    def admit_once(self, budget: int, autoclaim: bool, preread: list[Entry], part: Partition | None = None,
-                   new_entries: bool = True) -> int:
+    def admit_once(
+        self,
+        budget: int,
+        autoclaim: bool,
+        preread: list[Entry],
+        part: Partition | None = None,
+        new_entries: bool = True,
+    ) -> int:
         """Claims pre-read entries, idle entries of dead workers (when `autoclaim`), and new ones (unless not
         `new_entries`), in one partition (the first by default); returns how many it claimed."""
         part = part or self.parts[0]
         queues = (1, 3) if new_entries else (1, 0)  # an empty range: Lua's `for qi = 1, 0` never runs
-        reply: Any = self._admit(keys=part.script_keys, args=self._admit_args(part, budget, autoclaim, preread,
-                                                                              queues))
+        reply: Any = self._admit(keys=part.script_keys, args=self._admit_args(part, budget, autoclaim, preread, queues))
         if autoclaim:
             self._next_autoclaim = time.monotonic() + self.settings.claim_idle_s / 4
         return self._claimed(part, reply)
@@ -209,8 +231,9 @@ class Admission:
         for index, entry_id, raw_id, payload, epoch, verdict in reply[3]:
             request_id, verdict = as_text(raw_id), as_text(verdict)
             if verdict != "ok":
-                log.info("request settled at claim", request_id=request_id or None, verdict=verdict,
-                         entry=as_text(entry_id))
+                log.info(
+                    "request settled at claim", request_id=request_id or None, verdict=verdict, entry=as_text(entry_id)
+                )
                 continue
             claimed += 1
             with self._lock:
@@ -231,10 +254,13 @@ class Admission:
         if forgotten:
             with self._lock:
                 self.rollbacks += len(forgotten) // 4
-            log.warning("redis forgot claims it had acknowledged; the requests affected start over",
-                        requests=len(forgotten) // 4)
-            args = scripts.HAND_BACK_ARGV.args(*forgotten, group=GROUP, consumer=self.me,
-                                               req_prefix=part.keys.request_prefix)
+            log.warning(
+                "redis forgot claims it had acknowledged; the requests affected start over",
+                requests=len(forgotten) // 4,
+            )
+            args = scripts.HAND_BACK_ARGV.args(
+                *forgotten, group=GROUP, consumer=self.me, req_prefix=part.keys.request_prefix
+            )
             self._hand_back_script(keys=part.script_keys, args=args)
         return claimed
 

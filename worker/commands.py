@@ -12,9 +12,12 @@ from worker.settings import add_worker_flags
 
 def add_commands(sub: Any) -> None:
     """The worker-side subcommands; RUNNERS runs each."""
-    p = sub.add_parser("worker", help="serve a model from its Redis request streams",
-                       description="Serve one model from its Redis request streams. Every flag is also a "
-                                   "TOKENRELAY_<FIELD> variable; a flag wins over its variable.")
+    p = sub.add_parser(
+        "worker",
+        help="serve a model from its Redis request streams",
+        description="Serve one model from its Redis request streams. Every flag is also a "
+        "TOKENRELAY_<FIELD> variable; a flag wins over its variable.",
+    )
     add_worker_flags(p)
 
     p = sub.add_parser("demo", help="embedded Redis + a worker + four prompts streamed side by side")

@@ -68,8 +68,9 @@ def wire_finish_reason(reason: EngineFinishReason | None) -> FinishReason:
             assert_never(reason)
 
 
-def wire_logprobs(logprobs: Sequence[TokenLogprob | None] | None, tokenizer: Tokenizer | None = None
-                  ) -> Logprobs | None:
+def wire_logprobs(
+    logprobs: Sequence[TokenLogprob | None] | None, tokenizer: Tokenizer | None = None
+) -> Logprobs | None:
     """Engine TokenLogprobs -> [[token_id, logprob, [[alt_id, alt_logprob, alt_text], ...], text], ...].
 
     The texts (present when the engine has a tokenizer) let producers without one, like the HTTP
@@ -79,11 +80,16 @@ def wire_logprobs(logprobs: Sequence[TokenLogprob | None] | None, tokenizer: Tok
         return None
     if tokenizer is None:
         # prompt logprobs start with None (the first token has no context): [] keeps positions aligned
-        return [[lp.token_id, lp.logprob, [[k, v] for k, v in lp.top.items()]] if lp is not None else []
-                for lp in logprobs]
+        return [
+            [lp.token_id, lp.logprob, [[k, v] for k, v in lp.top.items()]] if lp is not None else [] for lp in logprobs
+        ]
     text = functools.partial(_token_text, tokenizer)
-    return [[lp.token_id, lp.logprob, [[k, v, text(k)] for k, v in lp.top.items()], text(lp.token_id)]
-            if lp is not None else [] for lp in logprobs]
+    return [
+        [lp.token_id, lp.logprob, [[k, v, text(k)] for k, v in lp.top.items()], text(lp.token_id)]
+        if lp is not None
+        else []
+        for lp in logprobs
+    ]
 
 
 def _token_text(tokenizer: Tokenizer, token_id: int) -> str:

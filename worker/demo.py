@@ -67,8 +67,9 @@ async def _stream_prompts(redis_url: str, max_tokens: int, worker: subprocess.Po
 
     client = AsyncClient(redis_url, model=DEFAULT_MODEL_NAME)
     params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.7, "top_p": 0.9, "seed": 0}
-    requests = [build_request(DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": p}], **params)
-                for p in DEMO_PROMPTS]
+    requests = [
+        build_request(DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": p}], **params) for p in DEMO_PROMPTS
+    ]
     started = time.monotonic()
     ids = await client.submit_requests(requests)  # all four in one round trip: they queue until the worker is up
     panes = Panes(DEMO_PROMPTS)
@@ -103,23 +104,33 @@ async def _stream_prompts(redis_url: str, max_tokens: int, worker: subprocess.Po
         panes.draw()
     elapsed = time.monotonic() - started
     tokens = sum(int(u.get("completion_tokens", 0)) for u in usages)
-    print(f"\n{tokens} tokens from {len(ids)} concurrent requests through Redis in {elapsed:.1f} s "
-          f"(including the worker's start-up; requests waited in the queue meanwhile)")
+    print(
+        f"\n{tokens} tokens from {len(ids)} concurrent requests through Redis in {elapsed:.1f} s "
+        f"(including the worker's start-up; requests waited in the queue meanwhile)"
+    )
     for i, usage in enumerate(usages):
-        print(f"  [{i + 1}] {usage.get('completion_tokens', 0)} tokens, "
-              f"queue wait {usage.get('queue_wait_s', 0):.2f} s, time to first token {usage.get('ttft_s', 0):.2f} s")
+        print(
+            f"  [{i + 1}] {usage.get('completion_tokens', 0)} tokens, "
+            f"queue wait {usage.get('queue_wait_s', 0):.2f} s, time to first token {usage.get('ttft_s', 0):.2f} s"
+        )
 
 
 def run_demo(max_tokens: int = 96) -> int:
     """Embedded redis-server, one worker process with the default model, four prompts streamed live."""
     from worker.redis_server import RedisServer
 
-    with RedisServer() as server, tempfile.NamedTemporaryFile("wb", prefix="tokenrelay-worker-", suffix=".log",
-                                                              delete=False) as log_file:
+    with (
+        RedisServer() as server,
+        tempfile.NamedTemporaryFile("wb", prefix="tokenrelay-worker-", suffix=".log", delete=False) as log_file,
+    ):
         print(f"redis-server on 127.0.0.1:{server.port} (embedded, {server.binary})")
         env = {**os.environ, "TOKENRELAY_LOG_JSON": "1"}
-        worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--redis", server.url,
-                                   "--max-num-seqs", "16"], stdout=log_file, stderr=log_file, env=env)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", "--redis", server.url, "--max-num-seqs", "16"],
+            stdout=log_file,
+            stderr=log_file,
+            env=env,
+        )
         print(f"worker pid {worker.pid} loading the default model (logs: {log_file.name})\n")
         try:
             asyncio.run(_stream_prompts(server.url, max_tokens, worker))

@@ -78,8 +78,9 @@ class Outbox:
         self._pending: dict[str, Pending] = {}
         self._wake = threading.Event()
 
-    def add_delta(self, request_id: str, epoch: int, text: str, token_ids: list[int],
-                  logprobs: Logprobs | None = None) -> None:
+    def add_delta(
+        self, request_id: str, epoch: int, text: str, token_ids: list[int], logprobs: Logprobs | None = None
+    ) -> None:
         with self._lock:
             pending = self._entry(request_id, epoch)
             if pending.terminal is None:

@@ -39,8 +39,12 @@ class LoopTiming:
 
     def summary(self) -> dict[str, Any]:
         busy = self.step_s + self.overhead_s
-        return {"steps": self.steps, "step_s": round(self.step_s, 3), "overhead_s": round(self.overhead_s, 3),
-                "overhead_pct": round(100 * self.overhead_s / busy, 3) if busy else 0.0}
+        return {
+            "steps": self.steps,
+            "step_s": round(self.step_s, 3),
+            "overhead_s": round(self.overhead_s, 3),
+            "overhead_pct": round(100 * self.overhead_s / busy, 3) if busy else 0.0,
+        }
 
 
 def _field(message: str) -> str:
@@ -57,8 +61,13 @@ class EngineFailed(RuntimeError):
 class Worker:
     """Serves one engine from the model's request streams until stopped."""
 
-    def __init__(self, engine: Engine, settings: WorkerSettings, client: SyncRedis | None = None,
-                 metrics: WorkerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: WorkerSettings,
+        client: SyncRedis | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics or WorkerMetrics(settings.served_model, settings.max_num_seqs)
         self.tokenizer = engine.tokenizer  # token texts beside logprobs, for producers without one
@@ -82,8 +91,7 @@ class Worker:
     def run(self) -> None:
         self._refresh_stats(time.monotonic())  # the first heartbeat already carries stats
         self.relay.start()
-        log.info("worker serving", worker=self.name, model=self.settings.served_model,
-                 slots=self.settings.max_num_seqs)
+        log.info("worker serving", worker=self.name, model=self.settings.served_model, slots=self.settings.max_num_seqs)
         try:
             while not self._finished():
                 self._admit()
@@ -135,8 +143,7 @@ class Worker:
             # A broken engine must not drain the queue into errors: hand everything back and stop. Other
             # workers restart the requests; one that breaks every engine reaches max_deliveries and is
             # dead-lettered.
-            log.exception("engine step failed: handing in-flight requests back and stopping",
-                          in_flight=len(self.jobs))
+            log.exception("engine step failed: handing in-flight requests back and stopping", in_flight=len(self.jobs))
             self.failure = exc
             self.stop(drain=False)
             return []
@@ -155,8 +162,13 @@ class Worker:
                 job.first_token_at, job.first_token_wall = time.monotonic(), time.time()
             job.completion_tokens = len(out.token_ids)
             if job.request.stream and (out.new_text or out.new_token_ids):
-                self.outbox.add_delta(out.request_id, job.epoch, out.new_text, out.new_token_ids,
-                                      wire_logprobs(out.new_logprobs, self.tokenizer))
+                self.outbox.add_delta(
+                    out.request_id,
+                    job.epoch,
+                    out.new_text,
+                    out.new_token_ids,
+                    wire_logprobs(out.new_logprobs, self.tokenizer),
+                )
         self.timing.overhead_s += time.perf_counter() - started
 
     def _ack(self, outputs: list[RequestOutput]) -> None:
@@ -196,16 +208,38 @@ class Worker:
         try:
             request = decode_request(note.payload, DEFAULT_LIMITS, expected_id=note.request_id)
             if request.model != self.settings.served_model:
-                raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"model: this stream serves "
-                                    f"{self.settings.served_model!r}, not {request.model!r}")
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_MODEL,
+                    f"model: this stream serves {self.settings.served_model!r}, not {request.model!r}",
+                )
         except ProtocolError as exc:
-            log.info("request rejected", request_id=note.request_id, code=exc.code, field=_field(exc.message),
-                     bytes=len(note.payload))
+            log.info(
+                "request rejected",
+                request_id=note.request_id,
+                code=exc.code,
+                field=_field(exc.message),
+                bytes=len(note.payload),
+            )
             log.debug("request rejected: reason", request_id=note.request_id, reason=exc.message)
-            dead = ["reason", exc.code, "message", exc.message, "id", note.request_id, "entry", note.entry_id,
-                    "worker", self.name, "bytes", len(note.payload), "raw", note.payload[:DEAD_LETTER_RAW_BYTES]]
-            self.outbox.add_terminal(note.request_id, note.epoch, error_event(exc.code, exc.message,
-                                                                               worker=self.name), dead)
+            dead = [
+                "reason",
+                exc.code,
+                "message",
+                exc.message,
+                "id",
+                note.request_id,
+                "entry",
+                note.entry_id,
+                "worker",
+                self.name,
+                "bytes",
+                len(note.payload),
+                "raw",
+                note.payload[:DEAD_LETTER_RAW_BYTES],
+            ]
+            self.outbox.add_terminal(
+                note.request_id, note.epoch, error_event(exc.code, exc.message, worker=self.name), dead
+            )
             self.metrics.failed(exc.code)
             return None
         return Job(request=request, epoch=note.epoch, raw=note.payload, admitted_at=time.time())
@@ -213,31 +247,57 @@ class Worker:
     def _start(self, job: Job) -> None:
         request = job.request
         if request.deadline is not None and request.deadline <= time.time():
-            log.info("request expired in the queue", request_id=request.request_id,
-                     late_s=round(time.time() - request.deadline, 3))
+            log.info(
+                "request expired in the queue",
+                request_id=request.request_id,
+                late_s=round(time.time() - request.deadline, 3),
+            )
             self._send_error(job, ErrorCode.DEADLINE, "deadline passed before the request reached the engine")
             return
         try:
             prompt = build_prompt(self.engine, request)
             params = sampling_params(request.params)
             waited = max(0.0, time.time() - request.submitted_at) if request.submitted_at else 0.0
-            self.engine.add_request(request.request_id, prompt, params, priority=request.priority.rank,
-                                    arrival_time=time.monotonic() - waited)
+            self.engine.add_request(
+                request.request_id,
+                prompt,
+                params,
+                priority=request.priority.rank,
+                arrival_time=time.monotonic() - waited,
+            )
         except Exception as exc:  # noqa: BLE001 - ValueError from the engine, template errors from chat input
             log.info("request refused by the engine", request_id=request.request_id, field=_field(str(exc)))
             log.debug("request refused by the engine: reason", request_id=request.request_id, reason=str(exc))
-            dead = ["reason", ErrorCode.INVALID_REQUEST, "message", str(exc), "id", request.request_id,
-                    "worker", self.name, "bytes", len(job.raw), "raw", job.raw[:DEAD_LETTER_RAW_BYTES]]
+            dead = [
+                "reason",
+                ErrorCode.INVALID_REQUEST,
+                "message",
+                str(exc),
+                "id",
+                request.request_id,
+                "worker",
+                self.name,
+                "bytes",
+                len(job.raw),
+                "raw",
+                job.raw[:DEAD_LETTER_RAW_BYTES],
+            ]
             self._send_error(job, ErrorCode.INVALID_REQUEST, str(exc), dead)
             return
         job.added_at = time.monotonic()
         self.jobs[request.request_id] = job
         if request.deadline is not None:
             heapq.heappush(self.deadlines, (request.deadline, request.request_id, job.epoch))
-        log.info("request admitted", request_id=request.request_id, priority=request.priority.value,
-                 attempt=job.epoch, prompt_chars=len(prompt) if isinstance(prompt, str) else None,
-                 prompt_tokens=len(prompt) if isinstance(prompt, list) else None,
-                 max_tokens=params.max_tokens, queue_wait_s=round(job.admitted_at - request.submitted_at, 4))
+        log.info(
+            "request admitted",
+            request_id=request.request_id,
+            priority=request.priority.value,
+            attempt=job.epoch,
+            prompt_chars=len(prompt) if isinstance(prompt, str) else None,
+            prompt_tokens=len(prompt) if isinstance(prompt, list) else None,
+            max_tokens=params.max_tokens,
+            queue_wait_s=round(job.admitted_at - request.submitted_at, 4),
+        )
         log.debug("request prompt", request_id=request.request_id, prompt=prompt)
 
     def _expire_deadlines(self) -> None:
@@ -276,18 +336,28 @@ class Worker:
         request = job.request
         full = out if out is not None and not request.stream else None  # the whole output rides in the event
         usage = self._usage(job, out)
-        payload = done_event(finish_reason, usage, stop_reason=out.stop_reason if out is not None else None,
-                             metadata=request.metadata, worker=self.name,
-                             text=full.text if full is not None else None,
-                             token_ids=list(full.token_ids) if full is not None else None,
-                             logprobs=wire_logprobs(full.logprobs, self.tokenizer) if full is not None else None,
-                             prompt_logprobs=wire_logprobs(out.prompt_logprobs if out is not None else None,
-                                                           self.tokenizer))
+        payload = done_event(
+            finish_reason,
+            usage,
+            stop_reason=out.stop_reason if out is not None else None,
+            metadata=request.metadata,
+            worker=self.name,
+            text=full.text if full is not None else None,
+            token_ids=list(full.token_ids) if full is not None else None,
+            logprobs=wire_logprobs(full.logprobs, self.tokenizer) if full is not None else None,
+            prompt_logprobs=wire_logprobs(out.prompt_logprobs if out is not None else None, self.tokenizer),
+        )
         self.outbox.add_terminal(request.request_id, job.epoch, payload)
         self.metrics.finished(finish_reason, usage, job.first_token_at)
-        log.info("request finished", request_id=request.request_id, finish_reason=finish_reason.value,
-                 prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
-                 ttft_s=usage.get("ttft_s"), total_s=usage["total_s"])
+        log.info(
+            "request finished",
+            request_id=request.request_id,
+            finish_reason=finish_reason.value,
+            prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+            ttft_s=usage.get("ttft_s"),
+            total_s=usage["total_s"],
+        )
 
     def _send_error(self, job: Job, code: ErrorCode, message: str, dead: list[Any] | None = None) -> None:
         payload = error_event(code, message, job.request.metadata, self.name)
@@ -316,8 +386,13 @@ class Worker:
             except Exception:  # noqa: BLE001 - a failed engine may fail this too; the hand-back matters more
                 log.warning("could not abort in the engine", request_id=job.request.request_id)
         self.relay.close(hand_back=hand_back)
-        log.info("worker stopped", worker=self.name, handed_back=hand_back, round_trips=self.relay.round_trips,
-                 **self.timing.summary())
+        log.info(
+            "worker stopped",
+            worker=self.name,
+            handed_back=hand_back,
+            round_trips=self.relay.round_trips,
+            **self.timing.summary(),
+        )
 
     def _refresh_stats(self, now: float) -> None:
         stats = dict(self.engine.stats())

@@ -33,8 +33,9 @@ class NoopEngine:
 
     tokenizer = None
 
-    def __init__(self, max_num_seqs: int = 64, vocab_size: int = 32_000, step_delay_s: float = 0.0,
-                 token_text: str = " x") -> None:
+    def __init__(
+        self, max_num_seqs: int = 64, vocab_size: int = 32_000, step_delay_s: float = 0.0, token_text: str = " x"
+    ) -> None:
         self.max_num_seqs = max_num_seqs
         self.vocab_size = vocab_size
         self.step_delay_s = step_delay_s
@@ -42,8 +43,14 @@ class NoopEngine:
         self.sequences: dict[str, _Sequence] = {}
         self.generated_tokens = 0
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
         params = params if params is not None else SamplingParams()
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id: must be a non-empty string")
@@ -57,8 +64,9 @@ class NoopEngine:
             raise ValueError(f"prompt: expected a string or token ids in [0, {self.vocab_size})")
         if not token_ids:
             raise ValueError("prompt: is empty")
-        self.sequences[request_id] = _Sequence(request_id, token_ids, params, priority,
-                                               arrival_time if arrival_time is not None else time.monotonic())
+        self.sequences[request_id] = _Sequence(
+            request_id, token_ids, params, priority, arrival_time if arrival_time is not None else time.monotonic()
+        )
 
     def step(self) -> list[RequestOutput]:
         if self.step_delay_s:
@@ -71,8 +79,18 @@ class NoopEngine:
             if finished:
                 del self.sequences[seq.request_id]
             text = self.token_text * len(seq.token_ids) if finished else ""
-            outputs.append(RequestOutput(seq.request_id, seq.prompt_token_ids, seq.token_ids, [token], text,
-                                         self.token_text, finished, FinishReason.LENGTH if finished else None))
+            outputs.append(
+                RequestOutput(
+                    seq.request_id,
+                    seq.prompt_token_ids,
+                    seq.token_ids,
+                    [token],
+                    text,
+                    self.token_text,
+                    finished,
+                    FinishReason.LENGTH if finished else None,
+                )
+            )
         self.generated_tokens += len(outputs)
         return outputs
 
@@ -80,8 +98,16 @@ class NoopEngine:
         seq = self.sequences.pop(request_id, None)
         if seq is None:
             return None
-        return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.token_ids, [],
-                             self.token_text * len(seq.token_ids), "", True, FinishReason.ABORT)
+        return RequestOutput(
+            seq.request_id,
+            seq.prompt_token_ids,
+            seq.token_ids,
+            [],
+            self.token_text * len(seq.token_ids),
+            "",
+            True,
+            FinishReason.ABORT,
+        )
 
     def has_unfinished(self) -> bool:
         return bool(self.sequences)
@@ -91,5 +117,12 @@ class NoopEngine:
         return max(0, self.max_num_seqs - len(self.sequences))
 
     def stats(self) -> dict[str, Any]:
-        return {"running": len(self.sequences), "waiting": 0, "kv_blocks_total": 0, "kv_blocks_used": 0,
-                "prefix_cache_hit_rate": 0.0, "preemptions": 0, "generated_tokens": self.generated_tokens}
+        return {
+            "running": len(self.sequences),
+            "waiting": 0,
+            "kv_blocks_total": 0,
+            "kv_blocks_used": 0,
+            "prefix_cache_hit_rate": 0.0,
+            "preemptions": 0,
+            "generated_tokens": self.generated_tokens,
+        }

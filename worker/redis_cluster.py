@@ -56,16 +56,37 @@ class ClusterNodeInfo:
 class RedisClusterServer:
     """`with RedisClusterServer() as cluster: Client(cluster.url)`: 3 masters + 3 replicas by default."""
 
-    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1_000,
-                 extra_args: Sequence[str] = (), connection_kwargs: dict[str, Any] | None = None,
-                 persist: bool = False, fsync: str = "everysec") -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1_000,
+        extra_args: Sequence[str] = (),
+        connection_kwargs: dict[str, Any] | None = None,
+        persist: bool = False,
+        fsync: str = "everysec",
+    ) -> None:
         self.num_masters, self.num_replicas = masters, replicas
         self.connection_kwargs = connection_kwargs or {}
-        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms), *extra_args]
-        self.servers = [RedisServer(port=free_cluster_port(), extra_args=args, persist=persist, fsync=fsync,
-                                    connection_kwargs=self.connection_kwargs)
-                        for _ in range(masters * (1 + replicas))]
+        args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(node_timeout_ms),
+            *extra_args,
+        ]
+        self.servers = [
+            RedisServer(
+                port=free_cluster_port(),
+                extra_args=args,
+                persist=persist,
+                fsync=fsync,
+                connection_kwargs=self.connection_kwargs,
+            )
+            for _ in range(masters * (1 + replicas))
+        ]
         self._orphaned: dict[int, tuple[tuple[int, int], ...]] = {}  # killed master's port -> its slots
 
     @property
@@ -86,6 +107,7 @@ class RedisClusterServer:
         for i, client in enumerate(clients[: self.num_masters]):
             end = SLOTS - 1 if i == self.num_masters - 1 else (i + 1) * per - 1
             client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, end)
+
         def met() -> bool:
             # Every node must know every other by its real id (a node still in handshake is listed under a
             # temporary one). A MEET can be lost while a node learns its own address: repeat it until then.
@@ -96,7 +118,7 @@ class RedisClusterServer:
             return all(set(ids) <= seen for seen in known)
 
         self._wait(met, timeout, "nodes did not meet")
-        for i, client in enumerate(clients[self.num_masters:]):
+        for i, client in enumerate(clients[self.num_masters :]):
             client.execute_command("CLUSTER", "REPLICATE", ids[i % self.num_masters])
         self.wait_ok(timeout)
         for client in clients:
@@ -105,6 +127,7 @@ class RedisClusterServer:
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every live node says cluster_state:ok and each master has its replicas linked."""
+
         def ok() -> bool:
             for server in self.live():
                 with self.client(server.port) as client:
@@ -136,9 +159,16 @@ class RedisClusterServer:
                     continue  # a slot being migrated: [slot->-id] / [slot-<-id]
                 start, _, end = part.partition("-")
                 slots.append((int(start), int(end or start)))
-            found.append(ClusterNodeInfo(parts[0], int(parts[1].split(":")[1].split("@")[0]), "master" in flags,
-                                         None if parts[3] == "-" else parts[3], tuple(slots),
-                                         "fail" in flags or "fail?" in flags))
+            found.append(
+                ClusterNodeInfo(
+                    parts[0],
+                    int(parts[1].split(":")[1].split("@")[0]),
+                    "master" in flags,
+                    None if parts[3] == "-" else parts[3],
+                    tuple(slots),
+                    "fail" in flags or "fail?" in flags,
+                )
+            )
         return found
 
     def masters(self) -> list[ClusterNodeInfo]:

@@ -41,9 +41,15 @@ def free_port() -> int:
 class RedisServer:
     """`with RedisServer() as server: Client(server.url)`; also kill()/restart() for failure tests."""
 
-    def __init__(self, directory: str | Path | None = None, port: int | None = None, persist: bool = False,
-                 extra_args: Sequence[str] = (), connection_kwargs: dict[str, Any] | None = None,
-                 fsync: str = "everysec") -> None:
+    def __init__(
+        self,
+        directory: str | Path | None = None,
+        port: int | None = None,
+        persist: bool = False,
+        extra_args: Sequence[str] = (),
+        connection_kwargs: dict[str, Any] | None = None,
+        fsync: str = "everysec",
+    ) -> None:
         self.binary = find_redis_server()
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="tokenrelay-redis-")
         self.directory = Path(directory or self._tmp.name)  # type: ignore[union-attr]
@@ -62,14 +68,32 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-                "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning",
-                "--logfile", str(self.directory / "redis.log")]
-        args += ["--appendonly", "yes", "--appendfsync", self.fsync] if self.persist else ["--save", "",
-                                                                                            "--appendonly", "no"]
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(self.directory / "redis.log"),
+        ]
+        args += (
+            ["--appendonly", "yes", "--appendfsync", self.fsync]
+            if self.persist
+            else ["--save", "", "--appendonly", "no"]
+        )
         args += self.extra_args
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, **self.connection_kwargs)
         deadline = time.monotonic() + timeout
         while True:

@@ -45,8 +45,9 @@ log = structlog.get_logger(__name__)
 class Relay(Admission):
     """The worker's Redis side: its reader, writer and doorbell threads, and everything they hold."""
 
-    def __init__(self, client: SyncRedis, settings: WorkerSettings, outbox: Outbox,
-                 inbox: queue.SimpleQueue[Note], stats: Any) -> None:
+    def __init__(
+        self, client: SyncRedis, settings: WorkerSettings, outbox: Outbox, inbox: queue.SimpleQueue[Note], stats: Any
+    ) -> None:
         self.redis = client
         self.settings = settings
         self.keys = settings.keys
@@ -57,8 +58,10 @@ class Relay(Admission):
         self.claims: dict[str, Claim] = {}  # guarded by _lock: the reader adds, the writer retires
         self.reading = True  # cleared when draining: no new requests
         # partition 0 holds the model's heartbeats; every partition has its own queues, records and results
-        self.parts = [Partition(p, k, [*k.queues, k.dead, k.workers, k.cancels(self.me)])
-                      for p, k in enumerate(self.keys.partitions(settings.partitions))]
+        self.parts = [
+            Partition(p, k, [*k.queues, k.dead, k.workers, k.cancels(self.me)])
+            for p, k in enumerate(self.keys.partitions(settings.partitions))
+        ]
         self.round_trips = 0
         self.rollbacks = 0  # claims Redis forgot writes of (restart from a lagging AOF, failover to a replica)
         self._lock = threading.Lock()
@@ -79,20 +82,38 @@ class Relay(Admission):
         self._hand_back_script = register_script(client, scripts.HAND_BACK)
         self._restart = restart_event(self.me)
         self._claim_args: dict[str, Any] = dict(
-            group=GROUP, consumer=self.me, ttl=settings.result_ttl_s, max_deliveries=settings.max_deliveries,
-            dead_maxlen=settings.dead_letter_maxlen, restart_payload=self._restart,
+            group=GROUP,
+            consumer=self.me,
+            ttl=settings.result_ttl_s,
+            max_deliveries=settings.max_deliveries,
+            dead_maxlen=settings.dead_letter_maxlen,
+            restart_payload=self._restart,
             cancelled_payload=done_event(FinishReason.CANCELLED, {}, worker=self.me),
-            dead_payload=error_event(ErrorCode.MAX_DELIVERIES, f"gave up after {settings.max_deliveries} "
-                                     "deliveries: workers kept failing on this request", worker=self.me))
+            dead_payload=error_event(
+                ErrorCode.MAX_DELIVERIES,
+                f"gave up after {settings.max_deliveries} deliveries: workers kept failing on this request",
+                worker=self.me,
+            ),
+        )
         self._reader = threading.Thread(target=self._loop, args=(self._read,), name="tokenrelay-read", daemon=True)
         self._writer = threading.Thread(target=self._loop, args=(self._write,), name="tokenrelay-write", daemon=True)
         # More than one partition: a thread per partition blocks in XREADGROUP on it (one slot per read) and
         # rings with what it read; the reader then sweeps every partition, high priority first.
         self._doorbell: queue.SimpleQueue[tuple[int, list[Entry]]] = queue.SimpleQueue()
         self._room = threading.Event()  # set while the free slots can take what every doorbell may read
-        self._bells = [threading.Thread(target=self._loop, args=(functools.partial(self._ring, part),),
-                                        name=f"tokenrelay-bell-{part.index}", daemon=True)
-                       for part in self.parts] if len(self.parts) > 1 else []
+        self._bells = (
+            [
+                threading.Thread(
+                    target=self._loop,
+                    args=(functools.partial(self._ring, part),),
+                    name=f"tokenrelay-bell-{part.index}",
+                    daemon=True,
+                )
+                for part in self.parts
+            ]
+            if len(self.parts) > 1
+            else []
+        )
         self._turn = 0  # which partition a sweep starts at: none is always last
         self._more = False  # the last sweep filled every free slot
 
@@ -193,10 +214,16 @@ class Relay(Admission):
             for rid, pending in items.items():
                 by_part.setdefault(self.claims[rid].partition, {})[rid] = pending
             held = {c.partition for c in self.claims.values()}
-            publish = {part.index: self._publish_args(part, by_part.get(part.index, {}))
-                       for part in self.parts if part.index in by_part or part.index in held}
-            beats = {part.index: self._heartbeat_args(part) for part in self.parts
-                     if heartbeat and (part.index == 0 or part.index in held)}
+            publish = {
+                part.index: self._publish_args(part, by_part.get(part.index, {}))
+                for part in self.parts
+                if part.index in by_part or part.index in held
+            }
+            beats = {
+                part.index: self._heartbeat_args(part)
+                for part in self.parts
+                if heartbeat and (part.index == 0 or part.index in held)
+            }
             beat_epochs = {c.request_id: c.epoch for c in self.claims.values()}
         pipe = self.redis.pipeline(transaction=False)
         for index, args in publish.items():
@@ -216,7 +243,7 @@ class Relay(Admission):
         with self._lock:
             for index, reply in zip(publish, replies, strict=False):
                 self._after_publish(list(by_part.get(index, {}).items()), reply)
-            for lost in replies[len(publish):]:
+            for lost in replies[len(publish) :]:
                 for request_id in lost:
                     self._lose(as_text(request_id), beat_epochs[as_text(request_id)])
 
@@ -231,31 +258,61 @@ class Relay(Admission):
             if pending.terminal is not None:
                 events.append(pending.terminal)
             dead = pending.dead_letter or []
-            per_item += [request_id, pending.epoch, self.claims[request_id].seq, len(events), *events,
-                         int(pending.terminal is not None), len(dead), *dead]
-        return scripts.PUBLISH_ARGV.args(*per_item, group=GROUP, consumer=self.me, req_prefix=part.keys.request_prefix,
-                                         res_prefix=part.keys.result_prefix, ttl=self.settings.result_ttl_s,
-                                         dead_maxlen=self.settings.dead_letter_maxlen, restart_payload=self._restart,
-                                         n_items=len(items))
+            per_item += [
+                request_id,
+                pending.epoch,
+                self.claims[request_id].seq,
+                len(events),
+                *events,
+                int(pending.terminal is not None),
+                len(dead),
+                *dead,
+            ]
+        return scripts.PUBLISH_ARGV.args(
+            *per_item,
+            group=GROUP,
+            consumer=self.me,
+            req_prefix=part.keys.request_prefix,
+            res_prefix=part.keys.result_prefix,
+            ttl=self.settings.result_ttl_s,
+            dead_maxlen=self.settings.dead_letter_maxlen,
+            restart_payload=self._restart,
+            n_items=len(items),
+        )
 
     def _heartbeat_args(self, part: Partition) -> list[Any]:
         payload = b""
         if part.index == 0:
-            info = {"model": self.keys.model, "at": time.time(), "pid": os.getpid(),
-                    "slots_total": self.settings.max_num_seqs, "slots_used": len(self.claims),
-                    "partitions": len(self.parts), "draining": not self.reading,
-                    "engine_options": self.settings.engine_summary(), **self.stats()}
+            info = {
+                "model": self.keys.model,
+                "at": time.time(),
+                "pid": os.getpid(),
+                "slots_total": self.settings.max_num_seqs,
+                "slots_used": len(self.claims),
+                "partitions": len(self.parts),
+                "draining": not self.reading,
+                "engine_options": self.settings.engine_summary(),
+                **self.stats(),
+            }
             payload = msgpack.packb(info, use_bin_type=True)
-        return scripts.HEARTBEAT_ARGV.args(*_quads(c for c in self.claims.values() if c.partition == part.index),
-                                           group=GROUP, consumer=self.me, req_prefix=part.keys.request_prefix,
-                                           ttl=self.settings.result_ttl_s, heartbeat=payload)
+        return scripts.HEARTBEAT_ARGV.args(
+            *_quads(c for c in self.claims.values() if c.partition == part.index),
+            group=GROUP,
+            consumer=self.me,
+            req_prefix=part.keys.request_prefix,
+            ttl=self.settings.result_ttl_s,
+            heartbeat=payload,
+        )
 
     def _after_publish(self, items: list[tuple[str, Pending]], reply: list[Any]) -> None:
         statuses, lost, cancelled, rolled_back = reply
         if rolled_back:
             self.rollbacks += rolled_back
-            log.warning("redis lost writes it had acknowledged; the requests affected start over",
-                        requests=rolled_back, lost_so_far=self.rollbacks)
+            log.warning(
+                "redis lost writes it had acknowledged; the requests affected start over",
+                requests=rolled_back,
+                lost_so_far=self.rollbacks,
+            )
         freed = False
         for (request_id, pending), status in zip(items, statuses, strict=True):
             claim = self.claims.get(request_id)
@@ -283,8 +340,9 @@ class Relay(Admission):
         claim = self.claims.get(request_id)
         if claim is not None and claim.epoch == epoch:
             del self.claims[request_id]
-            log.warning("ownership lost: another worker took the request over", request_id=request_id,
-                        epoch=claim.epoch)
+            log.warning(
+                "ownership lost: another worker took the request over", request_id=request_id, epoch=claim.epoch
+            )
             self.inbox.put(Note(NoteKind.LOST, request_id, claim.epoch))
             self._slots_freed.set()
 
@@ -294,8 +352,9 @@ class Relay(Admission):
         for part in self.parts:
             claims = [c for c in self.claims.values() if c.partition == part.index]
             if claims:
-                args = scripts.HAND_BACK_ARGV.args(*_quads(claims), group=GROUP, consumer=self.me,
-                                                   req_prefix=part.keys.request_prefix)
+                args = scripts.HAND_BACK_ARGV.args(
+                    *_quads(claims), group=GROUP, consumer=self.me, req_prefix=part.keys.request_prefix
+                )
                 handed = self._hand_back_script(keys=part.script_keys, args=args)
                 log.info("handed back in-flight requests", count=handed, partition=part.index)
         self.redis.hdel(self.keys.workers, self.me)

@@ -16,8 +16,18 @@ from __future__ import annotations
 
 from producer.lua import Argv, priority_table
 
-_CLAIM_NAMES = ("group", "consumer", "req_prefix", "res_prefix", "ttl", "max_deliveries", "dead_maxlen",
-                "restart_payload", "cancelled_payload", "dead_payload")
+_CLAIM_NAMES = (
+    "group",
+    "consumer",
+    "req_prefix",
+    "res_prefix",
+    "ttl",
+    "max_deliveries",
+    "dead_maxlen",
+    "restart_payload",
+    "cancelled_payload",
+    "dead_payload",
+)
 
 _CLAIM = """
 local prio_names = $priority_names
@@ -78,10 +88,23 @@ end
 # The names, then pre-read entries (from a blocking XREADGROUP) as: queue index, entry id, n fields, fields...
 # New entries are read from queues first_queue..last_queue (1 high .. 3 low): a worker reading several
 # partitions takes one priority class at a time across all of them.
-ADMIT_ARGV = Argv((*_CLAIM_NAMES, "budget", "autoclaim", "min_idle_ms", "cursor_high", "cursor_normal", "cursor_low",
-                   "first_queue", "last_queue"),
-                  numbers=frozenset({"max_deliveries", "budget", "first_queue", "last_queue"}))
-ADMIT = ADMIT_ARGV.script(_CLAIM + """
+ADMIT_ARGV = Argv(
+    (
+        *_CLAIM_NAMES,
+        "budget",
+        "autoclaim",
+        "min_idle_ms",
+        "cursor_high",
+        "cursor_normal",
+        "cursor_low",
+        "first_queue",
+        "last_queue",
+    ),
+    numbers=frozenset({"max_deliveries", "budget", "first_queue", "last_queue"}),
+)
+ADMIT = ADMIT_ARGV.script(
+    _CLAIM
+    + """
 local cursors = {cursor_high, cursor_normal, cursor_low}
 local out = {}
 local function take(qi, entry, fields)
@@ -119,7 +142,8 @@ for qi = first_queue, last_queue do
   end
 end
 return {cursors[1], cursors[2], cursors[3], out}
-""")
+"""
+)
 
 # The names, then per item: id, epoch, seq, n events, events..., terminal (0/1), n dead fields, dead fields...
 # Returns {statuses (0 written, 1 already written by an earlier try, 2 lost), lost ids, ids to cancel,
@@ -133,9 +157,12 @@ return {cursors[1], cursors[2], cursors[3], out}
 # on top of it: a running claim is forfeited (owner cleared, entry handed back as long idle), and the
 # next claim starts the request over with a `restart`; a request no longer claimed gets the `restart`
 # now, ahead of whatever its next claim writes.
-PUBLISH_ARGV = Argv(("group", "consumer", "req_prefix", "res_prefix", "ttl", "dead_maxlen", "restart_payload",
-                     "n_items"), numbers=frozenset({"n_items"}))
-PUBLISH = PUBLISH_ARGV.script("""
+PUBLISH_ARGV = Argv(
+    ("group", "consumer", "req_prefix", "res_prefix", "ttl", "dead_maxlen", "restart_payload", "n_items"),
+    numbers=frozenset({"n_items"}),
+)
+PUBLISH = PUBLISH_ARGV.script(
+    """
 local queues = $queues
 local statuses, lost, cancelled = {}, {}, {}
 local to_ack = $to_ack
@@ -196,7 +223,10 @@ end
 -- cancellations: O(requests being cancelled), not O(requests held)
 cancelled = redis.call('SPOP', KEYS[6], 1000)
 return {statuses, lost, cancelled, rolled_back}
-""", queues=priority_table(lambda i: f"KEYS[{i}]"), to_ack=priority_table(lambda i: "{}"))
+""",
+    queues=priority_table(lambda i: f"KEYS[{i}]"),
+    to_ack=priority_table(lambda i: "{}"),
+)
 
 # The names, then (id, epoch, queue index, entry) quads.
 # Keeps this worker's entries fresh (idle 0) so no one takes them over; returns the ids it lost. The

@@ -27,9 +27,15 @@ ENGINES = ("llm", "noop")
 ENGINE_FIELDS_EXCLUDED: dict[str, str] = {}
 
 # Flags whose names are shorter than their fields' (kept for scripts, compose files and docs that use them).
-WORKER_FLAGS = {"redis_url": "--redis", "num_threads": "--threads", "heartbeat_s": "--heartbeat",
-                "claim_idle_s": "--claim-idle", "drain_grace_s": "--drain-grace",
-                "publish_interval_s": "--publish-interval", "noop_step_delay_s": "--noop-step-delay"}
+WORKER_FLAGS = {
+    "redis_url": "--redis",
+    "num_threads": "--threads",
+    "heartbeat_s": "--heartbeat",
+    "claim_idle_s": "--claim-idle",
+    "drain_grace_s": "--drain-grace",
+    "publish_interval_s": "--publish-interval",
+    "noop_step_delay_s": "--noop-step-delay",
+}
 
 # Help for the engine's own options; one that is missing here still gets its flag, with a plain help line.
 ENGINE_HELP = {
@@ -64,20 +70,21 @@ class WorkerSettings:
     model: str | None = setting(None, help="local HF model folder (default: the packaged SmolLM2-135M-Instruct)")
     model_name: str | None = setting(None, help="the name clients address (default: the folder's name)")
     engine: str = setting("llm", help="llm, or noop: one token per request per step and no model (load tests)")
-    dtype: str = setting("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float64, float16 or "
-                                      "bfloat16")
+    dtype: str = setting("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float64, float16 or bfloat16")
     max_num_seqs: int = setting(64, help="requests served at once")
     num_threads: int | None = setting(None, help="torch intra-op threads")
     num_kv_blocks: int | None = setting(None, help="KV-cache blocks (default: from --kv-cache-memory-gb)")
     noop_step_delay_s: float = setting(0.0, help="--engine noop: seconds each step takes")
-    partitions: int = setting(1, help="request streams per model, each its own Redis Cluster slot (producers "
-                              "must use the same number)")
+    partitions: int = setting(
+        1, help="request streams per model, each its own Redis Cluster slot (producers must use the same number)"
+    )
     heartbeat_s: float = setting(1.0, help="seconds between claim refreshes and heartbeats")
     claim_idle_s: float = setting(10.0, help="seconds before a silent worker's requests are taken over")
     max_deliveries: int = setting(3, help="claims of one request before it is dead-lettered")
     drain_grace_s: float = setting(30.0, help="SIGTERM: seconds to finish in-flight work before handing it back")
-    publish_interval_s: float = setting(0.0, help="minimum seconds between publish round trips (0: one per step, "
-                                                  "coalesced)")
+    publish_interval_s: float = setting(
+        0.0, help="minimum seconds between publish round trips (0: one per step, coalesced)"
+    )
     result_ttl_s: int = setting(DEFAULT_RESULT_TTL_S, help="seconds a finished request's result stream is kept")
     dead_letter_maxlen: int = setting(10_000, help="entries kept in a model's dead-letter stream")
     metrics_port: int = setting(0, help="serve Prometheus metrics on this port (0: off)")
@@ -127,8 +134,12 @@ class WorkerSettings:
         if self.engine == "noop":
             return {"engine": "noop"}
         config, defaults = self.engine_config(), EngineConfig()
-        summary = {"engine": self.engine, "dtype": config.dtype, "quantization": config.quantization,
-                   "kv_cache_dtype": config.kv_cache_dtype}
+        summary = {
+            "engine": self.engine,
+            "dtype": config.dtype,
+            "quantization": config.quantization,
+            "kv_cache_dtype": config.kv_cache_dtype,
+        }
         summary.update({k: v for k, v in self.engine_options.items() if v != getattr(defaults, k)})
         return summary
 
@@ -138,8 +149,10 @@ class WorkerSettings:
         Engine options are read by their EngineConfig names (`kv_cache_dtype`, TOKENRELAY_KV_CACHE_DTYPE)."""
         engine_overrides = {name: overrides.pop(name) for name in ENGINE_OPTIONS if name in overrides}
         values = loader.read(cls, overrides)
-        values["engine_options"] = {**loader.read(EngineConfig, engine_overrides, only=ENGINE_OPTIONS),
-                                    **values.get("engine_options", {})}
+        values["engine_options"] = {
+            **loader.read(EngineConfig, engine_overrides, only=ENGINE_OPTIONS),
+            **values.get("engine_options", {}),
+        }
         return cls(**values)
 
     def describe(self) -> dict[str, Any]:
@@ -150,8 +163,9 @@ class WorkerSettings:
 def add_worker_flags(parser: argparse.ArgumentParser) -> None:
     """The worker's flags, then the engine's, each derived from its dataclass."""
     loader.add_flags(parser, WorkerSettings, flags=WORKER_FLAGS)
-    engine = parser.add_argument_group("engine options", "EngineConfig fields (engine/config.py); booleans take "
-                                       "true/false, 1/0 or yes/no")
+    engine = parser.add_argument_group(
+        "engine options", "EngineConfig fields (engine/config.py); booleans take true/false, 1/0 or yes/no"
+    )
     loader.add_flags(engine, EngineConfig, helps=ENGINE_HELP, only=ENGINE_OPTIONS)
 
 
@@ -159,5 +173,8 @@ _WORKER_FIELDS = {f.name for f in dataclasses.fields(WorkerSettings)}
 # The engine reads these from the worker's own fields (the no-op engine and the heartbeat use them too).
 SHARED_WITH_ENGINE = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name in _WORKER_FIELDS)
 # The rest of EngineConfig: a flag and a TOKENRELAY_* variable each.
-ENGINE_OPTIONS = tuple(f.name for f in dataclasses.fields(EngineConfig)
-                       if f.name not in _WORKER_FIELDS and f.name not in ENGINE_FIELDS_EXCLUDED)
+ENGINE_OPTIONS = tuple(
+    f.name
+    for f in dataclasses.fields(EngineConfig)
+    if f.name not in _WORKER_FIELDS and f.name not in ENGINE_FIELDS_EXCLUDED
+)

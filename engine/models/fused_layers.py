@@ -29,8 +29,12 @@ def _merged(linears: list[nn.Linear]) -> nn.Linear:
     first = linears[0]
     has_bias = first.bias is not None
     out = torch.nn.utils.skip_init(  # no random init: the weights are overwritten at once
-        nn.Linear, first.in_features, sum(lin.out_features for lin in linears), bias=has_bias,
-        device=first.weight.device, dtype=first.weight.dtype,
+        nn.Linear,
+        first.in_features,
+        sum(lin.out_features for lin in linears),
+        bias=has_bias,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
     )
     with torch.no_grad():
         out.weight.copy_(torch.cat([lin.weight for lin in linears]))

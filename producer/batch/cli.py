@@ -27,8 +27,15 @@ def run_batch_command(args: argparse.Namespace) -> int:
     def on_start(total: int, done: int) -> None:
         nonlocal bar
         # throughput and ETA are tqdm's; `initial` makes a resumed run count from where it stands
-        bar = tqdm(total=total, initial=done, unit="req", smoothing=0.05, dynamic_ncols=True,
-                   disable=args.no_progress, file=sys.stderr)
+        bar = tqdm(
+            total=total,
+            initial=done,
+            unit="req",
+            smoothing=0.05,
+            dynamic_ncols=True,
+            disable=args.no_progress,
+            file=sys.stderr,
+        )
 
     def on_line(ok: bool) -> None:
         if bar is not None:
@@ -47,8 +54,16 @@ def run_batch_command(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, interrupt)
         async with batch_client(args.redis_url, args.prefix, args.partitions) as client:
-            return await run_batch_async(Path(args.input), Path(args.output), client, options,
-                                         Path(args.errors) if args.errors else None, on_start, on_line, stop)
+            return await run_batch_async(
+                Path(args.input),
+                Path(args.output),
+                client,
+                options,
+                Path(args.errors) if args.errors else None,
+                on_start,
+                on_line,
+                stop,
+            )
 
     try:
         summary = asyncio.run(main())

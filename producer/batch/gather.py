@@ -51,8 +51,9 @@ class Gatherer:
         try:
             await asyncio.wait_for(asyncio.shield(waiter.done), timeout)
         except TimeoutError:
-            raise APIError(504, f"no answer within {timeout:.0f} s", type="timeout_error",
-                           code=ErrorCode.DEADLINE) from None
+            raise APIError(
+                504, f"no answer within {timeout:.0f} s", type="timeout_error", code=ErrorCode.DEADLINE
+            ) from None
         finally:
             for key in stream_keys:
                 self.positions.pop(key, None)
@@ -82,8 +83,11 @@ class Gatherer:
         by_slot: dict[str, list[str]] = {}
         for key in self.positions:
             by_slot.setdefault(self._slots[key], []).append(key)
-        chunks = [keys[i:i + _MAX_KEYS_PER_READ] for keys in by_slot.values()
-                  for i in range(0, len(keys), _MAX_KEYS_PER_READ)]
+        chunks = [
+            keys[i : i + _MAX_KEYS_PER_READ]
+            for keys in by_slot.values()
+            for i in range(0, len(keys), _MAX_KEYS_PER_READ)
+        ]
         got, self._chunked = 0, len(chunks) > 1
         for chunk in chunks:
             streams = {k: self.positions[k] for k in chunk if k in self.positions}

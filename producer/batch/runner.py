@@ -68,8 +68,14 @@ def _plan(record: dict[str, Any], options: BatchOptions) -> GenerationPlan:
 
 
 class BatchRunner:
-    def __init__(self, client: AsyncClient, writer: ResultWriter, options: BatchOptions, salt: str,
-                 on_line: Callable[[bool], None]) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        writer: ResultWriter,
+        options: BatchOptions,
+        salt: str,
+        on_line: Callable[[bool], None],
+    ) -> None:
         self.client, self.writer, self.options = client, writer, options
         self.salt = salt  # ties request ids to this output file
         self.on_line = on_line  # called with success after each line is written
@@ -114,9 +120,12 @@ class BatchRunner:
                 await self._submit(requests)
                 for request_id in request_ids:
                     self.in_flight[request_id] = plan.model
-                completions = await self.gatherer.wait(Keys(plan.model, self.client.config.prefix), request_ids,
-                                                       self.options.request_timeout_s + 30,
-                                                       self.client.config.partitions)
+                completions = await self.gatherer.wait(
+                    Keys(plan.model, self.client.config.prefix),
+                    request_ids,
+                    self.options.request_timeout_s + 30,
+                    self.client.config.partitions,
+                )
             finally:
                 for request_id in request_ids:
                     self.in_flight.pop(request_id, None)
@@ -137,9 +146,17 @@ class BatchRunner:
         try:
             for prompt in plan.prompts:
                 for i in range(plan.n):
-                    requests.append(build_request(plan.model, stream=False, priority=self.options.priority,
-                                                  timeout=self.options.request_timeout_s,
-                                                  request_id=request_ids[index], **prompt, **plan.choice_params(i)))
+                    requests.append(
+                        build_request(
+                            plan.model,
+                            stream=False,
+                            priority=self.options.priority,
+                            timeout=self.options.request_timeout_s,
+                            request_id=request_ids[index],
+                            **prompt,
+                            **plan.choice_params(i),
+                        )
+                    )
                     index += 1
         except ProtocolError as exc:
             raise from_protocol_error(exc) from None
@@ -154,11 +171,17 @@ class BatchRunner:
             except QueueFull:
                 await asyncio.sleep(self.options.queue_full_backoff_s)
 
-    def _write(self, custom_id: str, status: int, request_id: str, body: dict[str, Any],
-               error: dict[str, Any] | None) -> None:
-        self.writer.write({"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id,
-                           "response": {"status_code": status, "request_id": request_id, "body": body},
-                           "error": error})
+    def _write(
+        self, custom_id: str, status: int, request_id: str, body: dict[str, Any], error: dict[str, Any] | None
+    ) -> None:
+        self.writer.write(
+            {
+                "id": f"batch_req_{secrets.token_hex(12)}",
+                "custom_id": custom_id,
+                "response": {"status_code": status, "request_id": request_id, "body": body},
+                "error": error,
+            }
+        )
         if error is None:
             self.summary.succeeded += 1
         else:
@@ -173,10 +196,16 @@ class BatchRunner:
                 pass
 
 
-async def run_batch_async(input_path: Path, output_path: Path, client: AsyncClient, options: BatchOptions,
-                          errors_path: Path | None = None, on_start: Callable[[int, int], None] | None = None,
-                          on_line: Callable[[bool], None] | None = None, stop: asyncio.Event | None = None
-                          ) -> BatchSummary:
+async def run_batch_async(
+    input_path: Path,
+    output_path: Path,
+    client: AsyncClient,
+    options: BatchOptions,
+    errors_path: Path | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+    on_line: Callable[[bool], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> BatchSummary:
     started = time.monotonic()
     scan = scan_input(input_path)  # raises BatchInputError before anything is sent
     done = done_ids(output_path) & scan.custom_ids
@@ -224,16 +253,18 @@ async def run_batch_async(input_path: Path, output_path: Path, client: AsyncClie
     return runner.summary
 
 
-def _settle(tasks: set[asyncio.Task[None]], failures: list[BaseException], stop: asyncio.Event,
-            task: asyncio.Task[None]) -> None:
+def _settle(
+    tasks: set[asyncio.Task[None]], failures: list[BaseException], stop: asyncio.Event, task: asyncio.Task[None]
+) -> None:
     tasks.discard(task)
     if not task.cancelled() and task.exception() is not None:
         failures.append(task.exception())  # type: ignore[arg-type]
         stop.set()
 
 
-def batch_client(redis_url: str | None, prefix: str | None, partitions: int | None = None,
-                 max_connections: int = 16) -> AsyncClient:
+def batch_client(
+    redis_url: str | None, prefix: str | None, partitions: int | None = None, max_connections: int = 16
+) -> AsyncClient:
     """An AsyncClient whose pool waits for a free connection: a window of lines submits concurrently."""
     url = ClientConfig.from_env(redis_url=redis_url).redis_url
     client = connect_async(url, max_connections=max_connections, socket_connect_timeout=5, socket_timeout=11)
@@ -244,13 +275,25 @@ def default_errors_path(output_path: Path) -> Path:
     return output_path.with_name(output_path.name.removesuffix(".jsonl") + ".errors.jsonl")
 
 
-def run_batch(input_path: str | Path, output_path: str | Path, redis_url: str | None = None, *,
-              errors_path: str | Path | None = None, prefix: str | None = None,
-              options: BatchOptions | None = None) -> BatchSummary:
+def run_batch(
+    input_path: str | Path,
+    output_path: str | Path,
+    redis_url: str | None = None,
+    *,
+    errors_path: str | Path | None = None,
+    prefix: str | None = None,
+    options: BatchOptions | None = None,
+) -> BatchSummary:
     """Blocking: runs the whole file (resuming from the output), returns the counts (Celery calls this)."""
+
     async def go() -> BatchSummary:
         async with batch_client(redis_url, prefix) as client:
-            return await run_batch_async(Path(input_path), Path(output_path), client, options or BatchOptions(),
-                                         Path(errors_path) if errors_path else None)
+            return await run_batch_async(
+                Path(input_path),
+                Path(output_path),
+                client,
+                options or BatchOptions(),
+                Path(errors_path) if errors_path else None,
+            )
 
     return asyncio.run(go())

@@ -37,10 +37,20 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # every open stream holds a connection in a blocking read: past the pool's size, requests wait for one
-        redis_client = connect_async(settings.redis_url, max_connections=settings.redis_connections,
-                                     pool_timeout=30, socket_connect_timeout=5, socket_timeout=11)
-        client = AsyncClient(settings.redis_url, prefix=settings.prefix, max_queue_depth=settings.max_queue_depth,
-                             partitions=settings.partitions, client=redis_client)
+        redis_client = connect_async(
+            settings.redis_url,
+            max_connections=settings.redis_connections,
+            pool_timeout=30,
+            socket_connect_timeout=5,
+            socket_timeout=11,
+        )
+        client = AsyncClient(
+            settings.redis_url,
+            prefix=settings.prefix,
+            max_queue_depth=settings.max_queue_depth,
+            partitions=settings.partitions,
+            client=redis_client,
+        )
         app.state.gateway = Gateway(settings, client, admin, keys, metrics)
         try:
             yield
@@ -48,8 +58,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await client.close()
             admin.close()
 
-    app = FastAPI(title="tokenrelay", summary="OpenAI-compatible gateway over Redis Streams", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="tokenrelay",
+        summary="OpenAI-compatible gateway over Redis Streams",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.add_exception_handler(APIError, api_error_handler)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -23,8 +23,15 @@ _FAILED: dict[str, tuple[int, str]] = {
 class APIError(Exception):
     """An error answered to the HTTP client as OpenAI would shape it."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -53,9 +60,13 @@ def from_protocol_error(exc: ProtocolError, renames: dict[str, str] | None = Non
 
 
 def from_queue_full(exc: QueueFull, retry_after_s: int) -> APIError:
-    return APIError(429, f"The server is busy: {exc.depth} requests are waiting for model {exc.model!r}. "
-                    "Retry after a moment.", type="rate_limit_error", code="queue_full",
-                    headers={"Retry-After": str(retry_after_s)})
+    return APIError(
+        429,
+        f"The server is busy: {exc.depth} requests are waiting for model {exc.model!r}. Retry after a moment.",
+        type="rate_limit_error",
+        code="queue_full",
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 def from_request_failed(exc: RequestFailed) -> APIError:
@@ -64,6 +75,6 @@ def from_request_failed(exc: RequestFailed) -> APIError:
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model {model!r} does not exist or no worker serves it", param="model",
-                    code="model_not_found")
-
+    return APIError(
+        404, f"The model {model!r} does not exist or no worker serves it", param="model", code="model_not_found"
+    )

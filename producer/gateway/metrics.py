@@ -18,24 +18,49 @@ _PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/h
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.http_requests = Counter("tokenrelay_gateway_http_requests", "HTTP requests by path and status",
-                                     ["path", "status"], registry=registry)
-        self.http_seconds = Histogram("tokenrelay_gateway_http_request_seconds", "HTTP request duration "
-                                      "(streams: until the last byte)", ["path"], buckets=LATENCY_BUCKETS,
-                                      registry=registry)
+        self.http_requests = Counter(
+            "tokenrelay_gateway_http_requests",
+            "HTTP requests by path and status",
+            ["path", "status"],
+            registry=registry,
+        )
+        self.http_seconds = Histogram(
+            "tokenrelay_gateway_http_request_seconds",
+            "HTTP request duration (streams: until the last byte)",
+            ["path"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.in_flight = Gauge("tokenrelay_gateway_in_flight", "HTTP requests being served", registry=registry)
-        self.outcomes = Counter("tokenrelay_gateway_requests", "Generation requests (one per choice) by outcome: "
-                                "stop, length, abort, error:<code>, queue_full, client_disconnected",
-                                ["endpoint", "outcome"], registry=registry)
-        self.tokens = Counter("tokenrelay_gateway_tokens", "Tokens by kind (prompt, completion)",
-                              ["endpoint", "kind"], registry=registry)
-        self.ttft = Histogram("tokenrelay_gateway_ttft_seconds", "Time to first token: from the HTTP request "
-                              "(streams) or the submit (non-streamed, as the worker measured it)",
-                              buckets=LATENCY_BUCKETS, registry=registry)
-        self.inter_token = Histogram("tokenrelay_gateway_inter_token_seconds", "Gap between streamed tokens",
-                                     buckets=LATENCY_BUCKETS, registry=registry)
-        self.queue_wait = Histogram("tokenrelay_gateway_queue_wait_seconds", "Time requests waited in the queue",
-                                    buckets=LATENCY_BUCKETS, registry=registry)
+        self.outcomes = Counter(
+            "tokenrelay_gateway_requests",
+            "Generation requests (one per choice) by outcome: "
+            "stop, length, abort, error:<code>, queue_full, client_disconnected",
+            ["endpoint", "outcome"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "tokenrelay_gateway_tokens", "Tokens by kind (prompt, completion)", ["endpoint", "kind"], registry=registry
+        )
+        self.ttft = Histogram(
+            "tokenrelay_gateway_ttft_seconds",
+            "Time to first token: from the HTTP request "
+            "(streams) or the submit (non-streamed, as the worker measured it)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token = Histogram(
+            "tokenrelay_gateway_inter_token_seconds",
+            "Gap between streamed tokens",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "tokenrelay_gateway_queue_wait_seconds",
+            "Time requests waited in the queue",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
 
     def outcome(self, endpoint: Endpoint, outcome: str, count: int = 1) -> None:
         self.outcomes.labels(endpoint.value, outcome).inc(count)

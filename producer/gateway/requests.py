@@ -14,14 +14,37 @@ from producer.protocol import Priority
 # OpenAI fields accepted and ignored: they change nothing about the tokens produced.
 _IGNORED = frozenset({"user", "metadata", "service_tier", "parallel_tool_calls"})
 # Extensions in vLLM's spirit, passed to the engine under the same names.
-_EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-               "skip_special_tokens", "include_stop_str_in_output")
+_EXTENSIONS = (
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
 _SAMPLING = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", *_EXTENSIONS)
 _COMMON = frozenset({"model", "n", "stream", "stream_options", "logit_bias", "priority", *_SAMPLING, *_IGNORED})
 _COMPLETION_FIELDS = _COMMON | {"prompt", "max_tokens", "echo", "logprobs", "best_of", "suffix"}
-_CHAT_FIELDS = _COMMON | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs",
-                          "response_format", "tools", "tool_choice", "functions", "function_call", "modalities",
-                          "store", "reasoning_effort", "audio", "prediction", "web_search_options"}
+_CHAT_FIELDS = _COMMON | {
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "modalities",
+    "store",
+    "reasoning_effort",
+    "audio",
+    "prediction",
+    "web_search_options",
+}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -61,8 +84,9 @@ class GenerationPlan:
 def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
     for name in body:
         if name not in allowed:
-            raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
-                           code="unsupported_parameter")
+            raise APIError(
+                400, f"Unrecognized request argument supplied: {name}", param=name, code="unsupported_parameter"
+            )
 
 
 def _int(body: dict[str, Any], name: str, low: int, high: int, default: int | None) -> int | None:
@@ -134,13 +158,26 @@ def parse_completion(body: Any, max_choices: int) -> GenerationPlan:
     prompts = _completion_prompts(body.get("prompt"))
     if len(prompts) * n > max_choices:
         raise invalid("n", f"prompts x n must be at most {max_choices}")
-    return GenerationPlan(Endpoint.COMPLETIONS, model, prompts, _validated(params), n, stream, include_usage,
-                          echo, logprobs, _priority(body))
+    return GenerationPlan(
+        Endpoint.COMPLETIONS,
+        model,
+        prompts,
+        _validated(params),
+        n,
+        stream,
+        include_usage,
+        echo,
+        logprobs,
+        _priority(body),
+    )
 
 
 def _is_tokens(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    )
 
 
 def _completion_prompts(prompt: Any) -> list[dict[str, Any]]:
@@ -153,8 +190,9 @@ def _completion_prompts(prompt: Any) -> list[dict[str, Any]]:
             return [{"prompt": p} for p in prompt]
         if all(_is_tokens(p) for p in prompt):
             return [{"prompt_token_ids": p} for p in prompt]
-    raise invalid("prompt", "must be a non-empty string, a list of strings, a list of token ids or a list of "
-                  "token-id lists")
+    raise invalid(
+        "prompt", "must be a non-empty string, a list of strings, a list of token ids or a list of token-id lists"
+    )
 
 
 def parse_chat(body: Any, max_choices: int, default_max_tokens: int) -> GenerationPlan:
@@ -184,8 +222,18 @@ def parse_chat(body: Any, max_choices: int, default_max_tokens: int) -> Generati
         params["logprobs"] = logprobs
     messages = _messages(body.get("messages"))
     checked = _validated(params, {"max_tokens": limit_name})
-    return GenerationPlan(Endpoint.CHAT, model, [{"messages": messages}], checked, n, stream, include_usage, False,
-                          logprobs, _priority(body))
+    return GenerationPlan(
+        Endpoint.CHAT,
+        model,
+        [{"messages": messages}],
+        checked,
+        n,
+        stream,
+        include_usage,
+        False,
+        logprobs,
+        _priority(body),
+    )
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -198,8 +246,9 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise invalid(where, "must be an object")
         role = message.get("role")
         if role not in _ROLES:
-            raise unsupported(f"{where}.role", f"{str(role)[:32]!r} is not supported (system, developer, user, "
-                              "assistant)")
+            raise unsupported(
+                f"{where}.role", f"{str(role)[:32]!r} is not supported (system, developer, user, assistant)"
+            )
         if message.get("tool_calls") or message.get("function_call"):
             raise unsupported(f"{where}.tool_calls")
         messages.append({"role": _ROLES[role], "content": _content(message.get("content"), where, role)})
@@ -216,8 +265,9 @@ def _content(content: Any, where: str, role: str) -> str:
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text" or not isinstance(part.get("text"), str):
-                raise unsupported(f"{where}.content[{j}].type", f"{str(kind)[:32]!r} parts are not supported "
-                                  "(text only)")
+                raise unsupported(
+                    f"{where}.content[{j}].type", f"{str(kind)[:32]!r} parts are not supported (text only)"
+                )
             texts.append(part["text"])
         return "".join(texts)
     raise invalid(f"{where}.content", "must be a string or a list of text parts")

@@ -33,8 +33,9 @@ def _alternatives(entry: Sequence[Any]) -> list[tuple[str, float]]:
     return [(str(a[2]) if len(a) > 2 and a[2] is not None else f"token_id:{a[0]}", float(a[1])) for a in alts]
 
 
-def completion_logprobs(entries: Logprobs, offset: int = 0, prompt_entries: Logprobs | None = None,
-                        prompt_text: str = "") -> dict[str, Any]:
+def completion_logprobs(
+    entries: Logprobs, offset: int = 0, prompt_entries: Logprobs | None = None, prompt_text: str = ""
+) -> dict[str, Any]:
     """The legacy completions shape: parallel lists of tokens, logprobs, top alternatives and offsets."""
     tokens: list[str] = []
     logprobs: list[float | None] = []
@@ -66,8 +67,10 @@ def chat_logprobs(entries: Logprobs) -> dict[str, Any]:
     def item(token: str, logprob: float) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
-    content = [{**item(token_text(e), float(e[1])), "top_logprobs": [item(t, lp) for t, lp in _alternatives(e)]}
-               for e in entries]
+    content = [
+        {**item(token_text(e), float(e[1])), "top_logprobs": [item(t, lp) for t, lp in _alternatives(e)]}
+        for e in entries
+    ]
     return {"content": content, "refusal": None}
 
 
@@ -76,8 +79,12 @@ def usage(plan: GenerationPlan, completions: Sequence[Completion]) -> dict[str, 
     prompt = sum(int(c.usage.get("prompt_tokens", 0)) for c in completions[:: plan.n])
     cached = sum(int(c.usage.get("cached_tokens", 0)) for c in completions[:: plan.n])
     generated = sum(int(c.usage.get("completion_tokens", len(c.token_ids))) for c in completions)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": generated,
+        "total_tokens": prompt + generated,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _choice_logprobs(plan: GenerationPlan, completion: Completion, prompt_text: str) -> dict[str, Any] | None:
@@ -104,10 +111,15 @@ def full_response(plan: GenerationPlan, completions: Sequence[Completion]) -> di
         else:
             text = prompt_text + completion.text if plan.echo else completion.text
             choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
-    return {"id": response_id(plan.endpoint),
-            "object": "chat.completion" if plan.endpoint is Endpoint.CHAT else "text_completion",
-            "created": int(time.time()), "model": plan.model, "system_fingerprint": None, "choices": choices,
-            "usage": usage(plan, completions)}
+    return {
+        "id": response_id(plan.endpoint),
+        "object": "chat.completion" if plan.endpoint is Endpoint.CHAT else "text_completion",
+        "created": int(time.time()),
+        "model": plan.model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": usage(plan, completions),
+    }
 
 
 class ChunkMaker:
@@ -120,13 +132,21 @@ class ChunkMaker:
         self.object = "chat.completion.chunk" if plan.endpoint is Endpoint.CHAT else "text_completion"
 
     def _wrap(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.plan.model,
-                "system_fingerprint": None, "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.plan.model,
+            "system_fingerprint": None,
+            "choices": choices,
+            **extra,
+        }
 
     def role(self, index: int) -> dict[str, Any]:
         """Chat's first chunk of a choice announces the assistant role."""
-        return self._wrap([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None}])
+        return self._wrap(
+            [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+        )
 
     def text(self, index: int, text: str, logprobs: Logprobs | None, offset: int) -> dict[str, Any]:
         if self.plan.endpoint is Endpoint.CHAT:

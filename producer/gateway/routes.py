@@ -79,8 +79,9 @@ async def model(request: Request, model: str) -> Response:
     for entry in listed["data"]:
         if entry["id"] == model:
             return JSONResponse(entry)
-    raise APIError(404, f"The model {model!r} does not exist or no worker serves it", param="model",
-                   code="model_not_found")
+    raise APIError(
+        404, f"The model {model!r} does not exist or no worker serves it", param="model", code="model_not_found"
+    )
 
 
 @router.get("/health")

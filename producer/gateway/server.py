@@ -15,6 +15,7 @@ def run_gateway(settings: GatewaySettings) -> int:
     log.info("gateway settings", **settings.describe())
     app = create_app(settings)
     # uvicorn's own access log would duplicate the metrics and print prompts' URLs: structlog lines only
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False, timeout_graceful_shutdown=30
+    )
     return 0

@@ -56,8 +56,9 @@ def model_metadata(view: fleet.ModelView) -> dict[str, Any]:
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings, client: AsyncClient, admin: SyncRedis, keys: APIKeys,
-                 metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, settings: GatewaySettings, client: AsyncClient, admin: SyncRedis, keys: APIKeys, metrics: GatewayMetrics
+    ) -> None:
         self.settings = settings
         self.client = client
         self.admin = admin  # sync connection for /v1/models and scrapes, used from the thread pool
@@ -85,8 +86,16 @@ class Gateway:
         for view in fleet.view(self.admin, self.settings.prefix, partitions=self.settings.partitions):
             if view.live:
                 started = min(float(w.get("started_at", w.get("at", 0))) for w in view.workers)
-                data.append({"id": view.model, "object": "model", "created": int(started), "owned_by": "tokenrelay",
-                             "workers": len(view.workers), "tokenrelay": model_metadata(view)})
+                data.append(
+                    {
+                        "id": view.model,
+                        "object": "model",
+                        "created": int(started),
+                        "owned_by": "tokenrelay",
+                        "workers": len(view.workers),
+                        "tokenrelay": model_metadata(view),
+                    }
+                )
         return {"object": "list", "data": data}
 
     def _requests(self, plan: GenerationPlan) -> list[WireRequest]:
@@ -94,9 +103,16 @@ class Gateway:
         try:
             for prompt in plan.prompts:
                 for i in range(plan.n):
-                    requests.append(build_request(plan.model, stream=plan.stream, priority=plan.priority,
-                                                  timeout=self.settings.request_timeout_s, **prompt,
-                                                  **plan.choice_params(i)))
+                    requests.append(
+                        build_request(
+                            plan.model,
+                            stream=plan.stream,
+                            priority=plan.priority,
+                            timeout=self.settings.request_timeout_s,
+                            **prompt,
+                            **plan.choice_params(i),
+                        )
+                    )
         except ProtocolError as exc:
             raise from_protocol_error(exc) from None
         return requests
@@ -112,12 +128,15 @@ class Gateway:
     async def serve(self, plan: GenerationPlan, request: Request) -> Response:
         await self.check_model(plan.model)
         ids = await self._submit(plan)
-        log.info("generation submitted", endpoint=plan.endpoint.value, model=plan.model, request_ids=ids,
-                 stream=plan.stream)
+        log.info(
+            "generation submitted", endpoint=plan.endpoint.value, model=plan.model, request_ids=ids, stream=plan.stream
+        )
         if plan.stream:
             stream = relay(plan, self.client, ids, self.metrics, time.monotonic(), self._result_timeout)
-            return SSEResponse(stream, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                                REQUEST_IDS_HEADER: ",".join(ids)})
+            return SSEResponse(
+                stream,
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", REQUEST_IDS_HEADER: ",".join(ids)},
+            )
         return await self._answer(plan, ids, request)
 
     @property
@@ -139,8 +158,9 @@ class Gateway:
             results = waiting.result()
         except TimeoutError:
             await cancel_all(self.client, ids, plan.model)
-            raise APIError(504, "No answer within the request timeout.", type="timeout_error",
-                           code=ErrorCode.DEADLINE) from None
+            raise APIError(
+                504, "No answer within the request timeout.", type="timeout_error", code=ErrorCode.DEADLINE
+            ) from None
         completions = [results[i] for i in ids]
         for completion in completions:
             self.metrics.finished(plan.endpoint, completion, streamed=False)
@@ -150,4 +170,3 @@ class Gateway:
             except RequestFailed as exc:
                 raise from_request_failed(exc) from None
         return JSONResponse(full_response(plan, completions), headers={REQUEST_IDS_HEADER: ",".join(ids)})
-

@@ -22,8 +22,10 @@ class GatewaySettings:
     host: str = setting("127.0.0.1", help="address to listen on")
     port: int = setting(8000, help="TCP port")
     # Keys themselves come from TOKENRELAY_API_KEYS (comma-separated; producer/gateway/auth.py), never a flag.
-    api_key_file: str | None = setting(None, help="bearer keys, one per line (or sha256:<hex>); keys may also "
-                                                  "come comma-separated in TOKENRELAY_API_KEYS")
+    api_key_file: str | None = setting(
+        None,
+        help="bearer keys, one per line (or sha256:<hex>); keys may also come comma-separated in TOKENRELAY_API_KEYS",
+    )
     max_queue_depth: int = setting(DEFAULT_MAX_QUEUE_DEPTH, help="backlog past which a model answers 429")
     retry_after_s: int = setting(2, help="the Retry-After of a 429, seconds")
     request_timeout_s: float = setting(600.0, help="seconds per request, queue time included: 504 past it")

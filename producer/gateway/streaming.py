@@ -40,6 +40,7 @@ class SSEResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as group:
+
             async def run_then_stop(func: Callable[[], Awaitable[None]]) -> None:
                 try:
                     await func()
@@ -73,7 +74,7 @@ class Replay:
         overlap = min(len(self.again_text), len(self.sent_text))
         if self.again_text[:overlap] != self.sent_text[:overlap]:
             return None
-        new_text = self.again_text[len(self.sent_text):]
+        new_text = self.again_text[len(self.sent_text) :]
         new_tokens = max(0, self.again_tokens - self.sent_tokens)
         if new_text or new_tokens:
             self.replaying = False
@@ -81,8 +82,9 @@ class Replay:
         return new_text, new_tokens
 
 
-async def relay(plan: GenerationPlan, client: AsyncClient, ids: list[str], metrics: GatewayMetrics,
-                started: float, timeout: float) -> AsyncIterator[str]:
+async def relay(
+    plan: GenerationPlan, client: AsyncClient, ids: list[str], metrics: GatewayMetrics, started: float, timeout: float
+) -> AsyncIterator[str]:
     """Chunks of every choice as their events arrive; unfinished requests are cancelled however it ends."""
     events: asyncio.Queue[tuple[int, Event | Exception]] = asyncio.Queue()
 
@@ -120,15 +122,17 @@ async def relay(plan: GenerationPlan, client: AsyncClient, ids: list[str], metri
                 fresh = replays[index].fresh(item.text, len(item.token_ids))
                 if fresh is None:
                     client_left = False
-                    yield error_chunk("a worker was lost mid-stream and the restarted generation differs from "
-                                      "what was already sent", code="restart_diverged")
+                    yield error_chunk(
+                        "a worker was lost mid-stream and the restarted generation differs from what was already sent",
+                        code="restart_diverged",
+                    )
                     break
                 text, tokens = fresh
                 if text or tokens:
                     now = time.monotonic()
                     metrics.observe_tokens(started, last_token_at[index], now, tokens)
                     last_token_at[index] = now
-                    logprobs = item.logprobs[len(item.logprobs) - tokens:] if item.logprobs and tokens else None
+                    logprobs = item.logprobs[len(item.logprobs) - tokens :] if item.logprobs and tokens else None
                     offset = len(replays[index].sent_text) - len(text)
                     yield sse(chunks.text(index, text, logprobs, offset))
             if item.type is EventType.ERROR:

@@ -30,12 +30,28 @@ def delta_event(text: str, token_ids: list[int], logprobs: Logprobs | None = Non
     return _pack(body)
 
 
-def done_event(finish_reason: FinishReason, usage: dict[str, Any], *, stop_reason: Any = None, metadata: Any = None,
-               worker: str = "", text: str | None = None, token_ids: list[int] | None = None,
-               logprobs: Logprobs | None = None, prompt_logprobs: Logprobs | None = None) -> bytes:
+def done_event(
+    finish_reason: FinishReason,
+    usage: dict[str, Any],
+    *,
+    stop_reason: Any = None,
+    metadata: Any = None,
+    worker: str = "",
+    text: str | None = None,
+    token_ids: list[int] | None = None,
+    logprobs: Logprobs | None = None,
+    prompt_logprobs: Logprobs | None = None,
+) -> bytes:
     """The terminal event of a finished request; non-streamed requests carry their whole output here."""
-    body: dict[str, Any] = {"v": SCHEMA_VERSION, "type": EventType.DONE.value, "finish_reason": finish_reason,
-                            "stop_reason": stop_reason, "usage": usage, "metadata": metadata, "worker": worker}
+    body: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "type": EventType.DONE.value,
+        "finish_reason": finish_reason,
+        "stop_reason": stop_reason,
+        "usage": usage,
+        "metadata": metadata,
+        "worker": worker,
+    }
     if text is not None:
         body["text"], body["token_ids"] = text, token_ids or []
     if logprobs is not None:
@@ -46,8 +62,16 @@ def done_event(finish_reason: FinishReason, usage: dict[str, Any], *, stop_reaso
 
 
 def error_event(code: ErrorCode, message: str, metadata: Any = None, worker: str = "") -> bytes:
-    return _pack({"v": SCHEMA_VERSION, "type": EventType.ERROR.value, "code": code, "message": message[:2000],
-                  "metadata": metadata, "worker": worker})
+    return _pack(
+        {
+            "v": SCHEMA_VERSION,
+            "type": EventType.ERROR.value,
+            "code": code,
+            "message": message[:2000],
+            "metadata": metadata,
+            "worker": worker,
+        }
+    )
 
 
 def restart_event(worker: str) -> bytes:

@@ -46,8 +46,10 @@ _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 
 def check_model_name(model: str) -> str:
     if not isinstance(model, str) or not _MODEL_NAME.match(model):
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"model: {str(model)[:64]!r} is not a valid model name "
-                            "(1-128 of letters, digits and ._:/@+-)")
+        raise ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            f"model: {str(model)[:64]!r} is not a valid model name (1-128 of letters, digits and ._:/@+-)",
+        )
     return model
 
 

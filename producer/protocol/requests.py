@@ -46,10 +46,17 @@ class Request:
     metadata: Any = None  # opaque, echoed back in the terminal event
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {"v": SCHEMA_VERSION, "id": self.request_id, "model": self.model,
-                                "params": self.params, "stream": self.stream, "priority": self.priority.value,
-                                "deadline": self.deadline, "submitted_at": self.submitted_at,
-                                "metadata": self.metadata}
+        body: dict[str, Any] = {
+            "v": SCHEMA_VERSION,
+            "id": self.request_id,
+            "model": self.model,
+            "params": self.params,
+            "stream": self.stream,
+            "priority": self.priority.value,
+            "deadline": self.deadline,
+            "submitted_at": self.submitted_at,
+            "metadata": self.metadata,
+        }
         for name in ("prompt", "messages", "prompt_token_ids"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
@@ -75,9 +82,18 @@ def unpack(data: Any, max_bytes: int) -> Any:
     if len(data) > max_bytes:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"payload: {len(data)} bytes is over the limit of {max_bytes}")
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
-                               max_str_len=max_bytes, max_bin_len=max_bytes, max_array_len=max_bytes,
-                               max_map_len=max_bytes // 2, max_ext_len=max_bytes)
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            use_list=True,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
+            max_array_len=max_bytes,
+            max_map_len=max_bytes // 2,
+            max_ext_len=max_bytes,
+        )
     except ProtocolError:
         raise
     except Exception as exc:  # noqa: BLE001 - msgpack raises many types (ValueError, StackError, ...)
@@ -97,8 +113,10 @@ def decode_request(data: Any, limits: Limits = DEFAULT_LIMITS, expected_id: str 
     if not isinstance(version, int) or isinstance(version, bool):
         raise _fail("v: schema version is missing or not an integer")
     if version != SCHEMA_VERSION:
-        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"v: schema version {version} is not supported "
-                            f"(this worker speaks {SCHEMA_VERSION})")
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"v: schema version {version} is not supported (this worker speaks {SCHEMA_VERSION})",
+        )
     request_id = body.get("id")
     if not is_request_id(request_id) or (expected_id is not None and request_id != expected_id):
         raise _fail("id: must be 32 lowercase hex characters matching the stream entry's id")
@@ -134,8 +152,12 @@ def _decode_prompt(body: dict[str, Any], request: Request, limits: Limits) -> No
             raise _fail(f"prompt: must be a non-empty string of at most {limits.max_prompt_chars} characters")
         request.prompt = value
     elif given[0] == "prompt_token_ids":
-        if (not isinstance(value, list) or not value or len(value) > limits.max_prompt_tokens
-                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in value)):
+        if (
+            not isinstance(value, list)
+            or not value
+            or len(value) > limits.max_prompt_tokens
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in value)
+        ):
             raise _fail(f"prompt_token_ids: must be 1 to {limits.max_prompt_tokens} non-negative integers")
         request.prompt_token_ids = value
     else:
@@ -143,8 +165,12 @@ def _decode_prompt(body: dict[str, Any], request: Request, limits: Limits) -> No
             raise _fail(f"messages: must be a list of 1 to {limits.max_messages} messages")
         messages, chars = [], 0
         for message in value:
-            if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
-                    or not isinstance(message.get("content"), str) or not 0 < len(message["role"]) <= 64):
+            if (
+                not isinstance(message, dict)
+                or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)
+                or not 0 < len(message["role"]) <= 64
+            ):
                 raise _fail("messages: each message must be a map with string role and content")
             chars += len(message["content"])
             messages.append({"role": message["role"], "content": message["content"]})
@@ -154,8 +180,9 @@ def _decode_prompt(body: dict[str, Any], request: Request, limits: Limits) -> No
 
 
 def _optional_time(value: Any, name: str) -> float | None:
-    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                              or not math.isfinite(value) or value < 0):
+    if value is not None and (
+        not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0
+    ):
         raise _fail(f"{name}: must be null or a finite number of seconds since the epoch")
     return None if value is None else float(value)
 

@@ -18,8 +18,14 @@ with atheris.instrument_imports():
 
 SEEDS = [
     Request("a" * 32, "tiny", prompt="Write a poem about spring.", params={"max_tokens": 8, "temperature": 0.5}),
-    Request("b" * 32, "tiny", messages=[{"role": "user", "content": "Hi"}], params={"stop": ["x"], "seed": 3},
-            metadata={"user": 42, "tags": [1, 2.5, None, b"x"]}, deadline=2e9),
+    Request(
+        "b" * 32,
+        "tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        params={"stop": ["x"], "seed": 3},
+        metadata={"user": 42, "tags": [1, 2.5, None, b"x"]},
+        deadline=2e9,
+    ),
     Request("c" * 32, "tiny", prompt_token_ids=[1, 2, 3], params={"logprobs": 2, "top_k": 5}, stream=False),
 ]
 

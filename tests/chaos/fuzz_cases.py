@@ -19,34 +19,82 @@ from producer.params import PARAM_NAMES
 from producer.protocol import SCHEMA_VERSION, new_request_id
 
 MODEL = "tiny"
-FIELDS = ["v", "id", "model", "prompt", "messages", "prompt_token_ids", "params", "stream", "priority", "deadline",
-          "submitted_at", "metadata"]
+FIELDS = [
+    "v",
+    "id",
+    "model",
+    "prompt",
+    "messages",
+    "prompt_token_ids",
+    "params",
+    "stream",
+    "priority",
+    "deadline",
+    "submitted_at",
+    "metadata",
+]
 
-_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
-                  st.text(max_size=24), st.binary(max_size=12), st.sampled_from(["", "tiny", "high", "a" * 32]))
-values = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
-    st.text(max_size=10) | st.sampled_from(sorted(PARAM_NAMES)), inner, max_size=5), max_leaves=16)
+_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=24),
+    st.binary(max_size=12),
+    st.sampled_from(["", "tiny", "high", "a" * 32]),
+)
+values = st.recursive(
+    _leaf,
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.text(max_size=10) | st.sampled_from(sorted(PARAM_NAMES)), inner, max_size=5)
+    ),
+    max_leaves=16,
+)
 
 _prompt = st.one_of(
     st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=64)}),
     st.fixed_dictionaries({"prompt_token_ids": st.lists(st.integers(0, 40_000), min_size=1, max_size=16)}),
-    st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries(
-        {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=32)}),
-        min_size=1, max_size=3)}),
+    st.fixed_dictionaries(
+        {
+            "messages": st.lists(
+                st.fixed_dictionaries(
+                    {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=32)}
+                ),
+                min_size=1,
+                max_size=3,
+            )
+        }
+    ),
 )
-_params = st.fixed_dictionaries({"max_tokens": st.integers(1, 8)}, optional={
-    "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "top_k": st.integers(-1, 50),
-    "seed": st.integers(0, 2**32), "stop": st.lists(st.text(min_size=1, max_size=4), max_size=2),
-    "ignore_eos": st.booleans(), "logprobs": st.integers(0, 3)})
+_params = st.fixed_dictionaries(
+    {"max_tokens": st.integers(1, 8)},
+    optional={
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0.01, 1),
+        "top_k": st.integers(-1, 50),
+        "seed": st.integers(0, 2**32),
+        "stop": st.lists(st.text(min_size=1, max_size=4), max_size=2),
+        "ignore_eos": st.booleans(),
+        "logprobs": st.integers(0, 3),
+    },
+)
 
 
 @st.composite
 def valid_bodies(draw: st.DrawFn, request_id: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request_id, "model": MODEL, **draw(_prompt),
-                            "params": draw(_params), "stream": draw(st.booleans()),
-                            "priority": draw(st.sampled_from(["high", "normal", "low"])),
-                            "deadline": draw(st.none() | st.just(time.time() + 3600) | st.just(1.0)),
-                            "submitted_at": time.time(), "metadata": draw(st.none() | values)}
+    body: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "id": request_id,
+        "model": MODEL,
+        **draw(_prompt),
+        "params": draw(_params),
+        "stream": draw(st.booleans()),
+        "priority": draw(st.sampled_from(["high", "normal", "low"])),
+        "deadline": draw(st.none() | st.just(time.time() + 3600) | st.just(1.0)),
+        "submitted_at": time.time(),
+        "metadata": draw(st.none() | values),
+    }
     return body
 
 
@@ -89,8 +137,11 @@ def _pack(body: Any) -> bytes:
 def entries(draw: st.DrawFn) -> tuple[dict[str, bytes | str], str | None]:
     """(stream entry fields, the id an error event must reach or None)."""
     request_id = new_request_id()
-    kind = draw(st.sampled_from(["valid", "corrupt", "corrupt", "shape", "bytes", "mutated", "mutated",
-                                 "wrong_id", "no_id", "bad_id"]))
+    kind = draw(
+        st.sampled_from(
+            ["valid", "corrupt", "corrupt", "shape", "bytes", "mutated", "mutated", "wrong_id", "no_id", "bad_id"]
+        )
+    )
     if kind == "valid":
         payload = _pack(draw(valid_bodies(request_id)))
     elif kind == "corrupt":
@@ -100,8 +151,9 @@ def entries(draw: st.DrawFn) -> tuple[dict[str, bytes | str], str | None]:
     elif kind == "bytes":
         payload = draw(st.binary(max_size=512))
     elif kind == "mutated":
-        edits = draw(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4096), st.integers(0, 255)),
-                              min_size=1, max_size=4))
+        edits = draw(
+            st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4096), st.integers(0, 255)), min_size=1, max_size=4)
+        )
         payload = _mutate(_pack(draw(valid_bodies(request_id))), edits)
     elif kind == "wrong_id":
         payload = _pack(draw(valid_bodies(new_request_id())))
@@ -114,8 +166,9 @@ def entries(draw: st.DrawFn) -> tuple[dict[str, bytes | str], str | None]:
     return {"id": request_id, "m": payload}, request_id
 
 
-def mutants(seeds: list[tuple[dict[str, bytes | str], str | None]], n: int,
-            rng: random.Random) -> list[tuple[dict[str, bytes | str], str | None]]:
+def mutants(
+    seeds: list[tuple[dict[str, bytes | str], str | None]], n: int, rng: random.Random
+) -> list[tuple[dict[str, bytes | str], str | None]]:
     """n cheap descendants of hypothesis-drawn entries (hypothesis draws ~100 a second; this, ~100,000):
     a fresh request id written over the old one wherever it appears, then a few bytes damaged, half the time."""
     out: list[tuple[dict[str, bytes | str], str | None]] = []
@@ -137,8 +190,9 @@ def generate(n: int) -> list[tuple[dict[str, bytes | str], str | None]]:
     """n entries drawn by hypothesis (generation only: nothing to shrink, no example database)."""
     drawn: list[tuple[dict[str, bytes | str], str | None]] = []
 
-    @settings(max_examples=n, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n, database=None, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck)
+    )
     @given(entries())
     def collect(entry: tuple[dict[str, bytes | str], str | None]) -> None:
         drawn.append(entry)

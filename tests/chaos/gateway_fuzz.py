@@ -21,39 +21,81 @@ from schemathesis import GenerationMode
 
 _text = {"type": "string", "minLength": 1, "maxLength": 64}
 _ids = {"type": "array", "minItems": 1, "maxItems": 16, "items": {"type": "integer", "minimum": 0, "maximum": 31_999}}
-_prompt = {"anyOf": [_text, {"type": "array", "minItems": 1, "maxItems": 3, "items": _text}, _ids,
-                     {"type": "array", "minItems": 1, "maxItems": 3, "items": _ids}]}
+_prompt = {
+    "anyOf": [
+        _text,
+        {"type": "array", "minItems": 1, "maxItems": 3, "items": _text},
+        _ids,
+        {"type": "array", "minItems": 1, "maxItems": 3, "items": _ids},
+    ]
+}
 _sampling = {
-    "model": {"type": "string", "enum": ["tiny"]}, "max_tokens": {"type": "integer", "minimum": 1, "maximum": 16},
-    "n": {"type": "integer", "minimum": 1, "maximum": 3}, "stream": {"type": "boolean"},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "top_p": {"type": "number", "minimum": 0.01,
-                                                                           "maximum": 1},
-    "top_k": {"type": "integer", "minimum": -1, "maximum": 100}, "seed": {"type": "integer", "minimum": 0,
-                                                                      "maximum": 2**31},
+    "model": {"type": "string", "enum": ["tiny"]},
+    "max_tokens": {"type": "integer", "minimum": 1, "maximum": 16},
+    "n": {"type": "integer", "minimum": 1, "maximum": 3},
+    "stream": {"type": "boolean"},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "minimum": 0.01, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": -1, "maximum": 100},
+    "seed": {"type": "integer", "minimum": 0, "maximum": 2**31},
     "stop": {"anyOf": [_text, {"type": "array", "maxItems": 4, "items": _text}]},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "priority": {"type": "string", "enum": ["high", "normal", "low"]},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
-                       "additionalProperties": False},
+    "stream_options": {
+        "type": "object",
+        "properties": {"include_usage": {"type": "boolean"}},
+        "additionalProperties": False,
+    },
     "user": {"type": "string"},
 }
-_message = {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
-    "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-    "content": {"anyOf": [{"type": "string", "maxLength": 64}, {"type": "array", "maxItems": 3, "items": {
-        "type": "object", "required": ["type", "text"], "additionalProperties": False,
-        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}}]}}}
+_message = {
+    "type": "object",
+    "required": ["role", "content"],
+    "additionalProperties": False,
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+        "content": {
+            "anyOf": [
+                {"type": "string", "maxLength": 64},
+                {
+                    "type": "array",
+                    "maxItems": 3,
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "text"],
+                        "additionalProperties": False,
+                        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+                    },
+                },
+            ]
+        },
+    },
+}
 BODIES: dict[str, dict[str, Any]] = {
-    "/v1/completions": {"type": "object", "required": ["model", "prompt"], "additionalProperties": False,
-                        "properties": {**_sampling, "prompt": _prompt, "echo": {"type": "boolean"},
-                                       "logprobs": {"type": "integer", "minimum": 0, "maximum": 5}}},
-    "/v1/chat/completions": {"type": "object", "required": ["model", "messages"], "additionalProperties": False,
-                             "properties": {**_sampling,
-                                            "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": 16},
-                                            "logprobs": {"type": "boolean"},
-                                            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
-                                            "messages": {"type": "array", "minItems": 1, "maxItems": 4,
-                                                         "items": _message}}},
+    "/v1/completions": {
+        "type": "object",
+        "required": ["model", "prompt"],
+        "additionalProperties": False,
+        "properties": {
+            **_sampling,
+            "prompt": _prompt,
+            "echo": {"type": "boolean"},
+            "logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
+        },
+    },
+    "/v1/chat/completions": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "additionalProperties": False,
+        "properties": {
+            **_sampling,
+            "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": 16},
+            "logprobs": {"type": "boolean"},
+            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
+            "messages": {"type": "array", "minItems": 1, "maxItems": 4, "items": _message},
+        },
+    },
 }
 ACCEPTABLE_5XX = {504}  # past the deadline the gateway gave the request: an answer, not a failure
 
@@ -61,8 +103,10 @@ ACCEPTABLE_5XX = {504}  # past the deadline the gateway gave the request: an ans
 def with_bodies(openapi: dict[str, Any]) -> dict[str, Any]:
     schema = copy.deepcopy(openapi)
     for path, body in BODIES.items():
-        schema["paths"][path]["post"]["requestBody"] = {"required": True,
-                                                        "content": {"application/json": {"schema": body}}}
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": body}},
+        }
     return schema
 
 
@@ -73,8 +117,11 @@ class GatewayFuzzReport:
     server_errors: list[str] = field(default_factory=list)  # "METHOD path -> status: body" of each failure
 
     def as_dict(self) -> dict[str, Any]:
-        return {"cases": self.cases, "statuses": dict(sorted(self.statuses.items())),
-                "server_errors": len(self.server_errors)}
+        return {
+            "cases": self.cases,
+            "statuses": dict(sorted(self.statuses.items())),
+            "server_errors": len(self.server_errors),
+        }
 
 
 def run_gateway_fuzz(base_url: str, examples: int) -> GatewayFuzzReport:
@@ -92,15 +139,22 @@ def run_gateway_fuzz(base_url: str, examples: int) -> GatewayFuzzReport:
 
 
 def _fuzz(operation: Any, mode: GenerationMode, base_url: str, examples: int, report: GatewayFuzzReport) -> None:
-    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(operation.as_strategy(generation_mode=mode))
     def send(case: Any) -> None:
         response = case.call(base_url=base_url, timeout=120)
         report.cases += 1
         report.statuses[response.status_code] += 1
         if response.status_code >= 500 and response.status_code not in ACCEPTABLE_5XX:
-            report.server_errors.append(f"{case.method} {case.formatted_path} {case.body!r:.300} -> "
-                                        f"{response.status_code}: {response.text[:300]}")
+            report.server_errors.append(
+                f"{case.method} {case.formatted_path} {case.body!r:.300} -> "
+                f"{response.status_code}: {response.text[:300]}"
+            )
 
     send()

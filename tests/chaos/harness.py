@@ -37,16 +37,22 @@ def full_scale() -> bool:
 class Cluster:
     """Worker processes with the no-op engine, replaceable by slot."""
 
-    def __init__(self, redis_url: str, log_dir: Path, workers: int, *extra: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, redis_url: str, log_dir: Path, workers: int, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.redis_url, self.log_dir, self.extra = redis_url, log_dir, list(extra)
         self.env = {"TOKENRELAY_LOG_LEVEL": "warning", **(env or {})}
         self.started: list[WorkerProcess] = []
         self.slots = [self._spawn() for _ in range(workers)]
 
     def _spawn(self) -> WorkerProcess:
-        process = WorkerProcess(self.redis_url, Path("no-model"), self.log_dir / f"worker-{len(self.started)}.log",
-                                ["--engine", "noop", *self.extra], env=self.env)
+        process = WorkerProcess(
+            self.redis_url,
+            Path("no-model"),
+            self.log_dir / f"worker-{len(self.started)}.log",
+            ["--engine", "noop", *self.extra],
+            env=self.env,
+        )
         self.started.append(process)
         return process
 
@@ -160,29 +166,59 @@ class ChaosReport:
     drained: bool
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.audit.as_dict(), "kills": self.kills, "pauses": self.pauses, "cuts": self.cuts,
-                "fenced": self.fenced,
-                "exit_codes": self.exit_codes, "seconds": round(self.seconds, 1), "drained": self.drained}
+        return {
+            **self.audit.as_dict(),
+            "kills": self.kills,
+            "pauses": self.pauses,
+            "cuts": self.cuts,
+            "fenced": self.fenced,
+            "exit_codes": self.exit_codes,
+            "seconds": round(self.seconds, 1),
+            "drained": self.drained,
+        }
 
 
-def run_worker_chaos(log_dir: Path, specs: list[Spec], *, rate: float, workers: int = 3,
-                     interval: tuple[float, float] = (0.5, 1.5), weights: dict[str, float] | None = None,
-                     seed: int = 0, max_num_seqs: int = 32, step_delay_s: float = 0.005, max_deliveries: int = 3,
-                     drain_s: float = 120.0) -> ChaosReport:
+def run_worker_chaos(
+    log_dir: Path,
+    specs: list[Spec],
+    *,
+    rate: float,
+    workers: int = 3,
+    interval: tuple[float, float] = (0.5, 1.5),
+    weights: dict[str, float] | None = None,
+    seed: int = 0,
+    max_num_seqs: int = 32,
+    step_delay_s: float = 0.005,
+    max_deliveries: int = 3,
+    drain_s: float = 120.0,
+) -> ChaosReport:
     """The whole run against a private Redis, every connection through a FaultProxy; faults stop once
     everything is submitted, then it drains."""
     weights = weights or {"kill": 0.5, "stop": 0.3, "cut": 0.2}
     started = time.monotonic()
     with RedisServer() as server:
         proxy = FaultProxy(server.port).start()
-        cluster = Cluster(proxy.url(), log_dir, workers, "--max-num-seqs", str(max_num_seqs), "--noop-step-delay",
-                          str(step_delay_s), "--max-deliveries", str(max_deliveries))
+        cluster = Cluster(
+            proxy.url(),
+            log_dir,
+            workers,
+            "--max-num-seqs",
+            str(max_num_seqs),
+            "--noop-step-delay",
+            str(step_delay_s),
+            "--max-deliveries",
+            str(max_deliveries),
+        )
         try:
             cluster.wait_ready()
             ledger = Ledger(proxy.url(), MODEL, specs, rate).start()
             monkey = Monkey(cluster, interval, weights, seed, proxy).start()
-            wait_for(ledger.submitting_done.is_set, timeout=len(specs) / rate * 4 + 60, interval=0.1,
-                     what="every request submitted")
+            wait_for(
+                ledger.submitting_done.is_set,
+                timeout=len(specs) / rate * 4 + 60,
+                interval=0.1,
+                what="every request submitted",
+            )
             monkey.halt()
             drained = ledger.wait(drain_s)
             ledger.stop()
@@ -191,5 +227,6 @@ def run_worker_chaos(log_dir: Path, specs: list[Spec], *, rate: float, workers: 
         finally:
             codes = cluster.stop()
             proxy.close()
-    return ChaosReport(audit, monkey.kills, monkey.pauses, monkey.cuts, fenced, codes, time.monotonic() - started,
-                       drained)
+    return ChaosReport(
+        audit, monkey.kills, monkey.pauses, monkey.cuts, fenced, codes, time.monotonic() - started, drained
+    )

@@ -64,8 +64,15 @@ class Audit:
 class Ledger:
     """Submits specs at a pace (retrying a batch under the same ids while Redis is away) and reads results."""
 
-    def __init__(self, redis_url: str, model: str, specs: list[Spec], rate: float, batch: int = 20,
-                 result_ttl_s: int | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        model: str,
+        specs: list[Spec],
+        rate: float,
+        batch: int = 20,
+        result_ttl_s: int | None = None,
+    ) -> None:
         ttl = {"result_ttl_s": result_ttl_s} if result_ttl_s else {}
         self.client = Client(redis_url, model=model, max_queue_depth=0, reconnect_s=120.0, **ttl)
         self.reader = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
@@ -79,8 +86,10 @@ class Ledger:
         self.submitting_done = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._produce, name="chaos-producer", daemon=True),
-                         threading.Thread(target=self._read, name="chaos-reader", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._produce, name="chaos-producer", daemon=True),
+            threading.Thread(target=self._read, name="chaos-reader", daemon=True),
+        ]
 
     def start(self) -> Ledger:
         for thread in self._threads:
@@ -109,7 +118,7 @@ class Ledger:
     def _produce(self) -> None:
         started = time.monotonic()
         for first in range(0, len(self.specs), self.batch):
-            chunk = self.specs[first:first + self.batch]
+            chunk = self.specs[first : first + self.batch]
             requests = [spec.request(self.model) for spec in chunk]
             due = started + first / self.rate
             time.sleep(max(0.0, due - time.monotonic()))
@@ -141,7 +150,7 @@ class Ledger:
             got = 0
             try:
                 for i in range(0, len(keys), 1000):
-                    chunk = dict(keys[i:i + 1000])
+                    chunk = dict(keys[i : i + 1000])
                     block = 200 if len(keys) <= 1000 else None
                     reply: Any = self.reader.xread(chunk, count=512, block=block)  # type: ignore[arg-type]
                     got += self._fold(reply, prefix)
@@ -175,9 +184,9 @@ class Ledger:
         ids = list(self.accepted)
         for first in range(0, len(ids), 500):
             pipe = client.pipeline(transaction=False)
-            for request_id in ids[first:first + 500]:
+            for request_id in ids[first : first + 500]:
                 pipe.xrange(self.keys.result(request_id))
-            for request_id, entries in zip(ids[first:first + 500], pipe.execute(), strict=True):
+            for request_id, entries in zip(ids[first : first + 500], pipe.execute(), strict=True):
                 events = [decode_event(f[EVENT_FIELD.encode()], e.decode()) for e, f in entries]
                 self._check(audit, request_id, events)
         for queue in self.keys.queues:
@@ -203,7 +212,7 @@ class Ledger:
         completion = self.completions[request_id]
         expected = self.accepted[request_id].tokens
         folded = Completion(request_id)
-        for event in events[:terminals[0] + 1]:
+        for event in events[: terminals[0] + 1]:
             folded.apply(event)
         # what the live reader showed its client, and what a reader starting now would get
         if completion.token_ids != expected or folded.token_ids != expected or completion.restarts != restarts:

@@ -107,10 +107,23 @@ def _max_epoch(client: redis.Redis, ledger: Ledger) -> int:
     return max((int(e) for e in pipe.execute() if e is not None), default=0)
 
 
-def run_redis_chaos(log_dir: Path, specs: list[Spec], *, fault: str, rate: float, workers: int = 3,
-                    interval: tuple[float, float] = (1.0, 3.0), outage: tuple[float, float] = (0.3, 2.0),
-                    seed: int = 0, max_num_seqs: int = 32, step_delay_s: float = 0.005, max_deliveries: int = 3,
-                    drain_s: float = 120.0, fsync: str = "everysec", aof_in_memory: bool = False) -> RedisChaosReport:
+def run_redis_chaos(
+    log_dir: Path,
+    specs: list[Spec],
+    *,
+    fault: str,
+    rate: float,
+    workers: int = 3,
+    interval: tuple[float, float] = (1.0, 3.0),
+    outage: tuple[float, float] = (0.3, 2.0),
+    seed: int = 0,
+    max_num_seqs: int = 32,
+    step_delay_s: float = 0.005,
+    max_deliveries: int = 3,
+    drain_s: float = 120.0,
+    fsync: str = "everysec",
+    aof_in_memory: bool = False,
+) -> RedisChaosReport:
     """Faults of one kind on Redis (persisted with AOF, `fsync` its appendfsync policy) while `specs` are
     submitted, then a drain. Under "everysec" a SIGKILL can lose acknowledged writes when the disk is slow
     (see RedisServer); the audit then reports them, though no part of tokenrelay dropped anything.
@@ -122,10 +135,21 @@ def run_redis_chaos(log_dir: Path, specs: list[Spec], *, fault: str, rate: float
     faults, outage_total = 0, 0.0
     shm = Path("/dev/shm")
     in_memory = aof_in_memory and shm.is_dir() and os.access(shm, os.W_OK)
-    with tempfile.TemporaryDirectory(prefix="tokenrelay-aof-", dir=shm if in_memory else None) as aof_dir, \
-            RedisServer(aof_dir, persist=True, fsync=fsync) as server:
-        cluster = Cluster(server.url, log_dir, workers, "--max-num-seqs", str(max_num_seqs), "--noop-step-delay",
-                          str(step_delay_s), "--max-deliveries", str(max_deliveries))
+    with (
+        tempfile.TemporaryDirectory(prefix="tokenrelay-aof-", dir=shm if in_memory else None) as aof_dir,
+        RedisServer(aof_dir, persist=True, fsync=fsync) as server,
+    ):
+        cluster = Cluster(
+            server.url,
+            log_dir,
+            workers,
+            "--max-num-seqs",
+            str(max_num_seqs),
+            "--noop-step-delay",
+            str(step_delay_s),
+            "--max-deliveries",
+            str(max_deliveries),
+        )
         try:
             cluster.wait_ready()
             ledger = Ledger(server.url, MODEL, specs, rate).start()
@@ -142,11 +166,28 @@ def run_redis_chaos(log_dir: Path, specs: list[Spec], *, fault: str, rate: float
             wait_for(lambda: check.ping(), 30, what="redis back")
             audit = ledger.audit(check)
             max_epoch = _max_epoch(check, ledger)
-            retries = sum(line.get("event", "").startswith("redis round trip failed")
-                          for p in cluster.started for line in p.logs())
+            retries = sum(
+                line.get("event", "").startswith("redis round trip failed")
+                for p in cluster.started
+                for line in p.logs()
+            )
         finally:
             cluster.stop()
-    probe_report = {"calls": probe.calls, "timeouts": probe.timeouts, "connection_errors": probe.connection_errors,
-                    "longest_s": round(probe.longest_s, 2)}
-    return RedisChaosReport(fault, audit, faults, outage_total, max_epoch, max_deliveries, probe_report, retries,
-                            time.monotonic() - started, drained)
+    probe_report = {
+        "calls": probe.calls,
+        "timeouts": probe.timeouts,
+        "connection_errors": probe.connection_errors,
+        "longest_s": round(probe.longest_s, 2),
+    }
+    return RedisChaosReport(
+        fault,
+        audit,
+        faults,
+        outage_total,
+        max_epoch,
+        max_deliveries,
+        probe_report,
+        retries,
+        time.monotonic() - started,
+        drained,
+    )

@@ -55,8 +55,7 @@ def _redis_ms(client: redis.Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def scale_point(log_dir: Path, workers: int, *, slots: int, step_s: float, max_tokens: int,
-                rounds: int) -> ScalePoint:
+def scale_point(log_dir: Path, workers: int, *, slots: int, step_s: float, max_tokens: int, rounds: int) -> ScalePoint:
     """A backlog of workers x slots x rounds requests of `max_tokens` each, served by `workers` processes
     against a private Redis."""
     n = workers * slots * rounds
@@ -89,9 +88,18 @@ def scale_point(log_dir: Path, workers: int, *, slots: int, step_s: float, max_t
     seconds = (finished_ms - started_ms) / 1000
     ideal = workers * slots / (max_tokens * step_s)
     own_s = own.user + own.system - own_before.user - own_before.system
-    return ScalePoint(workers, n, round(seconds, 3), round(n / seconds, 1), round(ideal, 1),
-                      round(n / seconds / ideal, 3), round(cpu / wall, 3), round(own_s / wall, 3),
-                      len({c.worker for c in done.values()}), _peak(spans))
+    return ScalePoint(
+        workers,
+        n,
+        round(seconds, 3),
+        round(n / seconds, 1),
+        round(ideal, 1),
+        round(n / seconds / ideal, 3),
+        round(cpu / wall, 3),
+        round(own_s / wall, 3),
+        len({c.worker for c in done.values()}),
+        _peak(spans),
+    )
 
 
 def _peak(spans: list[tuple[int, int]]) -> int:

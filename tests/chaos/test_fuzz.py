@@ -35,14 +35,37 @@ def test_a_worker_answers_every_fuzzed_entry_and_its_memory_stays_flat(redis_url
     assert report.rss_growth_mb < 8, report.rss_mb  # flat once warm
 
 
-_kwargs = st.dictionaries(st.sampled_from(["max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                                           "logprobs", "priority", "deadline", "timeout", "metadata", "stream",
-                                           "request_id", "messages", "prompt_token_ids", "min_tokens"]),
-                          values, max_size=4)
+_kwargs = st.dictionaries(
+    st.sampled_from(
+        [
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "stop",
+            "logprobs",
+            "priority",
+            "deadline",
+            "timeout",
+            "metadata",
+            "stream",
+            "request_id",
+            "messages",
+            "prompt_token_ids",
+            "min_tokens",
+        ]
+    ),
+    values,
+    max_size=4,
+)
 
 
-@settings(max_examples=5_000 if full_scale() else 300, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=5_000 if full_scale() else 300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(prompt=st.none() | st.text(max_size=16) | values, kwargs=_kwargs)
 def test_client_side_validation_raises_value_error_and_nothing_else(prompt: Any, kwargs: dict[str, Any]) -> None:
     try:
@@ -56,8 +79,20 @@ def test_client_side_validation_raises_value_error_and_nothing_else(prompt: Any,
 def test_atheris_finds_no_crash_in_the_decoder(tmp_path: Path) -> None:
     pytest.importorskip("atheris")
     runs = 1_000_000 if full_scale() else 50_000
-    result = subprocess.run([sys.executable, "-m", "tests.chaos.atheris_decode", f"-runs={runs}", "-max_len=2048",
-                             "-seed=1", str(tmp_path)], cwd=Path(__file__).parents[2], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.chaos.atheris_decode",
+            f"-runs={runs}",
+            "-max_len=2048",
+            "-seed=1",
+            str(tmp_path),
+        ],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Done {runs} runs" in result.stderr

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[Stack]:
     # the tiny model, so chat requests go through a real chat template; a short request deadline, since
     # negative cases may ask for a million tokens (they end in 504)
-    stack = start_stack(tmp_path_factory.mktemp("fuzz-stack"), gateway_env={"TOKENRELAY_REQUEST_TIMEOUT_S": "0.5"},
-                        model_dir=tiny_llama)
+    stack = start_stack(
+        tmp_path_factory.mktemp("fuzz-stack"), gateway_env={"TOKENRELAY_REQUEST_TIMEOUT_S": "0.5"}, model_dir=tiny_llama
+    )
     yield stack
     stack.close()
 
@@ -29,5 +30,6 @@ def test_no_generated_request_gets_a_500(stack: Stack) -> None:
     assert report.server_errors == [], report.as_dict()
     assert report.statuses[200] > 0 and report.statuses[400] > 0  # both valid and refused bodies were reached
     logs = [Path(stack.gateway.log_path).read_text(), Path(stack.worker.log_path).read_text()]
-    assert not [line for text in logs for line in text.splitlines() if '"level": "error"' in line
-                or "Traceback" in line]
+    assert not [
+        line for text in logs for line in text.splitlines() if '"level": "error"' in line or "Traceback" in line
+    ]

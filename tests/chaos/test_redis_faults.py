@@ -31,8 +31,16 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("fault", FAULTS)
 def test_redis_faults_under_load_lose_nothing(tmp_path: Path, fault: str) -> None:
     requests, rate = (3_000, 100.0) if full_scale() else (400, 80.0)
-    report = run_redis_chaos(tmp_path, random_specs(requests, seed=11), fault=fault, rate=rate, seed=11,
-                             interval=(0.8, 1.6), fsync="always", aof_in_memory=True)
+    report = run_redis_chaos(
+        tmp_path,
+        random_specs(requests, seed=11),
+        fault=fault,
+        rate=rate,
+        seed=11,
+        interval=(0.8, 1.6),
+        fsync="always",
+        aof_in_memory=True,
+    )
     audit = report.audit
     assert report.drained, report.as_dict()
     assert (audit.lost, audit.duplicated, audit.after_terminal, audit.wrong_tokens) == (0, 0, 0, 0), report.as_dict()
@@ -45,14 +53,19 @@ def test_redis_faults_under_load_lose_nothing(tmp_path: Path, fault: str) -> Non
 
 def test_a_call_while_redis_is_stopped_ends_in_an_error_not_a_hang() -> None:
     with RedisServer() as server:
-        client = Client(server.url, model="noop", reconnect_s=1.0,
-                        client=redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=2))
+        client = Client(
+            server.url,
+            model="noop",
+            reconnect_s=1.0,
+            client=redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=2),
+        )
         request_id = client.submit("a", max_tokens=1)
         assert server.process is not None
         server.process.send_signal(signal.SIGSTOP)
         thread, outcomes = attempt_in_turn(
             [lambda: client.result(request_id, timeout=0.5), lambda: client.submit("b")],
-            (TimeoutError, redis.RedisError))
+            (TimeoutError, redis.RedisError),
+        )
         thread.join(60)
         hung = thread.is_alive()
         server.process.send_signal(signal.SIGCONT)

@@ -41,11 +41,16 @@ class WorkerFuzzReport:
         return max(self.rss_mb[1:]) - self.rss_mb[1] if len(self.rss_mb) > 1 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"entries": self.entries, **self.outcomes, "violations": len(self.violations),
-                "rss_mb_first": round(self.rss_mb[0], 1) if self.rss_mb else None,
-                "rss_mb_last": round(self.rss_mb[-1], 1) if self.rss_mb else None,
-                "rss_growth_mb": round(self.rss_growth_mb, 2), "worker_alive": self.worker_alive,
-                "error_log_lines": self.error_log_lines}
+        return {
+            "entries": self.entries,
+            **self.outcomes,
+            "violations": len(self.violations),
+            "rss_mb_first": round(self.rss_mb[0], 1) if self.rss_mb else None,
+            "rss_mb_last": round(self.rss_mb[-1], 1) if self.rss_mb else None,
+            "rss_growth_mb": round(self.rss_growth_mb, 2),
+            "worker_alive": self.worker_alive,
+            "error_log_lines": self.error_log_lines,
+        }
 
 
 def expected_outcome(fields: dict[str, Any], request_id: str | None) -> str:
@@ -80,22 +85,30 @@ def _audit(client: redis.Redis, cases: list[Case], report: WorkerFuzzReport) -> 
         terminals = [e for e in events if e.type.terminal]
         if len(terminals) != 1 or events[-1] is not terminals[0]:
             report.violations.append(f"{len(terminals)} terminal events: {fields!r:.200}")
-        elif expected == "refused" and ([e.type for e in events] != [EventType.ERROR] or events[0].code
-                                        not in PROTOCOL_CODES or entry_id not in dead_entries):
+        elif expected == "refused" and (
+            [e.type for e in events] != [EventType.ERROR]
+            or events[0].code not in PROTOCOL_CODES
+            or entry_id not in dead_entries
+        ):
             report.violations.append(f"refused payload answered {events!r:.200}: {fields!r:.200}")
     ids = [r for _, r, _, _ in cases if r]
     client.delete(KEYS.dead, *(KEYS.result(r) for r in ids), *(KEYS.request(r) for r in ids))
 
 
-def run_worker_fuzz(redis_url: str, log_dir: Path, total: int, chunk: int, seeds: int,
-                    rng_seed: int = 5) -> WorkerFuzzReport:
+def run_worker_fuzz(
+    redis_url: str, log_dir: Path, total: int, chunk: int, seeds: int, rng_seed: int = 5
+) -> WorkerFuzzReport:
     """`seeds` hypothesis-drawn entries, then their mutants up to `total`, fed `chunk` at a time."""
     drawn = generate(seeds)
     rng = random.Random(rng_seed)
     report = WorkerFuzzReport()
-    worker = WorkerProcess(redis_url, Path("no-model"), log_dir / "fuzz-worker.log",
-                           ["--engine", "noop", "--max-num-seqs", "64"],
-                           env={"TOKENRELAY_LOG_LEVEL": "warning", "TOKENRELAY_DEAD_LETTER_MAXLEN": "1000000"})
+    worker = WorkerProcess(
+        redis_url,
+        Path("no-model"),
+        log_dir / "fuzz-worker.log",
+        ["--engine", "noop", "--max-num-seqs", "64"],
+        env={"TOKENRELAY_LOG_LEVEL": "warning", "TOKENRELAY_DEAD_LETTER_MAXLEN": "1000000"},
+    )
     try:
         worker.wait_ready()
         client = redis.Redis.from_url(redis_url)

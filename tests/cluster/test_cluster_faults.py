@@ -19,14 +19,22 @@ from worker.redis_cluster import RedisClusterServer
 
 pytestmark = pytest.mark.slow
 KEYS = Keys("tiny")
-PROMPTS = ["Explain the benefits of AI in healthcare.", "Write a poem about spring.",
-           "Tell me about message queues.", "What is a paged KV cache?"]
+PROMPTS = [
+    "Explain the benefits of AI in healthcare.",
+    "Write a poem about spring.",
+    "Tell me about message queues.",
+    "What is a paged KV cache?",
+]
 LONG = 200
 
 
 def _noop(url: str, tmp_path: Path, name: str = "worker") -> WorkerProcess:
-    process = WorkerProcess(url, tmp_path, tmp_path / f"{name}.log",
-                            ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "32"])
+    process = WorkerProcess(
+        url,
+        tmp_path,
+        tmp_path / f"{name}.log",
+        ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "32"],
+    )
     process.wait_ready()
     return process
 
@@ -72,12 +80,17 @@ def _settle(client: Client, ids: list[str], keys: Keys = KEYS) -> tuple[list[str
 @pytest.fixture(scope="module")
 def expected(tiny_llama: Path) -> dict[str, list[int]]:
     outs = LLM(str(tiny_llama), dtype="float64", num_kv_blocks=256).generate(
-        PROMPTS, SamplingParams(max_tokens=LONG, temperature=0.0, ignore_eos=True))
+        PROMPTS, SamplingParams(max_tokens=LONG, temperature=0.0, ignore_eos=True)
+    )
     return {p: o.token_ids for p, o in zip(PROMPTS, outs, strict=True)}
 
 
-def test_kill_9_a_worker_mid_generation(cluster_url: str, tiny_llama: Path, worker_processes,  # noqa: ANN001
-                                        expected: dict[str, list[int]]) -> None:
+def test_kill_9_a_worker_mid_generation(
+    cluster_url: str,
+    tiny_llama: Path,
+    worker_processes,  # noqa: ANN001
+    expected: dict[str, list[int]],
+) -> None:
     a = worker_processes(cluster_url, tiny_llama)
     a.wait_ready()
     client = Client(cluster_url, model="tiny")
@@ -95,8 +108,9 @@ def test_kill_9_a_worker_mid_generation(cluster_url: str, tiny_llama: Path, work
     assert all(results[i].restarts == 1 and f"-{b.pid}-" in results[i].worker for i in in_flight)
 
 
-def test_a_slot_resharded_under_load_loses_and_repeats_nothing(redis_cluster: RedisClusterServer, cluster_url: str,
-                                                              tmp_path: Path) -> None:
+def test_a_slot_resharded_under_load_loses_and_repeats_nothing(
+    redis_cluster: RedisClusterServer, cluster_url: str, tmp_path: Path
+) -> None:
     worker = _noop(cluster_url, tmp_path)
     client = Client(cluster_url, model="tiny")
     source = redis_cluster.master_of(KEYS.queues[0])
@@ -122,12 +136,17 @@ def _replicated_master(cluster: RedisClusterServer) -> str:
     raise AssertionError("no master with a replica left")
 
 
-def test_durable_submits_lose_nothing_when_a_master_dies(redis_cluster: RedisClusterServer, cluster_url: str,
-                                                         tmp_path: Path) -> None:
+def test_durable_submits_lose_nothing_when_a_master_dies(
+    redis_cluster: RedisClusterServer, cluster_url: str, tmp_path: Path
+) -> None:
     model = _replicated_master(redis_cluster)
-    worker = WorkerProcess(cluster_url, tmp_path, tmp_path / "durable.log",
-                           ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "32"],
-                           model_name=model)
+    worker = WorkerProcess(
+        cluster_url,
+        tmp_path,
+        tmp_path / "durable.log",
+        ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "32"],
+        model_name=model,
+    )
     worker.wait_ready()
     client = Client(cluster_url, model=model, reconnect_s=60, submit_replicas=1)
     dead = redis_cluster.master_of(Keys(model).queues[0])
@@ -154,13 +173,18 @@ def test_durable_submits_lose_nothing_when_a_master_dies(redis_cluster: RedisClu
     assert worker.process.poll() is None
 
 
-def test_a_master_killed_under_load_fails_over_and_everyone_follows(redis_cluster: RedisClusterServer,
-                                                                   cluster_url: str, tmp_path: Path) -> None:
+def test_a_master_killed_under_load_fails_over_and_everyone_follows(
+    redis_cluster: RedisClusterServer, cluster_url: str, tmp_path: Path
+) -> None:
     model = _replicated_master(redis_cluster)
     keys = Keys(model)
-    worker = WorkerProcess(cluster_url, tmp_path, tmp_path / "failover.log",
-                           ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "32"],
-                           model_name=model)
+    worker = WorkerProcess(
+        cluster_url,
+        tmp_path,
+        tmp_path / "failover.log",
+        ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "32"],
+        model_name=model,
+    )
     worker.wait_ready()
     client = Client(cluster_url, model=model, reconnect_s=60)
     dead = redis_cluster.master_of(keys.queues[0])

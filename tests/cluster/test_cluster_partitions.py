@@ -38,22 +38,29 @@ def id_in(partition: int) -> str:
 
 
 def _worker(url: str, model: str, tmp_path: Path, *extra: str) -> WorkerProcess:
-    process = WorkerProcess(url, tmp_path, tmp_path / f"{model}.log",
-                            ["--engine", "noop", "--noop-step-delay", "0.003", "--partitions", str(P), *extra],
-                            model_name=model)
+    process = WorkerProcess(
+        url,
+        tmp_path,
+        tmp_path / f"{model}.log",
+        ["--engine", "noop", "--noop-step-delay", "0.003", "--partitions", str(P), *extra],
+        model_name=model,
+    )
     process.wait_ready()
     return process
 
 
-def test_partitions_sit_on_three_shards_and_all_are_served(redis_cluster: RedisClusterServer, cluster_url: str,
-                                                           tmp_path: Path) -> None:
+def test_partitions_sit_on_three_shards_and_all_are_served(
+    redis_cluster: RedisClusterServer, cluster_url: str, tmp_path: Path
+) -> None:
     model = spread_model(redis_cluster)
     parts = Keys(model).partitions(P)
     slots = {redis_cluster.keyslot(k.queues[0]) for k in parts}
     assert len(slots) == P and len({redis_cluster.master_of(k.queues[0]).port for k in parts}) == P
     for k in parts:  # every key of a partition shares its slot: each script stays on one shard
-        assert {redis_cluster.keyslot(key) for key in (*k.queues, k.request("a" * 32), k.result("a" * 32),
-                                                        k.dead, k.cancels("w"))} == {redis_cluster.keyslot(k.dead)}
+        assert {
+            redis_cluster.keyslot(key)
+            for key in (*k.queues, k.request("a" * 32), k.result("a" * 32), k.dead, k.cancels("w"))
+        } == {redis_cluster.keyslot(k.dead)}
     worker = _worker(cluster_url, model, tmp_path)
     try:
         client = Client(cluster_url, model=model, partitions=P)
@@ -74,27 +81,33 @@ def test_partitions_sit_on_three_shards_and_all_are_served(redis_cluster: RedisC
         worker.kill()
 
 
-def test_high_priority_goes_first_across_partitions(redis_cluster: RedisClusterServer, cluster_url: str,
-                                                   tmp_path: Path) -> None:
+def test_high_priority_goes_first_across_partitions(
+    redis_cluster: RedisClusterServer, cluster_url: str, tmp_path: Path
+) -> None:
     model = spread_model(redis_cluster)
     client = Client(cluster_url, model=model, partitions=P)
     blocker = client.submit("block", max_tokens=200, request_id=id_in(0))
     # each class in a partition of its own, low in the partition a sweep would reach first
-    ids = {"low": client.submit("l", priority="low", max_tokens=3, request_id=id_in(1)),
-           "normal": client.submit("n", priority="normal", max_tokens=3, request_id=id_in(2)),
-           "high": client.submit("h", priority="high", max_tokens=3, request_id=id_in(0))}
+    ids = {
+        "low": client.submit("l", priority="low", max_tokens=3, request_id=id_in(1)),
+        "normal": client.submit("n", priority="normal", max_tokens=3, request_id=id_in(2)),
+        "high": client.submit("h", priority="high", max_tokens=3, request_id=id_in(0)),
+    }
     worker = _worker(cluster_url, model, tmp_path, "--max-num-seqs", "1")
     try:
         client.wait_all([blocker, *ids.values()], timeout=60)
     finally:
         worker.kill()
-    finished = {p: int(read_events(client.redis, Keys(model).for_request(i, P), i)[-1].entry_id.split("-")[0])
-                for p, i in ids.items()}
+    finished = {
+        p: int(read_events(client.redis, Keys(model).for_request(i, P), i)[-1].entry_id.split("-")[0])
+        for p, i in ids.items()
+    }
     assert finished["high"] <= finished["normal"] <= finished["low"]
 
 
-def test_depth_and_queue_full_are_per_partition_and_summed_in_status(redis_cluster: RedisClusterServer,
-                                                                   cluster_url: str) -> None:
+def test_depth_and_queue_full_are_per_partition_and_summed_in_status(
+    redis_cluster: RedisClusterServer, cluster_url: str
+) -> None:
     model = spread_model(redis_cluster)
     client = Client(cluster_url, model=model, partitions=P, max_queue_depth=6)  # 2 per partition
     for partition in range(P):
@@ -103,8 +116,12 @@ def test_depth_and_queue_full_are_per_partition_and_summed_in_status(redis_clust
     with pytest.raises(QueueFull):
         client.submit("x", request_id=id_in(1))
     client.redis.sadd(Keys(model).models, model)
-    status = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--json", "--redis", cluster_url,
-                             "--partitions", str(P)], capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "status", "--json", "--redis", cluster_url, "--partitions", str(P)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0, status.stderr
     view = next(m for m in json.loads(status.stdout) if m["model"] == model)
     assert view["queued"]["normal"] == 6

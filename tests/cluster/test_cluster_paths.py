@@ -42,8 +42,9 @@ def models_on_distinct_shards(cluster: RedisClusterServer, count: int) -> list[s
 
 @pytest.fixture(scope="module")
 def worker(redis_cluster: RedisClusterServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    process = noop_worker(redis_cluster.url, tmp_path_factory.mktemp("cluster") / "worker.log",
-                          "--noop-step-delay", "0.002")
+    process = noop_worker(
+        redis_cluster.url, tmp_path_factory.mktemp("cluster") / "worker.log", "--noop-step-delay", "0.002"
+    )
     process.wait_ready()
     yield process
     process.kill()
@@ -81,16 +82,21 @@ def test_priority_classes_are_served_high_first(redis_cluster: RedisClusterServe
     with Client(redis_cluster.url, model="prio") as client:
         blocker = client.submit("block", max_tokens=300)
         ids = {p: client.submit(p, priority=p, max_tokens=3) for p in ("low", "normal", "high")}
-        process = WorkerProcess(redis_cluster.url, tmp_path, tmp_path / "prio.log",
-                                ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "1"],
-                                model_name="prio")
+        process = WorkerProcess(
+            redis_cluster.url,
+            tmp_path,
+            tmp_path / "prio.log",
+            ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "1"],
+            model_name="prio",
+        )
         try:
             process.wait_ready()
             client.wait_all([blocker, *ids.values()], timeout=60)
         finally:
             process.kill()
-        finished = {p: int(read_events(client.redis, Keys("prio"), i)[-1].entry_id.split("-")[0])
-                    for p, i in ids.items()}
+        finished = {
+            p: int(read_events(client.redis, Keys("prio"), i)[-1].entry_id.split("-")[0]) for p, i in ids.items()
+        }
     assert finished["high"] <= finished["normal"] <= finished["low"]
 
 
@@ -103,8 +109,9 @@ def test_async_client_generates(redis_cluster: RedisClusterServer, worker: Worke
     assert asyncio.run(run(submit_replicas=1)) == [" x x"] * 3  # durable: WAIT on the connection that wrote
 
 
-def test_gateway_serves_the_openai_sdk(redis_cluster: RedisClusterServer, worker: WorkerProcess,
-                                       tmp_path: Path) -> None:
+def test_gateway_serves_the_openai_sdk(
+    redis_cluster: RedisClusterServer, worker: WorkerProcess, tmp_path: Path
+) -> None:
     gateway = GatewayProcess(redis_cluster.url, tmp_path / "gateway.log").wait_ready()
     try:
         sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused")
@@ -120,21 +127,50 @@ def test_gateway_serves_the_openai_sdk(redis_cluster: RedisClusterServer, worker
         gateway.stop()
 
 
-def test_tokenrelay_batch_and_status(redis_cluster: RedisClusterServer, worker: WorkerProcess,
-                                     tmp_path: Path) -> None:
+def test_tokenrelay_batch_and_status(redis_cluster: RedisClusterServer, worker: WorkerProcess, tmp_path: Path) -> None:
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    source.write_text("".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-                                          "body": {"model": "tiny", "prompt": f"p {i}", "max_tokens": 2}}) + "\n"
-                              for i in range(100)))
-    batch = subprocess.run([sys.executable, "-m", "worker.cli", "batch", str(source), "-o", str(output),
-                            "--redis", redis_cluster.url, "--no-progress"], capture_output=True, text=True,
-                           timeout=240, env={**os.environ, "TOKENRELAY_LOG_JSON": "1"})
+    source.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": f"c{i}",
+                    "method": "POST",
+                    "url": "/v1/completions",
+                    "body": {"model": "tiny", "prompt": f"p {i}", "max_tokens": 2},
+                }
+            )
+            + "\n"
+            for i in range(100)
+        )
+    )
+    batch = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "batch",
+            str(source),
+            "-o",
+            str(output),
+            "--redis",
+            redis_cluster.url,
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "TOKENRELAY_LOG_JSON": "1"},
+    )
     assert batch.returncode == 0, batch.stderr
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(r["custom_id"] for r in records) == sorted(f"c{i}" for i in range(100))
     assert all(r["response"]["body"]["choices"][0]["text"] == " x x" for r in records)
-    status = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--json", "--redis", redis_cluster.url],
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "status", "--json", "--redis", redis_cluster.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0, status.stderr
     tiny = next(m for m in json.loads(status.stdout) if m["model"] == "tiny")
     assert len(tiny["workers"]) == 1
@@ -144,16 +180,40 @@ def test_celery_generate(redis_cluster: RedisClusterServer, worker: WorkerProces
     # Celery's own broker stays a plain Redis (kombu speaks no Cluster); the tasks' tokenrelay client
     # takes the cluster URL from the same variable as everywhere else.
     with RedisServer() as broker:
-        env = {**os.environ, "TOKENRELAY_REDIS_URL": redis_cluster.url, "TOKENRELAY_CELERY_BROKER_URL": broker.url,
-               "TOKENRELAY_MAINTENANCE_REDIS_URL": redis_cluster.url, "TOKENRELAY_LOG_JSON": "1"}
+        env = {
+            **os.environ,
+            "TOKENRELAY_REDIS_URL": redis_cluster.url,
+            "TOKENRELAY_CELERY_BROKER_URL": broker.url,
+            "TOKENRELAY_MAINTENANCE_REDIS_URL": redis_cluster.url,
+            "TOKENRELAY_LOG_JSON": "1",
+        }
         with (tmp_path / "celery.log").open("wb") as log:
-            celery = subprocess.Popen([sys.executable, "-m", "celery", "-A", "producer.celery_app", "worker",
-                                       "--pool", "solo", "-Q", "tokenrelay", "--loglevel", "INFO", "-n", "c@%h"],
-                                      stdout=log, stderr=subprocess.STDOUT, env=env)
+            celery = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "producer.celery_app",
+                    "worker",
+                    "--pool",
+                    "solo",
+                    "-Q",
+                    "tokenrelay",
+                    "--loglevel",
+                    "INFO",
+                    "-n",
+                    "c@%h",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         try:
             app = celery_client(broker.url)
-            completion = app.send_task("tokenrelay.generate", args=["a b c"],
-                                       kwargs={"model": "tiny", "max_tokens": 3}).get(timeout=90)
+            completion = app.send_task(
+                "tokenrelay.generate", args=["a b c"], kwargs={"model": "tiny", "max_tokens": 3}
+            ).get(timeout=90)
             assert completion["text"] == " x x x" and completion["finish_reason"] == "length"
             swept = app.send_task("tokenrelay.maintenance.reclaim_sweep").get(timeout=60)
             assert "tiny" in swept
@@ -166,8 +226,16 @@ def test_two_models_on_different_shards_are_both_served(redis_cluster: RedisClus
     names = models_on_distinct_shards(redis_cluster, 2)
     ports = {redis_cluster.master_of(Keys(n).queues[0]).port for n in names}
     assert len(ports) == 2
-    workers = [WorkerProcess(redis_cluster.url, tmp_path, tmp_path / f"{n}.log",
-                             ["--engine", "noop", "--noop-step-delay", "0.002"], model_name=n) for n in names]
+    workers = [
+        WorkerProcess(
+            redis_cluster.url,
+            tmp_path,
+            tmp_path / f"{n}.log",
+            ["--engine", "noop", "--noop-step-delay", "0.002"],
+            model_name=n,
+        )
+        for n in names
+    ]
     try:
         for process in workers:
             process.wait_ready()

@@ -15,8 +15,13 @@ from tests.queue_helpers import wait_for
 from worker.redis_server import find_redis_server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-PASSWORDS = {"producer": "producer-dev", "worker": "worker-dev", "maintenance": "maintenance-dev",
-             "celery": "celery-dev", "admin": "admin-test-secret"}  # admin's is rendered from the environment
+PASSWORDS = {
+    "producer": "producer-dev",
+    "worker": "worker-dev",
+    "maintenance": "maintenance-dev",
+    "celery": "celery-dev",
+    "admin": "admin-test-secret",
+}  # admin's is rendered from the environment
 
 
 @dataclass
@@ -43,13 +48,30 @@ def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ACLServer]:
         pytest.skip("compose/redis.conf uses ACL selectors: redis-server 7 or newer")
     directory = tmp_path_factory.mktemp("acl-redis")
     port = free_port()
-    env = {**os.environ, "REDIS_CONF": str(ROOT / "compose" / "redis.conf"),
-           "REDIS_CONF_OUT": str(directory / "rendered.conf"), "REDIS_SERVER": binary,
-           "TOKENRELAY_REDIS_ADMIN_PASSWORD": PASSWORDS["admin"]}
+    env = {
+        **os.environ,
+        "REDIS_CONF": str(ROOT / "compose" / "redis.conf"),
+        "REDIS_CONF_OUT": str(directory / "rendered.conf"),
+        "REDIS_SERVER": binary,
+        "TOKENRELAY_REDIS_ADMIN_PASSWORD": PASSWORDS["admin"],
+    }
     with (directory / "redis.log").open("wb") as log:
-        process = subprocess.Popen(["sh", str(ROOT / "compose" / "redis-entrypoint.sh"), "--port", str(port),
-                                    "--bind", "127.0.0.1", "--save", ""], cwd=directory, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [
+                "sh",
+                str(ROOT / "compose" / "redis-entrypoint.sh"),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ],
+            cwd=directory,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     server = ACLServer(port, directory)
 
     def up() -> bool:

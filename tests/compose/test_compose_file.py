@@ -17,8 +17,7 @@ SERVICES = COMPOSE["services"]
 
 
 def test_the_services_and_their_files() -> None:
-    assert set(SERVICES) == {"redis", "worker", "worker-cuda", "gateway", "celery-worker", "celery-beat",
-                             "prometheus"}
+    assert set(SERVICES) == {"redis", "worker", "worker-cuda", "gateway", "celery-worker", "celery-beat", "prometheus"}
     for service in SERVICES.values():
         if "build" in service:
             assert (ROOT / service["build"]["dockerfile"]).is_file()
@@ -68,8 +67,9 @@ def test_compose_config_validates_when_a_client_exists() -> None:
             continue
         if subprocess.run([*command, "version"], capture_output=True).returncode != 0:
             continue  # `docker` without the compose plugin
-        result = subprocess.run([*command, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-                                capture_output=True, text=True, cwd=ROOT)
+        result = subprocess.run(
+            [*command, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True, cwd=ROOT
+        )
         assert result.returncode == 0, result.stderr
         return
     pytest.skip("no docker compose client on this machine")

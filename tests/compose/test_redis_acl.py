@@ -61,11 +61,12 @@ def test_every_role_works_through_the_real_code_and_nothing_is_refused(acl_serve
             client.result("0" * 32, timeout=30)
         assert client.wait_all(["1" * 32], timeout=30)["1" * 32].error is not None
         gateway.wait_ready()
-        completion = httpx.post(f"{gateway.url}/v1/completions", timeout=30,
-                                json={"model": "tiny", "prompt": "q", "max_tokens": 2})
+        completion = httpx.post(
+            f"{gateway.url}/v1/completions", timeout=30, json={"model": "tiny", "prompt": "q", "max_tokens": 2}
+        )
         assert completion.status_code == 200, completion.text
         assert [m["id"] for m in httpx.get(f"{gateway.url}/v1/models", timeout=10).json()["data"]] == ["tiny"]
-        assert 'tokenrelay_redis_up 1.0' in httpx.get(f"{gateway.url}/metrics", timeout=10).text
+        assert "tokenrelay_redis_up 1.0" in httpx.get(f"{gateway.url}/metrics", timeout=10).text
         # maintenance, as the maintenance user
         janitor = acl_server.client("maintenance")
         assert "tiny" in maintenance.reclaim_sweep(janitor)
@@ -126,13 +127,33 @@ def test_maintenance_and_celery_users_stay_in_their_lanes(acl_server: ACLServer)
 def test_celery_runs_through_its_acl_user(acl_server: ACLServer, tmp_path: Path) -> None:
     admin = acl_server.client("admin")
     worker = noop_worker(acl_server.url("worker"), tmp_path / "worker.log")
-    env = {**os.environ, "TOKENRELAY_REDIS_URL": acl_server.url("producer"),
-           "TOKENRELAY_CELERY_BROKER_URL": acl_server.url("celery", db=1),
-           "TOKENRELAY_MAINTENANCE_REDIS_URL": acl_server.url("maintenance")}
+    env = {
+        **os.environ,
+        "TOKENRELAY_REDIS_URL": acl_server.url("producer"),
+        "TOKENRELAY_CELERY_BROKER_URL": acl_server.url("celery", db=1),
+        "TOKENRELAY_MAINTENANCE_REDIS_URL": acl_server.url("maintenance"),
+    }
     with (tmp_path / "celery.log").open("wb") as log:
-        celery = subprocess.Popen([sys.executable, "-m", "celery", "-A", "producer.celery_app", "worker", "--pool",
-                                   "solo", "-Q", "tokenrelay", "-n", "acl@%h"], cwd=ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
+        celery = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "producer.celery_app",
+                "worker",
+                "--pool",
+                "solo",
+                "-Q",
+                "tokenrelay",
+                "-n",
+                "acl@%h",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         worker.redis = admin
         worker.wait_ready()

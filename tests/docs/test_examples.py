@@ -28,13 +28,33 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterato
     server = RedisServer().start()
     worker = WorkerProcess(server.url, tiny_llama, directory / "worker.log", [])
     gateway = GatewayProcess(server.url, directory / "gateway.log")
-    env = {**os.environ, "TOKENRELAY_REDIS_URL": server.url,
-           "TOKENRELAY_CELERY_BROKER_URL": server.url.replace("/0", "/1"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "TOKENRELAY_REDIS_URL": server.url,
+        "TOKENRELAY_CELERY_BROKER_URL": server.url.replace("/0", "/1"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     with (directory / "celery.log").open("wb") as log:
-        celery = subprocess.Popen([sys.executable, "-m", "celery", "-A", "producer.celery_app", "worker", "--pool",
-                                   "solo", "-Q", "tokenrelay", "-n", "examples@%h"], cwd=ROOT, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        celery = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "producer.celery_app",
+                "worker",
+                "--pool",
+                "solo",
+                "-Q",
+                "tokenrelay",
+                "-n",
+                "examples@%h",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         worker.wait_ready()
         gateway.wait_ready()
@@ -48,8 +68,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterato
 
 
 def _localised(code: str, stack: dict[str, str]) -> str:
-    return (code.replace("http://localhost:8000", stack["GATEWAY"]).replace("redis://localhost:6379/0", stack["REDIS"])
-            .replace("SmolLM2-135M-Instruct", "tiny"))
+    return (
+        code.replace("http://localhost:8000", stack["GATEWAY"])
+        .replace("redis://localhost:6379/0", stack["REDIS"])
+        .replace("SmolLM2-135M-Instruct", "tiny")
+    )
 
 
 def test_the_page_has_examples_of_every_kind() -> None:

@@ -56,8 +56,15 @@ def test_other_architectures_keep_their_own_forward(tiny_models: dict[str, Path]
 
 def test_a_sliding_window_keeps_transformers_forward() -> None:
     """Mistral passes its window at call time; the fused forward has none, so such layers are left alone."""
-    config = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    config = MistralConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+    )
     assert fuse_decoder_layers(AutoModelForCausalLM.from_config(config), FusedOps(None)) == 0
     config.sliding_window = None
     assert fuse_decoder_layers(AutoModelForCausalLM.from_config(config), FusedOps(None)) == 2

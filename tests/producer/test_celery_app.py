@@ -24,9 +24,13 @@ pytestmark = pytest.mark.slow
 
 
 def _env(server: RedisServer) -> dict[str, str]:
-    return {**os.environ, "TOKENRELAY_REDIS_URL": server.url,
-            "TOKENRELAY_CELERY_BROKER_URL": server.url.replace("/0", "/1"), "TOKENRELAY_RECLAIM_INTERVAL_S": "1",
-            "TOKENRELAY_LOG_JSON": "1"}
+    return {
+        **os.environ,
+        "TOKENRELAY_REDIS_URL": server.url,
+        "TOKENRELAY_CELERY_BROKER_URL": server.url.replace("/0", "/1"),
+        "TOKENRELAY_RECLAIM_INTERVAL_S": "1",
+        "TOKENRELAY_LOG_JSON": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +40,27 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServe
     worker = noop_worker(server.url, directory / "worker.log", "--noop-step-delay", "0.002")
     celery_log = directory / "celery.log"
     with celery_log.open("wb") as log:
-        celery = subprocess.Popen([sys.executable, "-m", "celery", "-A", "producer.celery_app", "worker", "--pool",
-                                   "solo", "-Q", "tokenrelay", "--loglevel", "INFO", "-n", "test@%h"],
-                                  stdout=log, stderr=subprocess.STDOUT, env=_env(server))
+        celery = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "producer.celery_app",
+                "worker",
+                "--pool",
+                "solo",
+                "-Q",
+                "tokenrelay",
+                "--loglevel",
+                "INFO",
+                "-n",
+                "test@%h",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(server),
+        )
     try:
         worker.wait_ready()
         yield server, worker, celery_log
@@ -63,8 +85,12 @@ def test_configuration_is_json_only_acks_late_prefetch_one() -> None:
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.broker_transport_options["visibility_timeout"] == VISIBILITY_TIMEOUT_S >= 3600
     tasks = {entry["task"] for entry in conf.beat_schedule.values()}
-    assert tasks == {"tokenrelay.maintenance.reclaim_sweep", "tokenrelay.maintenance.trim_acked",
-                     "tokenrelay.maintenance.expire_results", "tokenrelay.maintenance.dead_letter_report"}
+    assert tasks == {
+        "tokenrelay.maintenance.reclaim_sweep",
+        "tokenrelay.maintenance.trim_acked",
+        "tokenrelay.maintenance.expire_results",
+        "tokenrelay.maintenance.dead_letter_report",
+    }
 
 
 def test_generate_returns_the_completion_dict(app) -> None:  # noqa: ANN001
@@ -72,21 +98,35 @@ def test_generate_returns_the_completion_dict(app) -> None:  # noqa: ANN001
     completion = result.get(timeout=60)
     assert completion["text"] == " x x x" and completion["finish_reason"] == "length"
     assert completion["usage"]["prompt_tokens"] == 3 and len(completion["request_id"]) == 32
-    failed = app.send_task("tokenrelay.generate", kwargs={"messages": [{"role": "user", "content": "hi"}],
-                                                         "model": "tiny", "max_tokens": 2})
+    failed = app.send_task(
+        "tokenrelay.generate",
+        kwargs={"messages": [{"role": "user", "content": "hi"}], "model": "tiny", "max_tokens": 2},
+    )
     with pytest.raises(Exception, match="invalid_request: messages"):  # the no-op engine has no chat template
         failed.get(timeout=60)
 
 
 def test_run_batch_task(app, tmp_path: Path) -> None:  # noqa: ANN001
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    source.write_text("".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-                                          "body": {"model": "tiny", "prompt": "p", "max_tokens": 2}}) + "\n"
-                              for i in range(20)))
+    source.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": f"c{i}",
+                    "method": "POST",
+                    "url": "/v1/completions",
+                    "body": {"model": "tiny", "prompt": "p", "max_tokens": 2},
+                }
+            )
+            + "\n"
+            for i in range(20)
+        )
+    )
     summary = app.send_task("tokenrelay.run_batch", args=[str(source), str(output)]).get(timeout=120)
     assert summary["succeeded"] == 20 and summary["failed"] == 0
-    assert sorted(json.loads(line)["custom_id"] for line in output.read_text().splitlines()) == \
-        sorted(f"c{i}" for i in range(20))
+    assert sorted(json.loads(line)["custom_id"] for line in output.read_text().splitlines()) == sorted(
+        f"c{i}" for i in range(20)
+    )
 
 
 def test_maintenance_tasks_run_on_the_worker(app, stack: tuple[RedisServer, WorkerProcess, Path]) -> None:  # noqa: ANN001
@@ -106,12 +146,30 @@ def test_beat_schedules_the_reclaim_sweep(stack: tuple[RedisServer, WorkerProces
     redis.Redis.from_url(server_url).sadd(keys.models, "ghost")
     late = Client(server_url, model="ghost").submit("late", deadline=time.time() - 1)
     with (tmp_path / "beat.log").open("wb") as log:
-        beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "producer.celery_app", "beat", "--schedule",
-                                 str(tmp_path / "beat-schedule"), "--loglevel", "INFO"],
-                                stdout=log, stderr=subprocess.STDOUT, env=_env(stack[0]))
+        beat = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "producer.celery_app",
+                "beat",
+                "--schedule",
+                str(tmp_path / "beat-schedule"),
+                "--loglevel",
+                "INFO",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(stack[0]),
+        )
     try:
-        events = wait_for(lambda: read_events(redis.Redis.from_url(server_url), keys, late), 60, 0.2,
-                          "beat -> celery worker -> reclaim sweep")
+        events = wait_for(
+            lambda: read_events(redis.Redis.from_url(server_url), keys, late),
+            60,
+            0.2,
+            "beat -> celery worker -> reclaim sweep",
+        )
     finally:
         beat.terminate()
         beat.wait(30)

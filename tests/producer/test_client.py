@@ -78,7 +78,7 @@ def test_a_result_stream_resumes_from_any_entry_id(redis_url: str) -> None:
     assert events[-1].type is EventType.DONE and len(events) >= 3
     middle = events[len(events) // 2]
     resumed = list(client.events(request_id, after=middle.entry_id, timeout=5))
-    assert [e.entry_id for e in resumed] == [e.entry_id for e in events[len(events) // 2 + 1:]]
+    assert [e.entry_id for e in resumed] == [e.entry_id for e in events[len(events) // 2 + 1 :]]
     assert sum((e.token_ids for e in events if e.type is EventType.DELTA), []) == _noop_tokens(1, 40)
 
 
@@ -132,14 +132,17 @@ def test_stream_times_out_when_nothing_comes(redis_url: str) -> None:
     assert not done.is_set()
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"timeout": [1]}, "timeout"),
-    ({"timeout": float("nan")}, "timeout"),
-    ({"timeout": 5, "deadline": "soon"}, "deadline"),
-    ({"metadata": {"big": 2**70}}, "cannot be encoded"),
-    ({"metadata": {1, 2}}, "cannot be encoded"),
-    ({"temperature": object()}, "cannot be encoded"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"timeout": [1]}, "timeout"),
+        ({"timeout": float("nan")}, "timeout"),
+        ({"timeout": 5, "deadline": "soon"}, "deadline"),
+        ({"metadata": {"big": 2**70}}, "cannot be encoded"),
+        ({"metadata": {1, 2}}, "cannot be encoded"),
+        ({"temperature": object()}, "cannot be encoded"),
+    ],
+)
 def test_wrong_types_are_value_errors_naming_the_field(kwargs: dict, match: str) -> None:
     """Found by fuzzing build_request: these raised TypeError or OverflowError from inside the client."""
     with pytest.raises(ValueError, match=match):

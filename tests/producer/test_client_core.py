@@ -135,8 +135,9 @@ def test_generate_submits_then_folds_every_result_stream_in_order() -> None:
     ids = _request_ids(submit.calls[0])
     operation.reply([[[b"ok", b"1-0"], [b"ok", b"2-0"]]])
     assert next(operation) == Read({keys.result(i): "0-0" for i in ids}, READ_BLOCK_MS)
-    operation.reply([(keys.result(i).encode(), [_entry("5-0", done_event(FinishReason.LENGTH, {}, text=i))])
-                     for i in reversed(ids)])
+    operation.reply(
+        [(keys.result(i).encode(), [_entry("5-0", done_event(FinishReason.LENGTH, {}, text=i))]) for i in reversed(ids)]
+    )
     with pytest.raises(StopIteration):
         next(operation)
     assert [c.text for c in operation.value] == ids and operation.value[0].finish_reason == FinishReason.LENGTH

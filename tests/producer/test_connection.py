@@ -22,11 +22,14 @@ def test_cluster_url_names_every_node_and_keeps_credentials_and_options() -> Non
     assert is_cluster_url("redis+cluster://h:1/0") and not is_cluster_url("redis://h:1/0")
 
 
-@pytest.mark.parametrize("url, error", [
-    ("redis+cluster://h1:1/3", "only database 0"),
-    ("redis+cluster://h1/0", "host:port"),
-    ("redis+cluster:///0", "names no node"),
-])
+@pytest.mark.parametrize(
+    "url, error",
+    [
+        ("redis+cluster://h1:1/3", "only database 0"),
+        ("redis+cluster://h1/0", "host:port"),
+        ("redis+cluster:///0", "names no node"),
+    ],
+)
 def test_bad_cluster_urls_are_refused_with_the_reason(url: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         cluster_nodes(url)

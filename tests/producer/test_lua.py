@@ -82,6 +82,8 @@ def test_submit_and_cancel_arguments_are_built_by_name(redis_url: str) -> None:
     assert verdict == b"ok" and client.hget(keys.request(request.request_id), "prio") == b"low"
     cancel = client.register_script(producer_scripts.CANCEL)
     event = done_event(FinishReason.CANCELLED, {})
-    reply = cancel(keys=producer_scripts.cancel_keys(keys, request.request_id),
-                   args=producer_scripts.cancel_args(keys, request.request_id, event, 60))
+    reply = cancel(
+        keys=producer_scripts.cancel_keys(keys, request.request_id),
+        args=producer_scripts.cancel_args(keys, request.request_id, event, 60),
+    )
     assert reply == b"cancelled" and client.xlen(keys.queue(Priority.LOW)) == 0

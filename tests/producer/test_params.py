@@ -22,11 +22,22 @@ def test_valid_params_pass_and_are_normalised_for_the_engine() -> None:
     assert SamplingParams.from_dict(checked).stop == ["END"]
 
 
-@pytest.mark.parametrize("params", [
-    {"top_p": 0}, {"top_k": -2}, {"min_p": 1.5}, {"presence_penalty": 3}, {"repetition_penalty": 0},
-    {"ignore_eos": 1}, {"stop_token_ids": [-1]}, {"stop": ["x"] * 17}, {"min_tokens": 5, "max_tokens": 2},
-    {"seed": 1.5}, {"stop": "x" * 1001},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"top_p": 0},
+        {"top_k": -2},
+        {"min_p": 1.5},
+        {"presence_penalty": 3},
+        {"repetition_penalty": 0},
+        {"ignore_eos": 1},
+        {"stop_token_ids": [-1]},
+        {"stop": ["x"] * 17},
+        {"min_tokens": 5, "max_tokens": 2},
+        {"seed": 1.5},
+        {"stop": "x" * 1001},
+    ],
+)
 def test_out_of_range_values_are_refused_by_name(params: dict) -> None:
     with pytest.raises(ProtocolError) as info:
         validate_params(params)

@@ -28,8 +28,18 @@ from producer.protocol import (
 
 
 def _body(**overrides):  # noqa: ANN003, ANN202
-    body = {"v": SCHEMA_VERSION, "id": "a" * 32, "model": "m", "prompt": "hi", "params": {"max_tokens": 4},
-            "stream": True, "priority": "normal", "deadline": None, "submitted_at": 1.0, "metadata": None}
+    body = {
+        "v": SCHEMA_VERSION,
+        "id": "a" * 32,
+        "model": "m",
+        "prompt": "hi",
+        "params": {"max_tokens": 4},
+        "stream": True,
+        "priority": "normal",
+        "deadline": None,
+        "submitted_at": 1.0,
+        "metadata": None,
+    }
     body.update(overrides)
     return {k: v for k, v in body.items() if v is not ...}
 
@@ -56,9 +66,17 @@ def test_request_ids_are_128_random_bits_in_hex() -> None:
 
 
 def test_request_round_trip_keeps_every_field() -> None:
-    request = Request(new_request_id(), "m", messages=[{"role": "user", "content": "hé"}],
-                      params={"max_tokens": 8, "temperature": 0, "stop": "x"}, stream=False,
-                      priority=Priority.HIGH, deadline=123.5, submitted_at=100.0, metadata={"k": [1, b"b"]})
+    request = Request(
+        new_request_id(),
+        "m",
+        messages=[{"role": "user", "content": "hé"}],
+        params={"max_tokens": 8, "temperature": 0, "stop": "x"},
+        stream=False,
+        priority=Priority.HIGH,
+        deadline=123.5,
+        submitted_at=100.0,
+        metadata={"k": [1, b"b"]},
+    )
     decoded = decode_request(request.encode(), expected_id=request.request_id)
     assert decoded.messages == request.messages and decoded.priority is Priority.HIGH
     assert decoded.params == {"max_tokens": 8, "temperature": 0.0, "stop": ["x"]}
@@ -70,31 +88,34 @@ def test_unknown_top_level_fields_are_ignored() -> None:
     assert decoded.prompt == "hi"
 
 
-@pytest.mark.parametrize(("overrides", "match"), [
-    ({"v": 2}, "schema version 2"),
-    ({"v": "1"}, "schema version"),
-    ({"id": "A" * 32}, "id"),
-    ({"model": 7}, "model"),
-    ({"prompt": ...}, "exactly one of"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "exactly one of"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": ..., "prompt_token_ids": [1, -2]}, "prompt_token_ids"),
-    ({"prompt": ..., "prompt_token_ids": [True]}, "prompt_token_ids"),
-    ({"prompt": ..., "messages": [{"role": "user"}]}, "messages"),
-    ({"params": {"temperature": math.nan}}, "temperature"),
-    ({"params": {"temperature": math.inf}}, "temperature"),
-    ({"params": {"max_tokens": -1}}, "max_tokens"),
-    ({"params": {"max_tokens": 2**64 - 1}}, "max_tokens"),
-    ({"params": {"max_tokens": "8"}}, "max_tokens"),
-    ({"params": {"temprature": 0.5}}, "unknown sampling parameter"),
-    ({"params": {"logprobs": 21}}, "logprobs"),
-    ({"params": {"stop": [""]}}, "stop"),
-    ({"params": []}, "params"),
-    ({"stream": 1}, "stream"),
-    ({"priority": "urgent"}, "priority"),
-    ({"deadline": math.nan}, "deadline"),
-    ({"metadata": {1: 2}}, "not valid msgpack"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"v": 2}, "schema version 2"),
+        ({"v": "1"}, "schema version"),
+        ({"id": "A" * 32}, "id"),
+        ({"model": 7}, "model"),
+        ({"prompt": ...}, "exactly one of"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "exactly one of"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": ..., "prompt_token_ids": [1, -2]}, "prompt_token_ids"),
+        ({"prompt": ..., "prompt_token_ids": [True]}, "prompt_token_ids"),
+        ({"prompt": ..., "messages": [{"role": "user"}]}, "messages"),
+        ({"params": {"temperature": math.nan}}, "temperature"),
+        ({"params": {"temperature": math.inf}}, "temperature"),
+        ({"params": {"max_tokens": -1}}, "max_tokens"),
+        ({"params": {"max_tokens": 2**64 - 1}}, "max_tokens"),
+        ({"params": {"max_tokens": "8"}}, "max_tokens"),
+        ({"params": {"temprature": 0.5}}, "unknown sampling parameter"),
+        ({"params": {"logprobs": 21}}, "logprobs"),
+        ({"params": {"stop": [""]}}, "stop"),
+        ({"params": []}, "params"),
+        ({"stream": 1}, "stream"),
+        ({"priority": "urgent"}, "priority"),
+        ({"deadline": math.nan}, "deadline"),
+        ({"metadata": {1: 2}}, "not valid msgpack"),
+    ],
+)
 def test_invalid_fields_are_named_in_the_error(overrides: dict, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         decode_request(_pack(_body(**overrides)))
@@ -131,17 +152,45 @@ def test_random_bytes_never_raise_anything_but_protocol_error(data: bytes) -> No
         assert exc.code in ("invalid_request", "unsupported_version")
 
 
-_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
-                  st.text(max_size=20), st.binary(max_size=8))
-_value = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8),
-                                                                                            inner, max_size=4),
-                      max_leaves=12)
+_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.binary(max_size=8),
+)
+_value = st.recursive(
+    _leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["v", "id", "model", "prompt", "messages", "prompt_token_ids", "params",
-                                        "stream", "priority", "deadline", "submitted_at", "metadata", "extra"]),
-                       _value, max_size=12))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "v",
+                "id",
+                "model",
+                "prompt",
+                "messages",
+                "prompt_token_ids",
+                "params",
+                "stream",
+                "priority",
+                "deadline",
+                "submitted_at",
+                "metadata",
+                "extra",
+            ]
+        ),
+        _value,
+        max_size=12,
+    )
+)
 def test_random_shapes_decode_or_fail_cleanly(body: dict) -> None:
     try:
         request = decode_request(_pack(body))
@@ -156,10 +205,16 @@ def test_events_round_trip() -> None:
     delta = decode_event(delta_event("hé", [1, 2], [[1, -0.5, [[1, -0.5], [3, -1.0]]]]), "5-0")
     assert (delta.type, delta.text, delta.token_ids, delta.entry_id) == (EventType.DELTA, "hé", [1, 2], "5-0")
     assert delta.logprobs == [[1, -0.5, [[1, -0.5], [3, -1.0]]]]
-    done = decode_event(done_event("length", {"completion_tokens": 2}, metadata={"a": 1}, worker="w",
-                                   text="ab", token_ids=[1, 2]))
+    done = decode_event(
+        done_event("length", {"completion_tokens": 2}, metadata={"a": 1}, worker="w", text="ab", token_ids=[1, 2])
+    )
     assert (done.type, done.finish_reason, done.metadata, done.full_output, done.text) == (
-        EventType.DONE, "length", {"a": 1}, True, "ab")
+        EventType.DONE,
+        "length",
+        {"a": 1},
+        True,
+        "ab",
+    )
     error = decode_event(error_event("deadline", "too late"))
     assert (error.type, error.code, error.message) == (EventType.ERROR, "deadline", "too late")
     assert decode_event(restart_event("w2")).type is EventType.RESTART

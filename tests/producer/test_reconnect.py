@@ -75,8 +75,13 @@ def test_an_outage_past_the_window_or_the_deadline_is_an_error_not_a_hang() -> N
         request_id = client.submit("a", max_tokens=2)
         server.kill()
         thread, outcomes = attempt_in_turn(
-            [lambda: client.submit("b"), lambda: client.result(request_id, timeout=0.3),
-             lambda: client.wait_all([request_id], timeout=0.3)], (TimeoutError, redis.ConnectionError))
+            [
+                lambda: client.submit("b"),
+                lambda: client.result(request_id, timeout=0.3),
+                lambda: client.wait_all([request_id], timeout=0.3),
+            ],
+            (TimeoutError, redis.ConnectionError),
+        )
         thread.join(120)  # a guard against a hang, not a speed check: each call gives up in about a second
         hung = thread.is_alive()
         server.start()

@@ -25,8 +25,19 @@ class Sample:
     items: list[int] | None = None  # no parser for lists: never read
 
 
-@pytest.mark.parametrize(("raw", "value"), [("true", True), ("TRUE", True), ("Yes", True), ("1", True),
-                                            ("false", False), ("No", False), ("0", False), (" yes ", True)])
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("Yes", True),
+        ("1", True),
+        ("false", False),
+        ("No", False),
+        ("0", False),
+        (" yes ", True),
+    ],
+)
 def test_booleans_accept_true_false_1_0_yes_no(raw: str, value: bool) -> None:
     assert read(Sample, environ={"TOKENRELAY_ENABLED": raw}) == {"enabled": value}
 
@@ -87,8 +98,15 @@ def _parser(**kwargs: object) -> argparse.ArgumentParser:
 
 def test_flags_come_from_the_fields() -> None:
     parser = _parser(flags={"url": "--to"})
-    assert vars(parser.parse_args([])) == {"url": None, "count": None, "ratio": None, "enabled": None,
-                                           "limit": None, "name": None, "pid": None}
+    assert vars(parser.parse_args([])) == {
+        "url": None,
+        "count": None,
+        "ratio": None,
+        "enabled": None,
+        "limit": None,
+        "name": None,
+        "pid": None,
+    }
     args = parser.parse_args(["--to", "redis://x:1/0", "--count", "4", "--enabled", "no", "--limit", "none"])
     assert (args.url, args.count, args.enabled, args.limit) == ("redis://x:1/0", 4, False, EXPLICIT_NONE)
     # a flag's "none" is None itself, so it beats a variable (a plain None override means "not given")
@@ -123,5 +141,9 @@ def test_the_gateway_reads_its_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOKENRELAY_REQUEST_TIMEOUT_S", "0.5")
     settings = GatewaySettings.from_env(port=9000, host=None)
     assert (settings.max_queue_depth, settings.request_timeout_s, settings.port, settings.host) == (
-        50, 0.5, 9000, "127.0.0.1")
+        50,
+        0.5,
+        9000,
+        "127.0.0.1",
+    )
     assert GatewaySettings.from_env(redis_url="redis://g:pw@h:1/0").describe()["redis_url"] == "redis://g:***@h:1/0"

@@ -25,11 +25,18 @@ def _traffic(client: Client) -> None:
     """Valid requests, a chat, and refusals whose error messages could echo what was sent."""
     prompt = f"Tell me about {MARKER} please"
     client.generate([prompt], max_tokens=3, timeout=120)
-    client.result(client.submit(messages=[{"role": "user", "content": prompt}], max_tokens=3, stop=[MARKER]),
-                  timeout=120)
+    client.result(
+        client.submit(messages=[{"role": "user", "content": prompt}], max_tokens=3, stop=[MARKER]), timeout=120
+    )
     request_id = new_request_id()  # bypassing the client's checks: a stop list the worker must refuse
-    body = {"v": SCHEMA_VERSION, "id": request_id, "model": "tiny", "prompt": prompt,
-            "params": {"stop": [MARKER, 5]}, "submitted_at": time.time()}
+    body = {
+        "v": SCHEMA_VERSION,
+        "id": request_id,
+        "model": "tiny",
+        "prompt": prompt,
+        "params": {"stop": [MARKER, 5]},
+        "submitted_at": time.time(),
+    }
     client.redis.xadd(Keys("tiny").queue(Priority.NORMAL), {"id": request_id, "m": msgpack.packb(body)})
     with pytest.raises(RequestFailed):
         client.result(client.submit(prompt=[10**6, 1], max_tokens=2), timeout=120)  # out of the vocabulary
@@ -46,13 +53,26 @@ def test_no_prompt_text_in_worker_or_gateway_logs_at_info(redis_url: str, tiny_l
         _traffic(Client(redis_url, model="tiny"))
         prompt = f"Tell me about {MARKER} please"
         replies = [
-            httpx.post(f"{gateway.url}/v1/completions", timeout=120,
-                       json={"model": "tiny", "prompt": prompt, "max_tokens": 3, "stop": [MARKER]}),
-            httpx.post(f"{gateway.url}/v1/chat/completions", timeout=120,
-                       json={"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 3,
-                             "stream": True}),
-            httpx.post(f"{gateway.url}/v1/completions", timeout=120,  # refused: the reply may echo, logs may not
-                       json={"model": "tiny", "prompt": prompt, "stop": [MARKER, 5]}),
+            httpx.post(
+                f"{gateway.url}/v1/completions",
+                timeout=120,
+                json={"model": "tiny", "prompt": prompt, "max_tokens": 3, "stop": [MARKER]},
+            ),
+            httpx.post(
+                f"{gateway.url}/v1/chat/completions",
+                timeout=120,
+                json={
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 3,
+                    "stream": True,
+                },
+            ),
+            httpx.post(
+                f"{gateway.url}/v1/completions",
+                timeout=120,  # refused: the reply may echo, logs may not
+                json={"model": "tiny", "prompt": prompt, "stop": [MARKER, 5]},
+            ),
         ]
         worker.signal(15)
         assert worker.wait(60) == 0

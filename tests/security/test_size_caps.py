@@ -34,8 +34,9 @@ OVERSIZE = [  # (what the client asks, the field the refusal names)
 
 
 @pytest.mark.parametrize(("kwargs", "field"), OVERSIZE)
-def test_the_producer_refuses_oversize_requests_before_sending_anything(redis_url: str, kwargs: dict,
-                                                                         field: str) -> None:
+def test_the_producer_refuses_oversize_requests_before_sending_anything(
+    redis_url: str, kwargs: dict, field: str
+) -> None:
     client = Client(redis_url, model="noop")
     with pytest.raises(ValueError, match=field):
         client.submit(**kwargs)
@@ -48,8 +49,15 @@ def test_the_producer_applies_its_payload_byte_cap() -> None:
 
 
 def _raw(request_id: str, **fields: object) -> dict[str, bytes | str]:
-    body = {"v": SCHEMA_VERSION, "id": request_id, "model": "noop", "prompt": "p", "params": {"max_tokens": 2},
-            "submitted_at": time.time(), **fields}
+    body = {
+        "v": SCHEMA_VERSION,
+        "id": request_id,
+        "model": "noop",
+        "prompt": "p",
+        "params": {"max_tokens": 2},
+        "submitted_at": time.time(),
+        **fields,
+    }
     return {"id": request_id, "m": msgpack.packb(body, use_bin_type=True)}
 
 
@@ -96,12 +104,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("body", [
-    {"prompt": "x" * (LIMITS.max_prompt_chars + 1)},
-    {"prompt": [1] * (LIMITS.max_prompt_tokens + 1)},
-    {"prompt": "x", "max_tokens": MAX_TOKENS_LIMIT + 1},
-    {"prompt": "x", "max_tokens": 0},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "x" * (LIMITS.max_prompt_chars + 1)},
+        {"prompt": [1] * (LIMITS.max_prompt_tokens + 1)},
+        {"prompt": "x", "max_tokens": MAX_TOKENS_LIMIT + 1},
+        {"prompt": "x", "max_tokens": 0},
+    ],
+)
 def test_the_gateway_refuses_oversize_requests_with_400(stack: Stack, body: dict) -> None:
     reply = httpx.post(f"{stack.gateway.url}/v1/completions", json={"model": "tiny", **body}, timeout=60)
     assert reply.status_code == 400, reply.text
@@ -119,10 +130,15 @@ def test_the_gateway_refuses_an_oversize_body_without_reading_it_all(stack: Stac
             sent += len(chunk)
             yield chunk
 
-    reply = httpx.post(f"{stack.gateway.url}/v1/completions", content=body(), timeout=60,
-                       headers={"Content-Type": "application/json"})
+    reply = httpx.post(
+        f"{stack.gateway.url}/v1/completions", content=body(), timeout=60, headers={"Content-Type": "application/json"}
+    )
     assert reply.status_code == 413, reply.text
-    declared = httpx.post(f"{stack.gateway.url}/v1/completions", content=b"{" + b" " * (20 * 2**20) + b"}",
-                          headers={"Content-Type": "application/json"}, timeout=60)
+    declared = httpx.post(
+        f"{stack.gateway.url}/v1/completions",
+        content=b"{" + b" " * (20 * 2**20) + b"}",
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
     assert declared.status_code == 413
     assert httpx.get(f"{stack.gateway.url}/health", timeout=10).status_code == 200

@@ -34,12 +34,29 @@ def test_the_queue_runs_end_to_end_over_mutual_tls(tmp_path: Path) -> None:
     client_pair = issue(tmp_path, "tokenrelay", ca_cert, ca_key, server=False)
     tls = {"ssl_ca_certs": str(ca.cert), "ssl_certfile": str(client_pair.cert), "ssl_keyfile": str(client_pair.key)}
     port = free_port()
-    extra = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(server_pair.cert),
-             "--tls-key-file", str(server_pair.key), "--tls-ca-cert-file", str(ca.cert), "--tls-auth-clients", "yes"]
+    extra = [
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(server_pair.cert),
+        "--tls-key-file",
+        str(server_pair.key),
+        "--tls-ca-cert-file",
+        str(ca.cert),
+        "--tls-auth-clients",
+        "yes",
+    ]
     url = f"rediss://127.0.0.1:{port}/0?" + urllib.parse.urlencode({**tls, "ssl_cert_reqs": "required"})
     with RedisServer(port=port, extra_args=extra, connection_kwargs={"ssl": True, **tls}) as server:
-        worker = WorkerProcess(url, Path("no-model"), tmp_path / "worker.log", ["--engine", "noop"],
-                               env={"TOKENRELAY_LOG_LEVEL": "warning"})
+        worker = WorkerProcess(
+            url,
+            Path("no-model"),
+            tmp_path / "worker.log",
+            ["--engine", "noop"],
+            env={"TOKENRELAY_LOG_LEVEL": "warning"},
+        )
         try:
             worker.wait_ready()
             client = Client(url, model="tiny")

@@ -18,8 +18,10 @@ from worker.settings import WorkerSettings
 
 def _tokenrelay(*args: str) -> subprocess.CompletedProcess[str]:
     # -X importtime would be noisy; instead the child asserts torch never loaded.
-    code = ("import sys; from worker.cli import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    code = (
+        "import sys; from worker.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
 
 
@@ -54,15 +56,20 @@ def test_worker_flags_and_environment_build_the_settings(monkeypatch: pytest.Mon
         WorkerSettings(heartbeat_s=2.0, claim_idle_s=3.0)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--kv-cache-dtype", "fp8"], "kv_cache_dtype: must be auto or int8, got 'fp8'"),
-    (["--preemption-mode", "swap"], "preemption_mode: 'swap' needs swap_space_gb > 0"),
-    (["--enable-prefix-caching", "maybe"], "argument --enable-prefix-caching: expected true/false, 1/0 or yes/no"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--kv-cache-dtype", "fp8"], "kv_cache_dtype: must be auto or int8, got 'fp8'"),
+        (["--preemption-mode", "swap"], "preemption_mode: 'swap' needs swap_space_gb > 0"),
+        (["--enable-prefix-caching", "maybe"], "argument --enable-prefix-caching: expected true/false, 1/0 or yes/no"),
+    ],
+)
 def test_an_invalid_engine_option_is_a_usage_error_before_torch_loads(args: list[str], message: str) -> None:
-    code = ("import sys; from worker.cli import main\n"
-            "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as exc:\n    rc = exc.code\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    code = (
+        "import sys; from worker.cli import main\n"
+        "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as exc:\n    rc = exc.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
     result = subprocess.run([sys.executable, "-c", code, "worker", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -70,7 +77,7 @@ def test_an_invalid_engine_option_is_a_usage_error_before_torch_loads(args: list
 
 def test_the_readme_lists_the_worker_flags_as_they_are() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Running a worker"):readme.index("### Submitting from Python")]
+    section = readme[readme.index("### Running a worker") : readme.index("### Submitting from Python")]
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     worker = sub.choices["worker"]  # type: ignore[attr-defined]
     listed = set(re.findall(r"^\| `(--[a-z-]+)[^`]*` \| `(TOKENRELAY_\w+)`", section, re.MULTILINE))

@@ -19,8 +19,12 @@ from producer.status import gather
 from tests.queue_helpers import WorkerThread, read_events, wait_for
 from worker.noop_engine import NoopEngine
 
-PROMPTS = ["Explain the benefits of AI in healthcare.", "Write a poem about spring.",
-           "Summarize the latest AI research trends.", "Why queue requests?"]
+PROMPTS = [
+    "Explain the benefits of AI in healthcare.",
+    "Write a poem about spring.",
+    "Summarize the latest AI research trends.",
+    "Why queue requests?",
+]
 
 
 def _tiny_engine(model_dir: Path, **overrides: object) -> LLMEngine:
@@ -98,11 +102,11 @@ def test_engine_refusal_is_an_error_and_a_dead_letter(redis_url: str, tiny_llama
 def test_priority_classes_are_served_high_first(redis_url: str) -> None:
     client = Client(redis_url, model="noop")
     ids = {p: client.submit(p, priority=p, max_tokens=3) for p in ("low", "normal", "high")}
-    with WorkerThread(NoopEngine(max_num_seqs=1, step_delay_s=0.01), redis_url, model_name="noop",
-                      max_num_seqs=1):
+    with WorkerThread(NoopEngine(max_num_seqs=1, step_delay_s=0.01), redis_url, model_name="noop", max_num_seqs=1):
         results = client.wait_all(list(ids.values()), timeout=30)
-    finished_ms = {p: int(read_events(client.redis, Keys("noop"), i)[-1].entry_id.split("-")[0])
-                   for p, i in ids.items()}
+    finished_ms = {
+        p: int(read_events(client.redis, Keys("noop"), i)[-1].entry_id.split("-")[0]) for p, i in ids.items()
+    }
     assert finished_ms["high"] < finished_ms["normal"] < finished_ms["low"]
     assert all(r.finish_reason == "length" for r in results.values())
 
@@ -127,8 +131,9 @@ def test_logprobs_travel_with_the_tokens(redis_url: str, tiny_llama: Path) -> No
     client = Client(redis_url, model="tiny")
     with WorkerThread(_tiny_engine(tiny_llama), redis_url, model_name="tiny"):
         streamed = client.result(client.submit("odds", max_tokens=5, temperature=0.0, logprobs=2), timeout=60)
-        whole = client.result(client.submit("odds", max_tokens=5, temperature=0.0, logprobs=2, stream=False),
-                              timeout=60)
+        whole = client.result(
+            client.submit("odds", max_tokens=5, temperature=0.0, logprobs=2, stream=False), timeout=60
+        )
     for completion in (streamed, whole):
         assert completion.logprobs is not None and len(completion.logprobs) == 5
         for token_id, (sampled, logprob, top, _text) in zip(completion.token_ids, completion.logprobs, strict=True):

@@ -17,9 +17,14 @@ from tests.queue_helpers import after_last_restart, read_events, terminal_count,
 
 pytestmark = pytest.mark.slow
 KEYS = Keys("tiny")
-PROMPTS = ["Explain the benefits of AI in healthcare.", "Write a poem about spring.",
-           "Summarize the latest AI research trends.", "Tell me about message queues.",
-           "What is a paged KV cache?", "Count to ten."]
+PROMPTS = [
+    "Explain the benefits of AI in healthcare.",
+    "Write a poem about spring.",
+    "Summarize the latest AI research trends.",
+    "Tell me about message queues.",
+    "What is a paged KV cache?",
+    "Count to ten.",
+]
 LONG = 300  # tokens: long enough that a signal lands mid-generation
 
 
@@ -27,7 +32,8 @@ LONG = 300  # tokens: long enough that a signal lands mid-generation
 def expected(tiny_llama: Path) -> dict[str, list[int]]:
     """Greedy outputs of the in-process engine: what every path through the queue must reproduce."""
     outs = LLM(str(tiny_llama), dtype="float64", num_kv_blocks=256).generate(
-        PROMPTS, SamplingParams(max_tokens=LONG, temperature=0.0, ignore_eos=True))
+        PROMPTS, SamplingParams(max_tokens=LONG, temperature=0.0, ignore_eos=True)
+    )
     return {p: o.token_ids for p, o in zip(PROMPTS, outs, strict=True)}
 
 
@@ -64,8 +70,9 @@ def test_two_workers_share_one_stream(redis_url: str, tiny_llama: Path, worker_p
         assert worker.wait() == 0
 
 
-def test_kill_9_mid_generation_restarts_elsewhere_and_completes(redis_url: str, tiny_llama: Path, worker_processes,
-                                                                expected) -> None:  # noqa: ANN001
+def test_kill_9_mid_generation_restarts_elsewhere_and_completes(
+    redis_url: str, tiny_llama: Path, worker_processes, expected
+) -> None:  # noqa: ANN001
     a = worker_processes(redis_url, tiny_llama)
     a.wait_ready()
     client = Client(redis_url, model="tiny")
@@ -83,8 +90,9 @@ def test_kill_9_mid_generation_restarts_elsewhere_and_completes(redis_url: str, 
     assert _queues_empty(client.redis)
 
 
-def test_a_paused_worker_publishes_nothing_after_a_takeover(redis_url: str, tiny_llama: Path, worker_processes,
-                                                            expected) -> None:  # noqa: ANN001
+def test_a_paused_worker_publishes_nothing_after_a_takeover(
+    redis_url: str, tiny_llama: Path, worker_processes, expected
+) -> None:  # noqa: ANN001
     a = worker_processes(redis_url, tiny_llama)
     a.wait_ready()
     client = Client(redis_url, model="tiny")
@@ -95,8 +103,11 @@ def test_a_paused_worker_publishes_nothing_after_a_takeover(redis_url: str, tiny
     results = client.wait_all(list(ids), timeout=180)
     assert all(f"-{b.pid}-" in r.worker and r.restarts == 1 for r in results.values())
     a.signal(signal.SIGCONT)
-    wait_for(lambda: any(line.get("event", "").startswith("ownership lost") for line in a.logs()), 30,
-             what="the resumed worker to learn it lost its requests")
+    wait_for(
+        lambda: any(line.get("event", "").startswith("ownership lost") for line in a.logs()),
+        30,
+        what="the resumed worker to learn it lost its requests",
+    )
     time.sleep(0.5)  # room for any stale write it might still attempt
     for request_id, prompt in ids.items():
         events = read_events(client.redis, KEYS, request_id)
@@ -108,8 +119,9 @@ def test_a_paused_worker_publishes_nothing_after_a_takeover(redis_url: str, tiny
     assert _queues_empty(client.redis)
 
 
-def test_sigterm_drains_in_flight_work_and_loses_nothing(redis_url: str, tiny_llama: Path, worker_processes,
-                                                         expected) -> None:  # noqa: ANN001
+def test_sigterm_drains_in_flight_work_and_loses_nothing(
+    redis_url: str, tiny_llama: Path, worker_processes, expected
+) -> None:  # noqa: ANN001
     a = worker_processes(redis_url, tiny_llama, "--max-num-seqs", "2")
     a.wait_ready()
     client = Client(redis_url, model="tiny")
@@ -129,8 +141,9 @@ def test_sigterm_drains_in_flight_work_and_loses_nothing(redis_url: str, tiny_ll
     assert _queues_empty(client.redis)
 
 
-def test_sigterm_past_the_grace_period_hands_work_back(redis_url: str, tiny_llama: Path, worker_processes,
-                                                       expected) -> None:  # noqa: ANN001
+def test_sigterm_past_the_grace_period_hands_work_back(
+    redis_url: str, tiny_llama: Path, worker_processes, expected
+) -> None:  # noqa: ANN001
     a = worker_processes(redis_url, tiny_llama, "--drain-grace", "0.3")
     a.wait_ready()
     client = Client(redis_url, model="tiny")

@@ -29,26 +29,52 @@ def _pending(client: redis.Redis) -> int:
 
 
 def _body(request_id: str, **overrides: object) -> dict:
-    body = {"v": SCHEMA_VERSION, "id": request_id, "model": "noop", "prompt": "p", "params": {"max_tokens": 2},
-            "stream": True, "priority": "normal", "submitted_at": time.time()}
+    body = {
+        "v": SCHEMA_VERSION,
+        "id": request_id,
+        "model": "noop",
+        "prompt": "p",
+        "params": {"max_tokens": 2},
+        "stream": True,
+        "priority": "normal",
+        "submitted_at": time.time(),
+    }
     return {**body, **overrides}
 
 
 # One corruption each: every case is invalid, whatever else hypothesis picks.
-_int64 = st.integers(-2**63, 2**63 - 1)  # what msgpack can carry: a bigger int fails in the test, not the worker
+_int64 = st.integers(-(2**63), 2**63 - 1)  # what msgpack can carry: a bigger int fails in the test, not the worker
 _corruptions = st.one_of(
     st.tuples(st.just("v"), st.sampled_from([2, "1", None, 1.0, -1])),
     st.tuples(st.just("model"), st.sampled_from(["unknown-model", "", 5, None, "m" * 300, "a{b}"])),
-    st.tuples(st.just("prompt"), st.one_of(st.integers(-2**63, 2**63), st.just(""), st.just("x" * 1_000_001),
-                                           st.lists(st.text(max_size=5), max_size=3), st.binary(max_size=8))),
-    st.tuples(st.just("params"), st.one_of(
-        st.fixed_dictionaries({"temperature": st.sampled_from([math.nan, math.inf, -1.0, "hot", None])}),
-        st.fixed_dictionaries({"max_tokens": st.integers(-2**63, 0) | st.integers(1_000_001, 2**63 - 1)}),
-        st.fixed_dictionaries({"top_p": st.floats(1.0001, 1e300) | st.floats(-1e300, 0)}),
-        st.dictionaries(st.text(min_size=1, max_size=10).filter(lambda k: k not in {"max_tokens", "temperature",
-                                                                                    "top_p", "seed", "stop"}),
-                        _int64, min_size=1, max_size=3),
-        st.text(max_size=10), st.lists(_int64, max_size=3))),
+    st.tuples(
+        st.just("prompt"),
+        st.one_of(
+            st.integers(-(2**63), 2**63),
+            st.just(""),
+            st.just("x" * 1_000_001),
+            st.lists(st.text(max_size=5), max_size=3),
+            st.binary(max_size=8),
+        ),
+    ),
+    st.tuples(
+        st.just("params"),
+        st.one_of(
+            st.fixed_dictionaries({"temperature": st.sampled_from([math.nan, math.inf, -1.0, "hot", None])}),
+            st.fixed_dictionaries({"max_tokens": st.integers(-(2**63), 0) | st.integers(1_000_001, 2**63 - 1)}),
+            st.fixed_dictionaries({"top_p": st.floats(1.0001, 1e300) | st.floats(-1e300, 0)}),
+            st.dictionaries(
+                st.text(min_size=1, max_size=10).filter(
+                    lambda k: k not in {"max_tokens", "temperature", "top_p", "seed", "stop"}
+                ),
+                _int64,
+                min_size=1,
+                max_size=3,
+            ),
+            st.text(max_size=10),
+            st.lists(_int64, max_size=3),
+        ),
+    ),
     st.tuples(st.just("stream"), st.integers(-5, 5) | st.text(max_size=5)),
     st.tuples(st.just("priority"), st.text(max_size=8).filter(lambda p: p not in ("high", "normal", "low"))),
     st.tuples(st.just("deadline"), st.sampled_from([math.nan, -5, "tomorrow", [1]])),
@@ -65,8 +91,10 @@ def malformed_entries(draw: st.DrawFn) -> tuple[dict, str | None]:
     if kind == "bytes":
         return {"id": request_id, "m": draw(st.binary(max_size=256))}, request_id
     if kind == "no_id":
-        return {"m": draw(st.binary(max_size=64)), **draw(st.dictionaries(st.sampled_from(["x", "y"]),
-                                                                          st.binary(max_size=8)))}, None
+        return {
+            "m": draw(st.binary(max_size=64)),
+            **draw(st.dictionaries(st.sampled_from(["x", "y"]), st.binary(max_size=8))),
+        }, None
     if kind == "bad_id":
         return {"id": draw(st.text(max_size=40).filter(lambda s: len(s) != 32)), "m": b"\x80"}, None
     field, value = draw(_corruptions)
@@ -217,8 +245,9 @@ def test_a_stale_heartbeat_reply_does_not_drop_a_newer_claim_of_the_same_request
     request_id = client.submit("a b", max_tokens=3)
     proxy = FaultProxy(redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"]).start()
     try:
-        settings = WorkerSettings(redis_url=proxy.url(), model_name="noop", engine="noop", consumer="w",
-                                  heartbeat_s=0.02, claim_idle_s=0.05)
+        settings = WorkerSettings(
+            redis_url=proxy.url(), model_name="noop", engine="noop", consumer="w", heartbeat_s=0.02, claim_idle_s=0.05
+        )
         relay = Relay(redis.Redis.from_url(proxy.url()), settings, Outbox(), queue.SimpleQueue(), dict)
         relay.ensure_groups()
         relay.admit_once(1, autoclaim=False, preread=[])

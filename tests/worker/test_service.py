@@ -19,13 +19,13 @@ pytestmark = pytest.mark.slow
 MEMORY_FLAGS = ("--dtype", "float32", "--quantization", "int8", "--kv-cache-dtype", "int8", "--swap-space-gb", "0.1")
 
 
-def test_int8_weights_int8_kv_and_swap_serve_through_redis(redis_url: str, tiny_llama: Path,
-                                                           worker_processes) -> None:  # noqa: ANN001
+def test_int8_weights_int8_kv_and_swap_serve_through_redis(redis_url: str, tiny_llama: Path, worker_processes) -> None:  # noqa: ANN001
     worker = worker_processes(redis_url, tiny_llama, *MEMORY_FLAGS)
     worker.wait_ready()
     client = Client(redis_url, model="tiny")
-    completions = client.generate(["Write a poem about spring.", [5, 6, 7]], timeout=120, max_tokens=12,
-                                  temperature=0.0, ignore_eos=True)
+    completions = client.generate(
+        ["Write a poem about spring.", [5, 6, 7]], timeout=120, max_tokens=12, temperature=0.0, ignore_eos=True
+    )
     assert [c.error for c in completions] == [None, None]
     assert [len(c.token_ids) for c in completions] == [12, 12]
     assert [c.usage["completion_tokens"] for c in completions] == [12, 12]
@@ -33,10 +33,18 @@ def test_int8_weights_int8_kv_and_swap_serve_through_redis(redis_url: str, tiny_
     (ready,) = [line for line in worker.logs() if line.get("event") == "engine ready"]
     assert ready["dtype"] == "float32"
     assert {k: ready["config"][k] for k in ("quantization", "kv_cache_dtype", "swap_space_gb")} == {
-        "quantization": "int8", "kv_cache_dtype": "int8", "swap_space_gb": 0.1}
+        "quantization": "int8",
+        "kv_cache_dtype": "int8",
+        "swap_space_gb": 0.1,
+    }
 
-    served = {"engine": "llm", "dtype": "float32", "quantization": "int8", "kv_cache_dtype": "int8",
-              "swap_space_gb": 0.1}
+    served = {
+        "engine": "llm",
+        "dtype": "float32",
+        "quantization": "int8",
+        "kv_cache_dtype": "int8",
+        "swap_space_gb": 0.1,
+    }
     r = redis.Redis.from_url(redis_url)
     (status,) = gather(r)
     (heartbeat,) = status.workers

@@ -28,7 +28,8 @@ def _worker_flags() -> dict[str, str]:
 def test_every_engine_field_is_a_worker_flag_and_variable() -> None:
     flags = _worker_flags()
     readable = {o.name for o in options(WorkerSettings) if o.env} | {
-        o.name for o in options(EngineConfig) if o.env and o.name in ENGINE_OPTIONS}
+        o.name for o in options(EngineConfig) if o.env and o.name in ENGINE_OPTIONS
+    }
     assert all(reason for reason in ENGINE_FIELDS_EXCLUDED.values())
     for f in dataclasses.fields(EngineConfig):
         if f.name in ENGINE_FIELDS_EXCLUDED:
@@ -48,8 +49,23 @@ def test_flags_and_variables_reach_the_engine_config(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("TOKENRELAY_MAX_MODEL_LEN", "512")
     monkeypatch.setenv("TOKENRELAY_QUANTIZATION", "int8")
     monkeypatch.setenv("TOKENRELAY_NUM_THREADS", "3")
-    argv = ["worker", "--quantization", "none", "--swap-space-gb", "0.1", "--preemption-mode", "swap",
-            "--fused-layers", "false", "--max-num-batched-tokens", "64", "--threads", "2", "--dtype", "float32"]
+    argv = [
+        "worker",
+        "--quantization",
+        "none",
+        "--swap-space-gb",
+        "0.1",
+        "--preemption-mode",
+        "swap",
+        "--fused-layers",
+        "false",
+        "--max-num-batched-tokens",
+        "64",
+        "--threads",
+        "2",
+        "--dtype",
+        "float32",
+    ]
     args = vars(build_parser().parse_args(argv))
     settings = WorkerSettings.from_env(**{k: v for k, v in args.items() if k != "command"})
     config = settings.engine_config()
@@ -59,9 +75,18 @@ def test_flags_and_variables_reach_the_engine_config(monkeypatch: pytest.MonkeyP
     assert (config.max_num_batched_tokens, config.num_threads, config.dtype) == (64, 2, "float32")
     assert config.block_size == EngineConfig().block_size  # not given: the engine's default
     summary = settings.engine_summary()
-    assert summary == {"engine": "llm", "dtype": "float32", "quantization": None, "kv_cache_dtype": "int8",
-                       "enable_prefix_caching": False, "max_model_len": 512, "swap_space_gb": 0.1,
-                       "preemption_mode": "swap", "fused_layers": False, "max_num_batched_tokens": 64}
+    assert summary == {
+        "engine": "llm",
+        "dtype": "float32",
+        "quantization": None,
+        "kv_cache_dtype": "int8",
+        "enable_prefix_caching": False,
+        "max_model_len": 512,
+        "swap_space_gb": 0.1,
+        "preemption_mode": "swap",
+        "fused_layers": False,
+        "max_num_batched_tokens": 64,
+    }
 
 
 def test_engine_config_errors_surface_when_the_settings_are_built() -> None:

@@ -52,8 +52,13 @@ def _write_input(path: Path, lines: int, chat_every: int = 0) -> None:
 def _batch(server: RedisServer, *args: str, progress: bool = False) -> subprocess.Popen[str]:
     env = {**os.environ, "TOKENRELAY_LOG_JSON": "1"}
     quiet = [] if progress else ["--no-progress"]
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "batch", *args, "--redis", server.url, *quiet],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "batch", *args, "--redis", server.url, *quiet],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _records(path: Path) -> list[dict]:
@@ -65,8 +70,9 @@ def _request_keys(server: RedisServer) -> int:
     return sum(1 for _ in client.scan_iter(match=f"{Keys('tiny').request_prefix}*", count=1000))
 
 
-def test_a_thousand_lines_with_errors_in_their_own_file(server: RedisServer, worker: WorkerProcess,
-                                                        tmp_path: Path) -> None:
+def test_a_thousand_lines_with_errors_in_their_own_file(
+    server: RedisServer, worker: WorkerProcess, tmp_path: Path
+) -> None:
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write_input(source, 1000, chat_every=100)  # the no-op engine has no chat template: 10 lines fail
     batch = _batch(server, str(source), "-o", str(output), "--window", "64")
@@ -77,8 +83,9 @@ def test_a_thousand_lines_with_errors_in_their_own_file(server: RedisServer, wor
     records = _records(output)
     assert Counter(r["custom_id"] for r in records) == Counter(f"req-{i}" for i in range(1000))
     ok = [r for r in records if r["error"] is None]
-    assert all(r["response"]["status_code"] == 200 and r["response"]["body"]["choices"][0]["text"] == " x x x"
-               for r in ok)
+    assert all(
+        r["response"]["status_code"] == 200 and r["response"]["body"]["choices"][0]["text"] == " x x x" for r in ok
+    )
     assert all(r["id"].startswith("batch_req_") and len(r["response"]["request_id"]) == 32 for r in ok)
     errors = _records(tmp_path / "out.errors.jsonl")
     assert sorted(r["custom_id"] for r in errors) == sorted(f"req-{i}" for i in range(0, 1000, 100))
@@ -89,8 +96,9 @@ def test_a_thousand_lines_with_errors_in_their_own_file(server: RedisServer, wor
     assert json.loads(stdout.strip().splitlines()[-1])["skipped"] == 1000 and len(_records(output)) == 1000
 
 
-def test_kill_halfway_then_resume_answers_every_line_once(server: RedisServer, worker: WorkerProcess,
-                                                          tmp_path: Path) -> None:
+def test_kill_halfway_then_resume_answers_every_line_once(
+    server: RedisServer, worker: WorkerProcess, tmp_path: Path
+) -> None:
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write_input(source, 1000)
     batch = _batch(server, str(source), "-o", str(output), "--window", "32")
@@ -110,8 +118,7 @@ def test_kill_halfway_then_resume_answers_every_line_once(server: RedisServer, w
     assert _request_keys(server) == 1000
 
 
-def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(server: RedisServer, worker: WorkerProcess,
-                                                   tmp_path: Path) -> None:
+def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(server: RedisServer, worker: WorkerProcess, tmp_path: Path) -> None:
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write_input(source, 300)
     batch = _batch(server, str(source), "-o", str(output), "--window", "16")
@@ -122,8 +129,11 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(server: RedisServer, worker: 
     assert json.loads(stdout.strip().splitlines()[-1])["interrupted"] is True
     assert output.read_bytes().endswith(b"\n")  # no torn line after a clean stop
     client = redis.Redis.from_url(server.url)
-    running = [k for k in client.scan_iter(match=f"{Keys('tiny').request_prefix}*")
-               if client.hget(k, "state") in (b"running", b"queued")]
+    running = [
+        k
+        for k in client.scan_iter(match=f"{Keys('tiny').request_prefix}*")
+        if client.hget(k, "state") in (b"running", b"queued")
+    ]
     wait_for(lambda: all(client.hget(k, "state") == b"done" for k in running), 30, what="in-flight cancelled")
     rerun = _batch(server, str(source), "-o", str(output), progress=True)
     _, stderr = rerun.communicate(timeout=240)
@@ -138,8 +148,17 @@ def test_duplicate_custom_id_is_refused_before_anything_is_sent(server: RedisSer
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write_input(source, 5)
     with source.open("a") as out:
-        out.write(json.dumps({"custom_id": "req-2", "method": "POST", "url": "/v1/completions",
-                              "body": {"model": "tiny", "prompt": "again"}}) + "\n")
+        out.write(
+            json.dumps(
+                {
+                    "custom_id": "req-2",
+                    "method": "POST",
+                    "url": "/v1/completions",
+                    "body": {"model": "tiny", "prompt": "again"},
+                }
+            )
+            + "\n"
+        )
     batch = _batch(server, str(source), "-o", str(output))
     _, stderr = batch.communicate(timeout=60)
     assert batch.returncode == 2 and "duplicate custom_id 'req-2'" in stderr

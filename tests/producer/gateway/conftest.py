@@ -11,7 +11,10 @@ from tests.stack_helpers import Stack, start_stack
 
 @pytest.fixture(scope="module")
 def noop_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = start_stack(tmp_path_factory.mktemp("noop-stack"), worker_args=("--noop-step-delay", "0.002"),
-                        gateway_args=("--max-queue-depth", "50"))
+    stack = start_stack(
+        tmp_path_factory.mktemp("noop-stack"),
+        worker_args=("--noop-step-delay", "0.002"),
+        gateway_args=("--max-queue-depth", "50"),
+    )
     yield stack
     stack.close()

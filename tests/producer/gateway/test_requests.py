@@ -15,36 +15,77 @@ from producer.results import Completion
 
 
 def test_completion_plan_maps_openai_fields_to_sampling_params() -> None:
-    plan = parse_completion({"model": "m", "prompt": ["a", "b"], "n": 2, "seed": 7, "max_tokens": 5,
-                             "temperature": 0.5, "stop": "x", "logprobs": 3, "echo": True, "user": "u",
-                             "top_k": 4}, max_choices=16)
+    plan = parse_completion(
+        {
+            "model": "m",
+            "prompt": ["a", "b"],
+            "n": 2,
+            "seed": 7,
+            "max_tokens": 5,
+            "temperature": 0.5,
+            "stop": "x",
+            "logprobs": 3,
+            "echo": True,
+            "user": "u",
+            "top_k": 4,
+        },
+        max_choices=16,
+    )
     assert plan.endpoint is Endpoint.COMPLETIONS and plan.choices == 4 and plan.echo
-    assert plan.params == {"max_tokens": 5, "temperature": 0.5, "seed": 7, "stop": ["x"], "top_k": 4,
-                           "logprobs": 3, "prompt_logprobs": 3}
+    assert plan.params == {
+        "max_tokens": 5,
+        "temperature": 0.5,
+        "seed": 7,
+        "stop": ["x"],
+        "top_k": 4,
+        "logprobs": 3,
+        "prompt_logprobs": 3,
+    }
     assert [plan.choice_params(i)["seed"] for i in range(2)] == [7, 8]
     assert parse_completion({"model": "m", "prompt": "q"}, 16).params["max_tokens"] == 16  # OpenAI's default
 
 
 def test_chat_plan_normalises_messages() -> None:
-    plan = parse_chat({"model": "m", "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2,
-                       "messages": [{"role": "developer", "content": "be brief"},
-                                    {"role": "user", "content": [{"type": "text", "text": "a"},
-                                                                 {"type": "text", "text": "b"}]},
-                                    {"role": "assistant", "content": None}]}, 16, 100)
-    assert plan.prompts == [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"},
-                                          {"role": "assistant", "content": ""}]}]
+    plan = parse_chat(
+        {
+            "model": "m",
+            "max_completion_tokens": 9,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": None},
+            ],
+        },
+        16,
+        100,
+    )
+    assert plan.prompts == [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "ab"},
+                {"role": "assistant", "content": ""},
+            ]
+        }
+    ]
     assert plan.params["max_tokens"] == 9 and plan.logprobs == 2
-    assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}]}, 16, 100).params == \
-        {"max_tokens": 100}
+    assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}]}, 16, 100).params == {
+        "max_tokens": 100
+    }
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"model": "m", "prompt": "x", "n": 20}, "n"),
-    ({"model": "m", "prompt": [1, "a"]}, "prompt"),
-    ({"prompt": "x"}, "model"),
-    ({"model": "m", "prompt": "x", "presence_penalty": 3}, "presence_penalty"),
-    ({"model": "m", "prompt": "x", "priority": "urgent"}, "priority"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m", "prompt": "x", "n": 20}, "n"),
+        ({"model": "m", "prompt": [1, "a"]}, "prompt"),
+        ({"prompt": "x"}, "model"),
+        ({"model": "m", "prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ({"model": "m", "prompt": "x", "priority": "urgent"}, "priority"),
+    ],
+)
 def test_refusals_name_the_field(body: dict, param: str) -> None:
     with pytest.raises(APIError) as raised:
         parse_completion(body, max_choices=16)
@@ -84,6 +125,8 @@ def test_replay_after_restart_sends_only_what_is_new() -> None:
 
 
 def test_the_producer_side_imports_no_torch() -> None:
-    code = ("import sys, producer.gateway.app, producer.batch.cli, producer.celery_app, producer.maintenance; "
-            "assert 'torch' not in sys.modules and 'engine' not in sys.modules, sorted(sys.modules)")
+    code = (
+        "import sys, producer.gateway.app, producer.batch.cli, producer.celery_app, producer.maintenance; "
+        "assert 'torch' not in sys.modules and 'engine' not in sys.modules, sorted(sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

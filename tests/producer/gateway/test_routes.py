@@ -47,23 +47,33 @@ def test_completion_non_streamed_with_n_and_prompt_lists(noop_stack: Stack) -> N
 
 def test_completion_streamed_matches_and_ends_with_done(noop_stack: Stack) -> None:
     client = _openai(noop_stack)
-    chunks = list(client.completions.create(model="tiny", prompt="a b", max_tokens=4, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="a b", max_tokens=4, stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == " x" * 4
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
     assert len({c.id for c in chunks}) == 1
-    with httpx.stream("POST", f"{noop_stack.gateway.url}/v1/completions", timeout=30,
-                      json={"model": "tiny", "prompt": "a", "max_tokens": 2, "stream": True}) as response:
+    with httpx.stream(
+        "POST",
+        f"{noop_stack.gateway.url}/v1/completions",
+        timeout=30,
+        json={"model": "tiny", "prompt": "a", "max_tokens": 2, "stream": True},
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
 
 
 def test_streamed_choices_interleave_and_each_finishes(noop_stack: Stack) -> None:
-    chunks = list(_openai(noop_stack).completions.create(model="tiny", prompt=["a", "b c"], n=2, max_tokens=3,
-                                                         stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        _openai(noop_stack).completions.create(
+            model="tiny", prompt=["a", "b c"], n=2, max_tokens=3, stream=True, stream_options={"include_usage": True}
+        )
+    )
     texts: dict[int, str] = {}
     finished: dict[int, str | None] = {}
     for chunk in chunks:
@@ -88,18 +98,21 @@ def test_async_client_streamed_and_not(noop_stack: Stack) -> None:
     assert whole == streamed == " x x x"
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
-    ({"prompt": "x", "suffix": "end"}, "suffix"),
-    ({"prompt": "x", "best_of": 3}, "best_of"),
-    ({"prompt": "x", "frobnicate": True}, "frobnicate"),
-    ({"prompt": "x", "temperature": -1}, "temperature"),
-    ({"prompt": "x", "top_p": 0}, "top_p"),
-    ({"prompt": "x", "n": 0}, "n"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
+        ({"prompt": "x", "suffix": "end"}, "suffix"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "frobnicate": True}, "frobnicate"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
 def test_unsupported_or_invalid_fields_answer_400_naming_them(noop_stack: Stack, body: dict, param: str) -> None:
     response = httpx.post(f"{noop_stack.gateway.url}/v1/completions", json={"model": "tiny", **body}, timeout=30)
     assert response.status_code == 400, response.text
@@ -110,13 +123,17 @@ def test_unsupported_or_invalid_fields_answer_400_naming_them(noop_stack: Stack,
 
 def test_chat_refusals_and_openai_client_errors(noop_stack: Stack) -> None:
     url = f"{noop_stack.gateway.url}/v1/chat/completions"
-    cases = [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-             ({"response_format": {"type": "json_object"}}, "response_format"),
-             ({"top_logprobs": 2}, "top_logprobs"),
-             ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-             ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-              "messages[0].content[0].type"),
-             ({"max_completion_tokens": -3}, "max_completion_tokens")]
+    cases = [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0].type",
+        ),
+        ({"max_completion_tokens": -3}, "max_completion_tokens"),
+    ]
     for extra, param in cases:
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra}
         response = httpx.post(url, json=body, timeout=30)
@@ -149,8 +166,9 @@ def test_models_health_and_metrics(noop_stack: Stack) -> None:
 def _running(stack: Stack) -> list[str]:
     client = redis.Redis.from_url(stack.redis.url)
     keys = Keys("tiny")
-    return [k.decode() for k in client.scan_iter(match=f"{keys.request_prefix}*")
-            if client.hget(k, "state") == b"running"]
+    return [
+        k.decode() for k in client.scan_iter(match=f"{keys.request_prefix}*") if client.hget(k, "state") == b"running"
+    ]
 
 
 def test_client_disconnect_cancels_streamed_request(noop_stack: Stack) -> None:
@@ -160,8 +178,15 @@ def test_client_disconnect_cancels_streamed_request(noop_stack: Stack) -> None:
         lines = response.iter_lines()
         got = [next(lines) for _ in range(6)]
     assert any(line.startswith("data: {") for line in got)
-    events = wait_for(lambda: [e for e in read_events(redis.Redis.from_url(noop_stack.redis.url), Keys("tiny"),
-                                                      request_id) if e.type.terminal], 30, what="cancelled event")
+    events = wait_for(
+        lambda: [
+            e
+            for e in read_events(redis.Redis.from_url(noop_stack.redis.url), Keys("tiny"), request_id)
+            if e.type.terminal
+        ],
+        30,
+        what="cancelled event",
+    )
     assert events[0].finish_reason == "cancelled"
     assert events[0].usage is not None and events[0].usage["completion_tokens"] < 1_000_000
 
@@ -180,8 +205,9 @@ def test_queue_full_answers_429_with_retry_after(noop_stack: Stack) -> None:
     redis.Redis.from_url(noop_stack.redis.url).sadd(Keys("ghost").models, "ghost")
     filler = Client(noop_stack.redis.url, model="ghost", max_queue_depth=0)
     filler.submit_requests([r for r in (_ghost_request(i) for i in range(50))])
-    response = httpx.post(f"{noop_stack.gateway.url}/v1/completions", json={"model": "ghost", "prompt": "x"},
-                          timeout=30)
+    response = httpx.post(
+        f"{noop_stack.gateway.url}/v1/completions", json={"model": "ghost", "prompt": "x"}, timeout=30
+    )
     assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
     assert response.json()["error"]["type"] == "rate_limit_error"
     with pytest.raises(openai.RateLimitError):
@@ -199,8 +225,13 @@ def test_api_keys_from_file_and_environment(noop_stack: Stack, tmp_path: Path) -
 
     key_file = tmp_path / "keys"
     key_file.write_text("# gateway keys\nplain-key\nsha256:" + hashlib.sha256(b"hashed-key").hexdigest() + "\n")
-    gateway = GatewayProcess(noop_stack.redis.url, tmp_path / "gateway.log", "--api-key-file", str(key_file),
-                             env={"TOKENRELAY_API_KEYS": "env-key-1,env-key-2"})
+    gateway = GatewayProcess(
+        noop_stack.redis.url,
+        tmp_path / "gateway.log",
+        "--api-key-file",
+        str(key_file),
+        env={"TOKENRELAY_API_KEYS": "env-key-1,env-key-2"},
+    )
     try:
         gateway.wait_ready()
         body = {"model": "tiny", "prompt": "k", "max_tokens": 1}

@@ -30,15 +30,26 @@ def client(stack: Stack) -> openai.OpenAI:
 def test_chat_goes_through_the_chat_template(client: openai.OpenAI, tiny_llama: Path) -> None:
     from transformers import AutoTokenizer
 
-    result = client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=4,  # type: ignore[arg-type]
-                                            temperature=0, extra_body={"ignore_eos": True})
+    result = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_completion_tokens=4,  # type: ignore[arg-type]
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     expected = AutoTokenizer.from_pretrained(tiny_llama).apply_chat_template(MESSAGES, add_generation_prompt=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # newer transformers: an encoding
     assert result.usage is not None and result.usage.prompt_tokens == len(expected)
     assert result.usage.completion_tokens == 4 and result.choices[0].finish_reason == "length"
     assert result.object == "chat.completion" and result.choices[0].message.role == "assistant"
-    streamed = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,  # type: ignore[arg-type]
-                                              stream=True, extra_body={"ignore_eos": True})
+    streamed = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=4,
+        temperature=0,  # type: ignore[arg-type]
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(streamed)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == result.choices[0].message.content
@@ -47,14 +58,20 @@ def test_chat_goes_through_the_chat_template(client: openai.OpenAI, tiny_llama: 
 def test_stop_strings_and_max_tokens(client: openai.OpenAI) -> None:
     common = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0, "extra_body": {"ignore_eos": True}}
     full = client.completions.create(max_tokens=12, **common).choices[0].text  # type: ignore[arg-type]
-    stop = next(full[i:i + 3] for i in range(2, len(full) - 3) if full[i:i + 3].strip())
+    stop = next(full[i : i + 3] for i in range(2, len(full) - 3) if full[i : i + 3].strip())
     stopped = client.completions.create(max_tokens=12, stop=[stop], **common)  # type: ignore[arg-type]
     assert stopped.choices[0].text == full[: full.index(stop)] and stopped.choices[0].finish_reason == "stop"
 
 
 def test_seed_makes_sampling_reproducible_and_n_choices_differ(client: openai.OpenAI) -> None:
-    common = {"model": "tiny", "prompt": "Colours:", "max_tokens": 8, "temperature": 1.0, "top_p": 0.95,
-              "extra_body": {"ignore_eos": True}}
+    common = {
+        "model": "tiny",
+        "prompt": "Colours:",
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "extra_body": {"ignore_eos": True},
+    }
     first = client.completions.create(seed=1234, **common)  # type: ignore[arg-type]
     second = client.completions.create(seed=1234, **common)  # type: ignore[arg-type]
     assert first.choices[0].text == second.choices[0].text
@@ -67,8 +84,9 @@ def test_seed_makes_sampling_reproducible_and_n_choices_differ(client: openai.Op
 
 def test_completion_logprobs_and_echo(client: openai.OpenAI) -> None:
     prompt = "The sky is"
-    result = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, logprobs=2,
-                                       echo=True, extra_body={"ignore_eos": True})
+    result = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True, extra_body={"ignore_eos": True}
+    )
     choice = result.choices[0]
     assert result.usage is not None and choice.text.startswith(prompt)
     lp = choice.logprobs
@@ -85,10 +103,16 @@ def test_completion_logprobs_and_echo(client: openai.OpenAI) -> None:
 def test_chat_logprobs_streamed_from_asyncio(stack: Stack) -> None:
     async def scenario() -> list[openai.types.chat.ChatCompletionChunk]:
         client = openai.AsyncOpenAI(base_url=f"{stack.gateway.url}/v1", api_key="unused", max_retries=0)
-        stream = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3,  # type: ignore[arg-type]
-                                                      logprobs=True, top_logprobs=2, stream=True,
-                                                      stream_options={"include_usage": True},
-                                                      extra_body={"ignore_eos": True})
+        stream = await client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=3,  # type: ignore[arg-type]
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         chunks = [chunk async for chunk in stream]
         await client.close()
         return chunks
