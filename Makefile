@@ -30,6 +30,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
+	$(PY) -m ruff format --check engine kernels worker producer tests bench
 	$(PY) -m ruff check engine kernels worker producer tests bench
 	$(PY) -m mypy engine kernels worker producer
 
