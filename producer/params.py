@@ -63,6 +63,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prompt_logprobs": (lambda v: v is None or (_int(v) and 0 <= v <= 20), "null or an integer in [0, 20]"),
     "include_stop_str_in_output": (lambda v: isinstance(v, bool), "a boolean"),
     "skip_special_tokens": (lambda v: isinstance(v, bool), "a boolean"),
+    # n-gram speculative decoding, where the worker runs with --speculative ngram: null follows the worker,
+    # false turns it off for this request (the output is the same either way)
+    "speculative": (lambda v: v is None or isinstance(v, bool), "null or a boolean"),
 }
 PARAM_NAMES = frozenset(_RULES)
 _FLOATS = frozenset({"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"})

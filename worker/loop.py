@@ -329,6 +329,9 @@ class Worker:
         if job.first_token_at is not None and job.first_token_wall is not None:
             usage["ttft_s"] = round(job.first_token_wall - submitted, 6)
             usage["engine_ttft_s"] = round(job.first_token_at - job.added_at, 6)
+        if out is not None and out.spec_proposed:  # speculative decoding: drafts verified and accepted
+            usage["spec_proposed_tokens"] = out.spec_proposed
+            usage["spec_accepted_tokens"] = out.spec_accepted
         return usage
 
     def _send_done(self, job: Job, finish_reason: FinishReason, out: RequestOutput | None) -> None:

@@ -60,8 +60,18 @@ class WorkerMetrics:
         self.duration = Histogram(
             "tokenrelay_worker_request_seconds", "Submit to the terminal event", m, buckets=LATENCY_BUCKETS, registry=r
         )
+        self.spec_accepted = Counter(
+            "tokenrelay_worker_spec_accepted_tokens",
+            "Speculative draft tokens the model accepted (each a forward pass saved)",
+            m,
+            registry=r,
+        )
+        self.spec_acceptance = Gauge(
+            "tokenrelay_worker_spec_acceptance_rate", "Accepted / verified speculative draft tokens", m, registry=r
+        )
         self._generated = 0
         self._preempted = 0
+        self._spec_accepted = 0
 
     def finished(self, outcome: str, usage: dict[str, Any], first_token_at: float | None) -> None:
         self.requests.labels(self.model, outcome).inc()
@@ -91,6 +101,10 @@ class WorkerMetrics:
         self.tokens.labels(self.model).inc(max(0, generated - self._generated))
         self.preemptions.labels(self.model).inc(max(0, preempted - self._preempted))
         self._generated, self._preempted = generated, preempted
+        accepted = int(stats.get("spec_accepted_tokens", 0))
+        self.spec_accepted.labels(self.model).inc(max(0, accepted - self._spec_accepted))
+        self._spec_accepted = accepted
+        self.spec_acceptance.labels(self.model).set(float(stats.get("spec_acceptance_rate", 0.0)))
 
 
 def serve_metrics(metrics: WorkerMetrics, settings: WorkerSettings) -> None:

@@ -55,6 +55,12 @@ ENGINE_HELP = {
     "swap_space_gb": "host memory for preempted requests' K/V (0: always recompute)",
     "cpu_offload_gb": "keep this many GB of decoder layers in host memory",
     "preemption_mode": "auto (cost model), recompute or swap (needs --swap-space-gb)",
+    "speculative": "none, or ngram: lossless speculative decoding from the request's own n-grams",
+    "num_speculative_tokens": "--speculative: most draft tokens verified per request and step",
+    "ngram_prompt_lookup_max": "--speculative ngram: longest n-gram looked up",
+    "ngram_prompt_lookup_min": "--speculative ngram: shortest n-gram looked up",
+    "max_speculative_tokens_per_step": "--speculative: draft tokens per step, shared by the decodes that have drafts",
+    "grammar_compile_timeout_s": "seconds a structured output's grammar may take to compile before its request fails",
 }
 
 

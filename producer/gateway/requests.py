@@ -23,6 +23,7 @@ _EXTENSIONS = (
     "stop_token_ids",
     "skip_special_tokens",
     "include_stop_str_in_output",
+    "speculative",
 )
 _SAMPLING = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", *_EXTENSIONS)
 _COMMON = frozenset({"model", "n", "stream", "stream_options", "logit_bias", "priority", *_SAMPLING, *_IGNORED})

@@ -28,6 +28,7 @@ def test_completion_plan_maps_openai_fields_to_sampling_params() -> None:
             "echo": True,
             "user": "u",
             "top_k": 4,
+            "speculative": False,
         },
         max_choices=16,
     )
@@ -38,6 +39,7 @@ def test_completion_plan_maps_openai_fields_to_sampling_params() -> None:
         "seed": 7,
         "stop": ["x"],
         "top_k": 4,
+        "speculative": False,
         "logprobs": 3,
         "prompt_logprobs": 3,
     }
