@@ -18,17 +18,7 @@ T = TypeVar("T")
 class AsyncClient(ClientBase[AsyncRedis]):
     """`await AsyncClient(url).generate([...])`; `async for event in client.stream(id)`."""
 
-    def __init__(
-        self,
-        redis_url: str | None = None,
-        *,
-        model: str | None = None,
-        prefix: str | None = None,
-        max_queue_depth: int | None = None,
-        client: AsyncRedis | None = None,
-        **config: Any,
-    ) -> None:
-        super().__init__(client, connect_async, redis_url, model, prefix, max_queue_depth, config)
+    connect = staticmethod(connect_async)
 
     async def submit(self, prompt: str | list[int] | None = None, **kwargs: Any) -> str:
         """See Client.submit."""

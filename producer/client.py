@@ -62,29 +62,7 @@ class ClientConfig:
 class ClientBase(Generic[R]):
     """What Client and AsyncClient hold alike: settings, connection, scripts, core; each adds only its I/O."""
 
-    def __init__(
-        self,
-        client: R | None,
-        connect: Callable[..., R],
-        redis_url: str | None,
-        model: str | None,
-        prefix: str | None,
-        max_queue_depth: int | None,
-        config: dict[str, Any],
-    ) -> None:
-        self.config = ClientConfig.from_env(
-            redis_url=redis_url, model=model, prefix=prefix, max_queue_depth=max_queue_depth, **config
-        )
-        self.redis = client if client is not None else connect(self.config.redis_url, **CONNECTION_OPTIONS)
-        self._scripts = {source: register_script(self.redis, source) for source in SCRIPTS}
-        self._core = ClientCore(self.config)
-
-    def keys(self, model: str | None = None) -> Keys:
-        return self._core.keys(model)
-
-
-class Client(ClientBase[SyncRedis]):
-    """`Client("redis://...").generate(["Write a poem about spring."], max_tokens=64)` and friends."""
+    connect: Callable[..., R]  # how a client of this kind reaches Redis from a URL (set by each subclass)
 
     def __init__(
         self,
@@ -93,10 +71,29 @@ class Client(ClientBase[SyncRedis]):
         model: str | None = None,
         prefix: str | None = None,
         max_queue_depth: int | None = None,
-        client: SyncRedis | None = None,
+        client: R | None = None,
         **config: Any,
     ) -> None:
-        super().__init__(client, connect, redis_url, model, prefix, max_queue_depth, config)
+        self.config = ClientConfig.from_env(
+            redis_url=redis_url, model=model, prefix=prefix, max_queue_depth=max_queue_depth, **config
+        )
+        self.redis = client if client is not None else type(self).connect(self.config.redis_url, **CONNECTION_OPTIONS)
+        self._scripts = {source: register_script(self.redis, source) for source in SCRIPTS}
+        self._core = ClientCore(self.config)
+
+    def keys(self, model: str | None = None) -> Keys:
+        return self._core.keys(model)
+
+
+class Client(ClientBase[SyncRedis]):
+    """`Client("redis://...").generate(["Write a poem about spring."], max_tokens=64)` and friends.
+
+    Client(redis_url=None, *, model=None, prefix=None, max_queue_depth=None, client=None, **config): any
+    ClientConfig field by name (partitions, submit_replicas, reconnect_s, ...); unset ones come from
+    TOKENRELAY_* variables, then the defaults.
+    """
+
+    connect = staticmethod(connect)
 
     # -- submit ---------------------------------------------------------------------------------------
 

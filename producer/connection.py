@@ -249,40 +249,35 @@ def register_script(client: Any, script: str) -> Any:
 
 
 ScriptCall = tuple[str, Sequence[Any], Sequence[Any]]  # (Lua source, keys, args)
+_TOPOLOGY_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
 
 
 def run_durably(client: SyncRedis, calls: Sequence[ScriptCall], replicas: int, wait_ms: int) -> tuple[list[Any], int]:
     """Runs the scripts, then WAIT on the very connection that ran them (WAIT counts the replicas that have
     that connection's writes). On a cluster, one pipeline per master the calls' keys live on. Returns the
     scripts' replies in order and the fewest replicas any WAIT confirmed."""
-    groups: dict[str, tuple[Any, list[int]]] = {}
-    for i, (_, keys, _) in enumerate(calls):
-        if isinstance(client, RedisCluster):
-            node = client.get_node_from_key(keys[0])
-            groups.setdefault(node.name, (client.get_redis_connection(node), []))[1].append(i)
-        else:
-            groups.setdefault("", (client, []))[1].append(i)
+
+    def node_client(key: Any) -> tuple[str, Any]:
+        if not isinstance(client, RedisCluster):
+            return "", client
+        node = client.get_node_from_key(key)
+        return node.name, client.get_redis_connection(node)
+
     replies: list[Any] = [None] * len(calls)
     acked = replicas
-    for node_client, indices in groups.values():
-        pipe = node_client.pipeline(transaction=False)
-        for i in indices:
-            source, keys, args = calls[i]
-            pipe.execute_command("EVAL", source, len(keys), *keys, *args)
-        pipe.execute_command("WAIT", replicas, wait_ms)
+    for target, indices in _by_node(calls, node_client):
+        pipe = _durable_pipeline(target, calls, indices, replicas, wait_ms)
         try:
             out = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+        except _TOPOLOGY_ERRORS as exc:
             if not _topology_changed(client, exc):
                 raise
             try:  # this node is gone or no longer owns the slot: read the slots map again, then retry
                 client.nodes_manager.initialize()  # type: ignore[union-attr]
             except REDIS_ERRORS:
                 pass  # mid-failover no node may answer yet: the retry reads it again
-            raise redis.exceptions.ClusterError(f"topology changed during a durable submit: {exc}") from exc
-        for i, reply in zip(indices, out, strict=False):
-            replies[i] = reply
-        acked = min(acked, int(out[-1]))
+            raise _retry(exc) from exc
+        acked = _collect(replies, indices, out, acked)
     return replies, acked
 
 
@@ -292,37 +287,60 @@ async def run_durably_async(
     """run_durably for redis.asyncio clients."""
     if isinstance(client, AsyncCluster):
         await client.initialize()  # the slots map, before looking a key's node up in it
-    groups: dict[str, tuple[Any, list[int]]] = {}
-    for i, (_, keys, _) in enumerate(calls):
-        if isinstance(client, AsyncCluster):
-            node = client.get_node_from_key(keys[0])
-            if node is None:
-                raise redis.exceptions.SlotNotCoveredError(f"no master for {keys[0]!r} yet")
-            groups.setdefault(node.name, (client.node_client(node), []))[1].append(i)
-        else:
-            groups.setdefault("", (client, []))[1].append(i)
+
+    def node_client(key: Any) -> tuple[str, Any]:
+        if not isinstance(client, AsyncCluster):
+            return "", client
+        node = client.get_node_from_key(key)
+        if node is None:
+            raise redis.exceptions.SlotNotCoveredError(f"no master for {key!r} yet")
+        return node.name, client.node_client(node)
+
     replies: list[Any] = [None] * len(calls)
     acked = replicas
-    for node_client, indices in groups.values():
-        pipe = node_client.pipeline(transaction=False)
-        for i in indices:
-            source, keys, args = calls[i]
-            pipe.execute_command("EVAL", source, len(keys), *keys, *args)
-        pipe.execute_command("WAIT", replicas, wait_ms)
+    for target, indices in _by_node(calls, node_client):
+        pipe = _durable_pipeline(target, calls, indices, replicas, wait_ms)
         try:
             out = await pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+        except _TOPOLOGY_ERRORS as exc:
             if not _topology_changed(client, exc):
                 raise
             try:
                 await client.nodes_manager.initialize()  # type: ignore[union-attr]
             except REDIS_ERRORS:
                 pass
-            raise redis.exceptions.ClusterError(f"topology changed during a durable submit: {exc}") from exc
-        for i, reply in zip(indices, out, strict=False):
-            replies[i] = reply
-        acked = min(acked, int(out[-1]))
+            raise _retry(exc) from exc
+        acked = _collect(replies, indices, out, acked)
     return replies, acked
+
+
+def _by_node(calls: Sequence[ScriptCall], node_client: Any) -> list[tuple[Any, list[int]]]:
+    """The calls grouped by the node their first key lives on: (that node's plain client, call indices)."""
+    groups: dict[str, tuple[Any, list[int]]] = {}
+    for i, (_, keys, _) in enumerate(calls):
+        name, target = node_client(keys[0])
+        groups.setdefault(name, (target, []))[1].append(i)
+    return list(groups.values())
+
+
+def _durable_pipeline(target: Any, calls: Sequence[ScriptCall], indices: list[int], replicas: int, wait_ms: int) -> Any:
+    pipe = target.pipeline(transaction=False)
+    for i in indices:
+        source, keys, args = calls[i]
+        pipe.execute_command("EVAL", source, len(keys), *keys, *args)
+    pipe.execute_command("WAIT", replicas, wait_ms)
+    return pipe
+
+
+def _collect(replies: list[Any], indices: list[int], out: list[Any], acked: int) -> int:
+    """The scripts' replies put in place; the replicas WAIT confirmed folded into the fewest so far."""
+    for i, reply in zip(indices, out, strict=False):
+        replies[i] = reply
+    return min(acked, int(out[-1]))
+
+
+def _retry(exc: Exception) -> Exception:
+    return redis.exceptions.ClusterError(f"topology changed during a durable submit: {exc}")
 
 
 def _topology_changed(client: Any, exc: Exception) -> bool:
