@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -58,13 +59,13 @@ class RedisClusterServer:
 
     def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1_000,
                  extra_args: Sequence[str] = (), connection_kwargs: dict[str, Any] | None = None,
-                 persist: bool = False, fsync: str = "everysec") -> None:
+                 persist: bool = False, fsync: str = "everysec", config_file: str | Path | None = None) -> None:
         self.num_masters, self.num_replicas = masters, replicas
         self.connection_kwargs = connection_kwargs or {}
         args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms), *extra_args]
         self.servers = [RedisServer(port=free_cluster_port(), extra_args=args, persist=persist, fsync=fsync,
-                                    connection_kwargs=self.connection_kwargs)
+                                    connection_kwargs=self.connection_kwargs, config_file=config_file)
                         for _ in range(masters * (1 + replicas))]
         self._orphaned: dict[int, tuple[tuple[int, int], ...]] = {}  # killed master's port -> its slots
 

@@ -43,7 +43,7 @@ class RedisServer:
 
     def __init__(self, directory: str | Path | None = None, port: int | None = None, persist: bool = False,
                  extra_args: Sequence[str] = (), connection_kwargs: dict[str, Any] | None = None,
-                 fsync: str = "everysec") -> None:
+                 fsync: str = "everysec", config_file: str | Path | None = None) -> None:
         self.binary = find_redis_server()
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="tokenrelay-redis-")
         self.directory = Path(directory or self._tmp.name)  # type: ignore[union-attr]
@@ -55,6 +55,8 @@ class RedisServer:
         self.fsync = fsync
         self.extra_args = list(extra_args)  # appended last, so they override (e.g. TLS: --port 0 --tls-port N)
         self.connection_kwargs = connection_kwargs or {}  # how start() reaches the server to see it is up
+        # a redis.conf to start from (e.g. compose/redis.conf's ACL users); the flags here override its settings
+        self.config_file = config_file
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,7 +64,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+        args = [self.binary, *([str(self.config_file)] if self.config_file else []),  # redis-server wants it first
+                "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
                 "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning",
                 "--logfile", str(self.directory / "redis.log")]
         args += ["--appendonly", "yes", "--appendfsync", self.fsync] if self.persist else ["--save", "",
