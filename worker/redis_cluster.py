@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -65,6 +66,7 @@ class RedisClusterServer:
         connection_kwargs: dict[str, Any] | None = None,
         persist: bool = False,
         fsync: str = "everysec",
+        config_file: str | Path | None = None,
     ) -> None:
         self.num_masters, self.num_replicas = masters, replicas
         self.connection_kwargs = connection_kwargs or {}
@@ -84,6 +86,7 @@ class RedisClusterServer:
                 persist=persist,
                 fsync=fsync,
                 connection_kwargs=self.connection_kwargs,
+                config_file=config_file,
             )
             for _ in range(masters * (1 + replicas))
         ]

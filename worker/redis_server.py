@@ -49,6 +49,7 @@ class RedisServer:
         extra_args: Sequence[str] = (),
         connection_kwargs: dict[str, Any] | None = None,
         fsync: str = "everysec",
+        config_file: str | Path | None = None,
     ) -> None:
         self.binary = find_redis_server()
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="tokenrelay-redis-")
@@ -61,6 +62,8 @@ class RedisServer:
         self.fsync = fsync
         self.extra_args = list(extra_args)  # appended last, so they override (e.g. TLS: --port 0 --tls-port N)
         self.connection_kwargs = connection_kwargs or {}  # how start() reaches the server to see it is up
+        # a redis.conf to start from (e.g. compose/redis.conf's ACL users); the flags here override its settings
+        self.config_file = config_file
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -70,6 +73,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
             self.binary,
+            *([str(self.config_file)] if self.config_file else []),  # redis-server wants it first
             "--port",
             str(self.port),
             "--bind",

@@ -36,6 +36,8 @@ def test_no_anonymous_access_and_durable_settings(acl_server: ACLServer) -> None
         anonymous.ping()
     with pytest.raises(redis.AuthenticationError):  # the admin password came from the environment
         redis.Redis(port=acl_server.port, username="admin", password="admin-dev").ping()
+    with pytest.raises(redis.AuthenticationError):  # a lone Redis has no replicas: their user is off
+        redis.Redis(port=acl_server.port, username="replica", password="replica-dev").ping()
     admin = acl_server.client("admin")
     config = {**admin.config_get("appendonly"), **admin.config_get("appendfsync"), **admin.config_get("protected-mode")}
     assert config == {"appendonly": "yes", "appendfsync": "everysec", "protected-mode": "yes"}
