@@ -224,7 +224,8 @@ class Admission:
         return self._claimed(part, reply)
 
     def _claimed(self, part: Partition, reply: Any) -> int:
-        """An ADMIT reply taken in: the claims it made go to the step loop; returns how many."""
+        """An ADMIT reply taken in: the claims it made go to the step loop; returns how many entries it took (a
+        claim Redis had forgotten counts too, though it goes straight back)."""
         part.cursors = [as_text(c) for c in reply[:3]]
         forgotten: list[Any] = []
         claimed = 0
