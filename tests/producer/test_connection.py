@@ -8,7 +8,15 @@ import pytest
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
-from producer.connection import cluster_nodes, connect, connect_async, is_cluster_url, mask_url, register_script
+from producer.connection import (
+    _local_keys,
+    cluster_nodes,
+    connect,
+    connect_async,
+    is_cluster_url,
+    mask_url,
+    register_script,
+)
 from worker.redis_cluster import RedisClusterServer
 
 APPEND = "redis.call('XADD', KEYS[1], '*', 'm', ARGV[1]); return redis.call('XLEN', KEYS[1])"
@@ -40,6 +48,15 @@ def test_passwords_are_masked() -> None:
     assert mask_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
 
 
+def test_stream_reads_keys_are_found_locally_as_redis_py_spells_them() -> None:
+    # redis-py sends XREAD/XREADGROUP's keywords as bytes: b"STREAMS"
+    args = ("XREADGROUP", b"GROUP", "g", "c", b"COUNT", 1, b"BLOCK", 5, b"STREAMS", "k1", "k2", ">", ">")
+    assert _local_keys(args) == ["k1", "k2"]
+    assert _local_keys(("XREAD", b"COUNT", 10, b"STREAMS", "k1", "0-0")) == ["k1"]
+    assert _local_keys(("EVAL", "return 1", 2, "a", "b", "x")) == ["a", "b"]
+    assert _local_keys(("XADD", "k", "*", "f", "v")) is None
+
+
 @pytest.fixture(scope="module")
 def redis_cluster():  # noqa: ANN201
     with RedisClusterServer() as cluster:
@@ -62,6 +79,22 @@ def test_scripts_run_in_pipelines_across_shards_and_survive_a_failover(redis_clu
     promoted = redis_cluster.wait_failover(dead.port)
     assert promoted.port != dead.port
     assert append(keys=[keys[0]], args=["b"]) == 2
+    client.close()
+
+
+def test_stream_reads_ask_no_node_for_their_keys(redis_cluster: RedisClusterServer) -> None:
+    # COMMAND GETKEYS on the default node per read: a round trip more, and a dead node after a failover
+    client = connect(redis_cluster.url, socket_connect_timeout=5, socket_timeout=10)
+    client.xgroup_create("{r}:s", "g", id="0", mkstream=True)
+    client.xadd("{r}:s", {"f": "v"})
+    for node in redis_cluster.masters():
+        with redis_cluster.client(node.port) as admin:
+            admin.config_resetstat()
+    assert len(client.xread({"{r}:s": "0-0"}, count=1)[0][1]) == 1
+    assert len(client.xreadgroup("g", "c", {"{r}:s": ">"}, count=1)[0][1]) == 1
+    for node in redis_cluster.masters():
+        with redis_cluster.client(node.port) as admin:
+            assert "cmdstat_command|getkeys" not in admin.info("commandstats")
     client.close()
 
 
