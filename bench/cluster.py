@@ -84,8 +84,21 @@ def shard_counters(masters: dict[str, int]) -> dict[str, tuple[float, int]]:
 
 
 def start_workers(system: System, count: int, log_dir: Path) -> list[subprocess.Popen[bytes]]:
-    workers = [start_worker(system.url, log_dir, "--engine", "noop", "--model-name", system.model,
-                            "--max-num-seqs", "64", "--partitions", str(system.partitions)) for _ in range(count)]
+    workers = [
+        start_worker(
+            system.url,
+            log_dir,
+            "--engine",
+            "noop",
+            "--model-name",
+            system.model,
+            "--max-num-seqs",
+            "64",
+            "--partitions",
+            str(system.partitions),
+        )
+        for _ in range(count)
+    ]
     client = connect(system.url)
     deadline = time.monotonic() + 60
     pids = {w.pid for w in workers}
@@ -109,11 +122,12 @@ def drive(system: System, clients: list[Client], n_requests: int) -> float:
                 work(*args)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 failures.append(exc)
+
         return run
 
     def produce(client: Client, requests: list[Any], window: queue.Queue[list[str] | None]) -> None:
         for i in range(0, len(requests), BATCH):
-            window.put(client.submit_requests(requests[i:i + BATCH]))  # blocks while WINDOW are open
+            window.put(client.submit_requests(requests[i : i + BATCH]))  # blocks while WINDOW are open
         window.put(None)
 
     def collect(client: Client, window: queue.Queue[list[str] | None]) -> None:
@@ -127,8 +141,10 @@ def drive(system: System, clients: list[Client], n_requests: int) -> float:
     for p in range(producers):
         share = [build_request(system.model, "p", max_tokens=MAX_TOKENS) for _ in range(n_requests // producers)]
         window: queue.Queue[list[str] | None] = queue.Queue(WINDOW)
-        threads += [threading.Thread(target=guarded(produce), args=(clients[2 * p], share, window)),
-                    threading.Thread(target=guarded(collect), args=(clients[2 * p + 1], window))]
+        threads += [
+            threading.Thread(target=guarded(produce), args=(clients[2 * p], share, window)),
+            threading.Thread(target=guarded(collect), args=(clients[2 * p + 1], window)),
+        ]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -143,8 +159,10 @@ def run_system(system: System, n_requests: int, workers: int, producers: int, lo
     processes = start_workers(system, workers, log_dir)
     # long-lived clients, made before the measurement: a cluster client's start-up (CLUSTER SLOTS, COMMAND)
     # is not per request
-    clients = [Client(system.url, model=system.model, partitions=system.partitions, max_queue_depth=0)
-               for _ in range(2 * producers)]
+    clients = [
+        Client(system.url, model=system.model, partitions=system.partitions, max_queue_depth=0)
+        for _ in range(2 * producers)
+    ]
     try:
         drive(system, clients, 4 * BATCH * producers)  # warm-up: connections, scripts on every node, slots
         before = shard_counters(system.masters)
@@ -162,19 +180,24 @@ def run_system(system: System, n_requests: int, workers: int, producers: int, lo
     cpu = {name: after[name][0] - before[name][0] for name in system.masters}
     publishes = {name: after[name][1] - before[name][1] for name in system.masters}
     total = sum(cpu.values())
-    return {"requests": n, "seconds": round(seconds, 3), "requests_per_s": round(n / seconds),
-            "redis_cpu_s_per_1000_requests": {k: round(1000 * v / n, 4) for k, v in cpu.items()},
-            "redis_cpu_s_per_1000_requests_total": round(1000 * total / n, 4),
-            "cpu_share": {k: round(v / total, 3) if total else None for k, v in cpu.items()},
-            "publish_calls": publishes,
-            "redis_cpu_utilisation": round(total / seconds, 3),
-            # where the machine's 2 cores went: no-op workers, and this process (producers and collectors)
-            "workers_cpu_s_per_1000_requests": round(1000 * (cpu_after[0] - cpu_before[0]) / n, 4),
-            "clients_cpu_s_per_1000_requests": round(1000 * (cpu_after[1] - cpu_before[1]) / n, 4)}
+    return {
+        "requests": n,
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(n / seconds),
+        "redis_cpu_s_per_1000_requests": {k: round(1000 * v / n, 4) for k, v in cpu.items()},
+        "redis_cpu_s_per_1000_requests_total": round(1000 * total / n, 4),
+        "cpu_share": {k: round(v / total, 3) if total else None for k, v in cpu.items()},
+        "publish_calls": publishes,
+        "redis_cpu_utilisation": round(total / seconds, 3),
+        # where the machine's 2 cores went: no-op workers, and this process (producers and collectors)
+        "workers_cpu_s_per_1000_requests": round(1000 * (cpu_after[0] - cpu_before[0]) / n, 4),
+        "clients_cpu_s_per_1000_requests": round(1000 * (cpu_after[1] - cpu_before[1]) / n, 4),
+    }
 
 
 def process_cpu(workers: list[subprocess.Popen[bytes]]) -> tuple[float, float]:
     """CPU seconds so far of the worker processes together, and of this process."""
+
     def used(process: psutil.Process) -> float:
         times = process.cpu_times()
         return times.user + times.system
@@ -191,14 +214,19 @@ def flush(system: System) -> None:
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over rounds: requests/s, and per shard CPU per 1,000 requests and share."""
     shards = runs[0]["cpu_share"]
-    return {"requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
-            "redis_cpu_s_per_1000_requests": {s: round(statistics.median(
-                r["redis_cpu_s_per_1000_requests"][s] for r in runs), 4) for s in shards},
-            "redis_cpu_s_per_1000_requests_total": round(statistics.median(
-                r["redis_cpu_s_per_1000_requests_total"] for r in runs), 4),
-            "max_cpu_share": statistics.median(max(v for v in r["cpu_share"].values() if v is not None) for r in runs),
-            "publish_calls_per_1000_requests": round(statistics.median(
-                1000 * sum(r["publish_calls"].values()) / r["requests"] for r in runs), 1)}
+    return {
+        "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
+        "redis_cpu_s_per_1000_requests": {
+            s: round(statistics.median(r["redis_cpu_s_per_1000_requests"][s] for r in runs), 4) for s in shards
+        },
+        "redis_cpu_s_per_1000_requests_total": round(
+            statistics.median(r["redis_cpu_s_per_1000_requests_total"] for r in runs), 4
+        ),
+        "max_cpu_share": statistics.median(max(v for v in r["cpu_share"].values() if v is not None) for r in runs),
+        "publish_calls_per_1000_requests": round(
+            statistics.median(1000 * sum(r["publish_calls"].values()) / r["requests"] for r in runs), 1
+        ),
+    }
 
 
 def one_shard_arithmetic(p1: dict[str, Any]) -> dict[str, Any]:
@@ -206,22 +234,26 @@ def one_shard_arithmetic(p1: dict[str, Any]) -> dict[str, Any]:
     cpu_per_request = p1["redis_cpu_s_per_1000_requests_total"] / 1000
     publishes_per_request = p1["publish_calls_per_1000_requests"] / 1000
     cpu_per_publish = cpu_per_request / publishes_per_request
-    return {"basis": "cluster_p1 medians; a single-threaded Redis tops out at 1 CPU-second per second",
-            "requests_per_s_per_shard": round(1 / cpu_per_request),
-            "publishes_per_s_per_shard": round(1 / cpu_per_publish),
-            "publish_calls_per_request": round(publishes_per_request, 3),
-            "requests_per_publish": round(1 / publishes_per_request, 1),
-            "note": "publishes/s counts all of a shard's CPU (submits, admits, heartbeats included) against its "
-                    "publish calls at this mix (4-token requests, 2 workers x 64 slots); shards needed for N "
-                    "workers at S steps/s: N*S / publishes_per_s_per_shard"}
+    return {
+        "basis": "cluster_p1 medians; a single-threaded Redis tops out at 1 CPU-second per second",
+        "requests_per_s_per_shard": round(1 / cpu_per_request),
+        "publishes_per_s_per_shard": round(1 / cpu_per_publish),
+        "publish_calls_per_request": round(publishes_per_request, 3),
+        "requests_per_publish": round(1 / publishes_per_request, 1),
+        "note": "publishes/s counts all of a shard's CPU (submits, admits, heartbeats included) against its "
+        "publish calls at this mix (4-token requests, 2 workers x 64 slots); shards needed for N "
+        "workers at S steps/s: N*S / publishes_per_s_per_shard",
+    }
 
 
 def durable_cost(n_submits: int) -> dict[str, Any]:
     """p50/p99 of single submit() calls, submit_replicas 0 vs 1, on 3 masters + 3 replicas (blocks alternate)."""
     with RedisClusterServer(masters=3, replicas=1, node_timeout_ms=5_000) as cluster:
         model = spread_model(cluster, P)
-        clients = {replicas: Client(cluster.url, model=model, partitions=P, max_queue_depth=0,
-                                    submit_replicas=replicas) for replicas in (0, 1)}
+        clients = {
+            replicas: Client(cluster.url, model=model, partitions=P, max_queue_depth=0, submit_replicas=replicas)
+            for replicas in (0, 1)
+        }
         latencies: dict[int, list[float]] = {0: [], 1: []}
         for client in clients.values():
             for _ in range(50):  # warm-up: scripts, connections to every master
@@ -242,28 +274,39 @@ def durable_cost(n_submits: int) -> dict[str, Any]:
             waits += int(stats.get("cmdstat_wait", {}).get("calls", 0))
 
     def figures(values: list[float]) -> dict[str, float]:
-        return {"p50_ms": round(1000 * percentile(values, 50), 3), "p99_ms": round(1000 * percentile(values, 99), 3),
-                "mean_ms": round(1000 * statistics.mean(values), 3)}
+        return {
+            "p50_ms": round(1000 * percentile(values, 50), 3),
+            "p99_ms": round(1000 * percentile(values, 99), 3),
+            "mean_ms": round(1000 * statistics.mean(values), 3),
+        }
 
     plain, durable = figures(latencies[0]), figures(latencies[1])
-    return {"cluster": "3 masters + 3 replicas, partitions 3", "submits_each": len(latencies[0]),
-            "submit_replicas_0": plain, "submit_replicas_1": durable, "wait_calls_on_masters": waits,
-            "added_p50_ms": round(durable["p50_ms"] - plain["p50_ms"], 3),
-            "added_p99_ms": round(durable["p99_ms"] - plain["p99_ms"], 3),
-            "p50_ratio": round(durable["p50_ms"] / plain["p50_ms"], 2)}
+    return {
+        "cluster": "3 masters + 3 replicas, partitions 3",
+        "submits_each": len(latencies[0]),
+        "submit_replicas_0": plain,
+        "submit_replicas_1": durable,
+        "wait_calls_on_masters": waits,
+        "added_p50_ms": round(durable["p50_ms"] - plain["p50_ms"], 3),
+        "added_p99_ms": round(durable["p99_ms"] - plain["p99_ms"], 3),
+        "p50_ratio": round(durable["p50_ms"] / plain["p50_ms"], 2),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests, one round, fewer submits")
-    parser.add_argument("--requests", type=int, default=None, help="requests per system per round (default 20,000; "
-                        "5,000 with --quick)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds, systems in alternating order (default 3; "
-                        "1 with --quick)")
+    parser.add_argument(
+        "--requests", type=int, default=None, help="requests per system per round (default 20,000; 5,000 with --quick)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds, systems in alternating order (default 3; 1 with --quick)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--producers", type=int, default=2)
-    parser.add_argument("--submits", type=int, default=None, help="single submits per durable setting "
-                        "(default 1,000; 300 with --quick)")
+    parser.add_argument(
+        "--submits", type=int, default=None, help="single submits per durable setting (default 1,000; 300 with --quick)"
+    )
     parser.add_argument("--save", action="store_true", help="also write bench/results/cluster-<time>.json")
     args = parser.parse_args()
     n_requests = args.requests or (5_000 if args.quick else 20_000)
@@ -274,24 +317,52 @@ def main() -> None:
     configure_logging(level="warning", json=True)
     started = time.monotonic()
     report: dict[str, Any] = {
-        "benchmark": "cluster", "quick": args.quick, "when": datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "redis": subprocess.run([find_redis_server(), "--version"], capture_output=True,
-                                            text=True).stdout.split()[2], "loadavg_at_start": os.getloadavg()},
-        "settings": {"engine": "noop", "requests": n_requests, "max_tokens": MAX_TOKENS, "stream": True,
-                     "rounds": rounds, "workers": args.workers, "max_num_seqs": 64, "producers": args.producers,
-                     "submit_batch": BATCH, "producer_window_batches": WINDOW, "cluster_masters": 3,
-                     "cluster_replicas_throughput": 0, "partitions": P, "durable_submits_each": n_submits}}
-    with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp, RedisServer() as single, \
-            RedisClusterServer(masters=3, replicas=0, node_timeout_ms=5_000) as cluster:
+        "benchmark": "cluster",
+        "quick": args.quick,
+        "when": datetime.now().isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "redis": subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True).stdout.split()[
+                2
+            ],
+            "loadavg_at_start": os.getloadavg(),
+        },
+        "settings": {
+            "engine": "noop",
+            "requests": n_requests,
+            "max_tokens": MAX_TOKENS,
+            "stream": True,
+            "rounds": rounds,
+            "workers": args.workers,
+            "max_num_seqs": 64,
+            "producers": args.producers,
+            "submit_batch": BATCH,
+            "producer_window_batches": WINDOW,
+            "cluster_masters": 3,
+            "cluster_replicas_throughput": 0,
+            "partitions": P,
+            "durable_submits_each": n_submits,
+        },
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp,
+        RedisServer() as single,
+        RedisClusterServer(masters=3, replicas=0, node_timeout_ms=5_000) as cluster,
+    ):
         log_dir = Path(tmp)
         model = spread_model(cluster, P)
         masters = {f"shard{i}": n.port for i, n in enumerate(sorted(cluster.masters(), key=lambda n: n.slots[0]))}
-        partition_shard = {i: next(s for s, port in masters.items() if port == cluster.master_of(k.queues[0]).port)
-                           for i, k in enumerate(Keys(model).partitions(P))}
-        systems = [System("single", single.url, 1, model, {"single": single.port}),
-                   System("cluster_p1", cluster.url, 1, model, masters),
-                   System("cluster_p3", cluster.url, P, model, masters)]
+        partition_shard = {
+            i: next(s for s, port in masters.items() if port == cluster.master_of(k.queues[0]).port)
+            for i, k in enumerate(Keys(model).partitions(P))
+        }
+        systems = [
+            System("single", single.url, 1, model, {"single": single.port}),
+            System("cluster_p1", cluster.url, 1, model, masters),
+            System("cluster_p3", cluster.url, P, model, masters),
+        ]
         report["settings"]["model"] = model
         report["settings"]["partition_shards"] = partition_shard
         runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in systems}
@@ -300,24 +371,31 @@ def main() -> None:
             for system in order:
                 runs[system.name].append(run_system(system, n_requests, args.workers, args.producers, log_dir))
                 flush(system)
-                print(f"round {r} {system.name}: {runs[system.name][-1]['requests_per_s']} requests/s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"round {r} {system.name}: {runs[system.name][-1]['requests_per_s']} requests/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         report["durable_submits"] = durable_cost(n_submits)
     summary = {name: summarise(r) for name, r in runs.items()}
     ratio = round(summary["cluster_p3"]["requests_per_s"] / summary["single"]["requests_per_s"], 3)
     max_share = summary["cluster_p3"]["max_cpu_share"]
     report["runs"] = runs
     report["summary"] = summary
-    report["ratios"] = {name: round(s["requests_per_s"] / summary["single"]["requests_per_s"], 3)
-                        for name, s in summary.items()}
+    report["ratios"] = {
+        name: round(s["requests_per_s"] / summary["single"]["requests_per_s"], 3) for name, s in summary.items()
+    }
     report["targets"] = {
         "cluster_p3_vs_single_requests_per_s": {"target": ">= 0.8", "value": ratio, "met": ratio >= 0.8},
-        "cluster_p3_max_shard_cpu_share": {"target": "<= 0.40", "value": max_share, "met": max_share <= 0.40}}
+        "cluster_p3_max_shard_cpu_share": {"target": "<= 0.40", "value": max_share, "met": max_share <= 0.40},
+    }
     report["one_shard"] = one_shard_arithmetic(summary["cluster_p1"])
     report["seconds"] = round(time.monotonic() - started)
-    report["note"] = ("2 cores run Redis, the workers and the producers together: the cluster cannot be faster "
-                      "here, only show the load splitting and what the cluster client costs; requests/s are "
-                      "medians over rounds, ratios of medians")
+    report["note"] = (
+        "2 cores run Redis, the workers and the producers together: the cluster cannot be faster "
+        "here, only show the load splitting and what the cluster client costs; requests/s are "
+        "medians over rounds, ratios of medians"
+    )
     emit_report(report, "cluster", args.save)
 
 

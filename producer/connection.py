@@ -84,17 +84,20 @@ def connect(url: str, **kwargs: Any) -> SyncRedis:
 
 def _local_keys(args: Sequence[Any]) -> list[Any] | None:
     """The keys of EVAL/EVALSHA and XREAD/XREADGROUP, read off the arguments; None for other commands."""
-    # redis-py passes the command name as str but its keywords as bytes (b"STREAMS")
-    words = [a.decode("latin-1").upper() if isinstance(a, bytes) else a.upper() if isinstance(a, str) else a
-             for a in args]
-    name = words[0]
+    name = _word(args[0])
     if name in ("EVAL", "EVALSHA") and len(args) >= 3:
         return list(args[3 : 3 + int(args[2])])
     if name in ("XREAD", "XREADGROUP"):
+        words = [_word(a) for a in args]  # only here: an EVAL's arguments are the payloads
         if "STREAMS" in words:
             rest = args[words.index("STREAMS") + 1 :]
             return list(rest[: len(rest) // 2])
     return None
+
+
+def _word(arg: Any) -> Any:
+    # redis-py passes the command name as str but its keywords as bytes (b"STREAMS")
+    return arg.decode("latin-1").upper() if isinstance(arg, bytes) else arg.upper() if isinstance(arg, str) else arg
 
 
 class _LocalKeys(CommandsParser):
