@@ -66,6 +66,19 @@ def celery_client(broker_url: str):  # noqa: ANN201 - celery.Celery
     return app
 
 
+def celery_worker(log_path: Path, env: dict[str, str], name: str, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """A real Celery worker on producer.celery_app (solo pool, the `tokenrelay` queue), logging to a file."""
+    with log_path.open("wb") as log:
+        args = [sys.executable, "-m", "celery", "-A", "producer.celery_app", "worker", "--pool", "solo"]
+        return subprocess.Popen(
+            [*args, "-Q", "tokenrelay", "--loglevel", "INFO", "-n", f"{name}@%h"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+        )
+
+
 def noop_worker(redis_url: str, log_path: Path, *extra: str) -> WorkerProcess:
     """A worker process with the no-op engine (no torch), serving the model name `tiny`."""
     return WorkerProcess(redis_url, log_path.parent, log_path, ["--engine", "noop", *extra])

@@ -22,7 +22,7 @@ from producer.errors import RequestFailed
 from producer.protocol import EventType, Keys
 from producer.results import CancelOutcome
 from tests.queue_helpers import WorkerProcess, read_events, terminal_count, wait_for
-from tests.stack_helpers import GatewayProcess, celery_client, noop_worker
+from tests.stack_helpers import GatewayProcess, celery_client, celery_worker, noop_worker
 from worker.redis_cluster import RedisClusterServer
 from worker.redis_server import RedisServer
 
@@ -187,28 +187,7 @@ def test_celery_generate(redis_cluster: RedisClusterServer, worker: WorkerProces
             "TOKENRELAY_MAINTENANCE_REDIS_URL": redis_cluster.url,
             "TOKENRELAY_LOG_JSON": "1",
         }
-        with (tmp_path / "celery.log").open("wb") as log:
-            celery = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "producer.celery_app",
-                    "worker",
-                    "--pool",
-                    "solo",
-                    "-Q",
-                    "tokenrelay",
-                    "--loglevel",
-                    "INFO",
-                    "-n",
-                    "c@%h",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+        celery = celery_worker((tmp_path / "celery.log"), env, "c")
         try:
             app = celery_client(broker.url)
             completion = app.send_task(

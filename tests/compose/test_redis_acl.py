@@ -4,8 +4,6 @@ and nothing else (no reading others' prompts, no deleting, no admin commands).""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from producer.errors import RequestFailed
 from producer.protocol import GROUP, Keys, Priority
 from tests.compose.conftest import ROOT, ACLServer
 from tests.queue_helpers import wait_for
-from tests.stack_helpers import GatewayProcess, celery_client, noop_worker
+from tests.stack_helpers import GatewayProcess, celery_client, celery_worker, noop_worker
 
 pytestmark = pytest.mark.slow
 KEYS = Keys("tiny")
@@ -135,27 +133,7 @@ def test_celery_runs_through_its_acl_user(acl_server: ACLServer, tmp_path: Path)
         "TOKENRELAY_CELERY_BROKER_URL": acl_server.url("celery", db=1),
         "TOKENRELAY_MAINTENANCE_REDIS_URL": acl_server.url("maintenance"),
     }
-    with (tmp_path / "celery.log").open("wb") as log:
-        celery = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "producer.celery_app",
-                "worker",
-                "--pool",
-                "solo",
-                "-Q",
-                "tokenrelay",
-                "-n",
-                "acl@%h",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    celery = celery_worker((tmp_path / "celery.log"), env, "acl", cwd=ROOT)
     try:
         worker.redis = admin
         worker.wait_ready()

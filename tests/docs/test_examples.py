@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.queue_helpers import WorkerProcess
-from tests.stack_helpers import GatewayProcess
+from tests.stack_helpers import GatewayProcess, celery_worker
 from worker.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -34,27 +34,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterato
         "TOKENRELAY_CELERY_BROKER_URL": server.url.replace("/0", "/1"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    with (directory / "celery.log").open("wb") as log:
-        celery = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "producer.celery_app",
-                "worker",
-                "--pool",
-                "solo",
-                "-Q",
-                "tokenrelay",
-                "-n",
-                "examples@%h",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    celery = celery_worker((directory / "celery.log"), env, "examples", cwd=ROOT)
     try:
         worker.wait_ready()
         gateway.wait_ready()

@@ -17,7 +17,7 @@ import redis
 from producer.client import Client
 from producer.protocol import Keys
 from tests.queue_helpers import WorkerProcess, read_events, wait_for
-from tests.stack_helpers import celery_client, noop_worker
+from tests.stack_helpers import celery_client, celery_worker, noop_worker
 from worker.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -39,28 +39,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServe
     server = RedisServer().start()
     worker = noop_worker(server.url, directory / "worker.log", "--noop-step-delay", "0.002")
     celery_log = directory / "celery.log"
-    with celery_log.open("wb") as log:
-        celery = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "producer.celery_app",
-                "worker",
-                "--pool",
-                "solo",
-                "-Q",
-                "tokenrelay",
-                "--loglevel",
-                "INFO",
-                "-n",
-                "test@%h",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_env(server),
-        )
+    celery = celery_worker(celery_log, _env(server), "test")
     try:
         worker.wait_ready()
         yield server, worker, celery_log
