@@ -28,12 +28,13 @@ PROMPTS = [
 LONG = 200
 
 
-def _noop(url: str, tmp_path: Path, name: str = "worker") -> WorkerProcess:
+def _noop(url: str, tmp_path: Path, model: str = "tiny") -> WorkerProcess:
     process = WorkerProcess(
         url,
         tmp_path,
-        tmp_path / f"{name}.log",
+        tmp_path / f"{model}.log",
         ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "32"],
+        model_name=model,
     )
     process.wait_ready()
     return process
@@ -140,14 +141,7 @@ def test_durable_submits_lose_nothing_when_a_master_dies(
     redis_cluster: RedisClusterServer, cluster_url: str, tmp_path: Path
 ) -> None:
     model = _replicated_master(redis_cluster)
-    worker = WorkerProcess(
-        cluster_url,
-        tmp_path,
-        tmp_path / "durable.log",
-        ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "32"],
-        model_name=model,
-    )
-    worker.wait_ready()
+    worker = _noop(cluster_url, tmp_path, model)
     client = Client(cluster_url, model=model, reconnect_s=60, submit_replicas=1)
     dead = redis_cluster.master_of(Keys(model).queues[0])
 
@@ -178,14 +172,7 @@ def test_a_master_killed_under_load_fails_over_and_everyone_follows(
 ) -> None:
     model = _replicated_master(redis_cluster)
     keys = Keys(model)
-    worker = WorkerProcess(
-        cluster_url,
-        tmp_path,
-        tmp_path / "failover.log",
-        ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "32"],
-        model_name=model,
-    )
-    worker.wait_ready()
+    worker = _noop(cluster_url, tmp_path, model)
     client = Client(cluster_url, model=model, reconnect_s=60)
     dead = redis_cluster.master_of(keys.queues[0])
     producer = Producer(client, 300, 150, lambda: redis_cluster.kill(dead.port), model=model)
