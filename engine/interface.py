@@ -17,7 +17,12 @@ class Tokenizer(Protocol):
     def chat_template(self) -> str | None: ...
 
     def apply_chat_template(
-        self, conversation: list[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool
+        self,
+        conversation: list[dict[str, str]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tokenize: bool,
+        add_generation_prompt: bool,
     ) -> Any: ...
 
     def decode(self, token_ids: list[int], *, skip_special_tokens: bool) -> Any: ...

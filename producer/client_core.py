@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from producer.client_commands import Exists, Operation, Read, RunScript, RunScripts, RunScriptsDurably, Sleep, Steps
 from producer.errors import NotReplicated, ProtocolError, QueueFull, RequestFailed
+from producer.params import validate_params
 from producer.protocol import (
     DEFAULT_LIMITS,
     EVENT_FIELD,
@@ -59,6 +60,7 @@ def build_request(
     *,
     messages: list[dict[str, str]] | None = None,
     prompt_token_ids: list[int] | None = None,
+    tools: list[dict[str, Any]] | None = None,
     stream: bool = True,
     priority: Priority | str = Priority.NORMAL,
     deadline: float | None = None,
@@ -68,7 +70,10 @@ def build_request(
     limits: Limits = DEFAULT_LIMITS,
     **params: Any,
 ) -> Request:
-    """A checked Request; raises ProtocolError (a ValueError) naming the bad field."""
+    """A checked Request; raises ProtocolError (a ValueError) naming the bad field.
+
+    `tools` (OpenAI's function tools) are rendered into the prompt by the model's chat template, on the worker.
+    """
     if isinstance(prompt, list):
         prompt, prompt_token_ids = None, prompt
     if timeout is not None:
@@ -87,7 +92,9 @@ def build_request(
         prompt=prompt,
         messages=messages,
         prompt_token_ids=prompt_token_ids,
-        params=params,
+        tools=tools,
+        # normalised before encoding: logit_bias may come with int keys, which the wire's msgpack maps refuse
+        params=validate_params(params),
         stream=stream,
         priority=Priority(priority),
         deadline=deadline,

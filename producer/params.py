@@ -1,8 +1,11 @@
-"""Wire-safety checks of sampling params (types and ranges), without importing the engine.
+"""Wire-safety checks of sampling params (types and ranges), without loading the engine.
 
 The names and ranges follow `engine.config.SamplingParams`; the worker still builds the engine's
 own object from the result, and any ValueError it raises becomes an `error` event. The bounds here
 exist so that a hostile message cannot smuggle in values that are expensive before the engine looks.
+The constraints (structured_outputs, logit_bias, allowed_token_ids) are checked by the engine's own
+torch-free spec module, exactly (llguidance compiles the grammar) where llguidance is installed: a
+producer refuses what a worker would, before anything is queued.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from engine.structured import spec as constraints
 from producer.errors import ProtocolError
 from producer.protocol.enums import ErrorCode
 
@@ -67,7 +71,14 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # false turns it off for this request (the output is the same either way)
     "speculative": (lambda v: v is None or isinstance(v, bool), "null or a boolean"),
 }
-PARAM_NAMES = frozenset(_RULES)
+# name -> the spec's check (raises ValueError naming the field), and the plain-JSON form that travels
+_CONSTRAINTS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "structured_outputs": (constraints.check_structured_outputs, lambda spec: spec.to_dict()),
+    # msgpack map keys must be strings here (strict_map_key), and JSON has no others
+    "logit_bias": (constraints.check_logit_bias, lambda bias: {str(k): v for k, v in bias.items()}),
+    "allowed_token_ids": (constraints.check_allowed_token_ids, list),
+}
+PARAM_NAMES = frozenset(_RULES) | frozenset(_CONSTRAINTS)
 _FLOATS = frozenset({"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"})
 
 
@@ -81,6 +92,15 @@ def validate_params(params: Any) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"params: expected a map, got {type(params).__name__}")
     checked: dict[str, Any] = {}
     for name, value in params.items():
+        if isinstance(name, str) and name in _CONSTRAINTS:
+            check, plain = _CONSTRAINTS[name]
+            try:
+                checked_value = check(value)
+            except ValueError as exc:
+                raise ProtocolError(ErrorCode.INVALID_REQUEST, f"params.{exc}") from None
+            if checked_value is not None:
+                checked[name] = plain(checked_value)
+            continue
         rule = _RULES.get(name) if isinstance(name, str) else None
         if rule is None:
             raise ProtocolError(ErrorCode.INVALID_REQUEST, f"params: unknown sampling parameter {str(name)[:64]!r}")

@@ -22,7 +22,13 @@ def build_prompt(engine: Engine, request: Request) -> str | list[int]:
         tokenizer = engine.tokenizer
         if tokenizer is None or not tokenizer.chat_template:
             raise ValueError("messages: this model has no chat template; send a prompt instead")
-        return str(tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True))
+        # tools go to the template as OpenAI spells them (transformers' convention); one that does not use them
+        # renders the messages alone
+        return str(
+            tokenizer.apply_chat_template(
+                request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True
+            )
+        )
     if request.prompt is not None:
         return request.prompt
     assert request.prompt_token_ids is not None  # decode_request guarantees exactly one prompt form

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.errors import ProtocolError
+from producer.gateway import constraints
 from producer.gateway.errors import APIError, from_protocol_error, invalid, unsupported
+from producer.gateway.tools import ToolPlan, parse_tools
 from producer.params import validate_params
 from producer.protocol import Priority
 
 # OpenAI fields accepted and ignored: they change nothing about the tokens produced.
-_IGNORED = frozenset({"user", "metadata", "service_tier", "parallel_tool_calls"})
+_IGNORED = frozenset({"user", "metadata", "service_tier"})
 # Extensions in vLLM's spirit, passed to the engine under the same names.
 _EXTENSIONS = (
     "top_k",
@@ -24,9 +26,22 @@ _EXTENSIONS = (
     "skip_special_tokens",
     "include_stop_str_in_output",
     "speculative",
+    "allowed_token_ids",
 )
-_SAMPLING = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", *_EXTENSIONS)
-_COMMON = frozenset({"model", "n", "stream", "stream_options", "logit_bias", "priority", *_SAMPLING, *_IGNORED})
+_SAMPLING = (
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "logit_bias",
+    *_EXTENSIONS,
+)
+_COMMON = frozenset(
+    {"model", "n", "stream", "stream_options", "priority", "structured_outputs", *constraints.GUIDED, *_SAMPLING}
+    | _IGNORED
+)
 _COMPLETION_FIELDS = _COMMON | {"prompt", "max_tokens", "echo", "logprobs", "best_of", "suffix"}
 _CHAT_FIELDS = _COMMON | {
     "messages",
@@ -37,6 +52,7 @@ _CHAT_FIELDS = _COMMON | {
     "response_format",
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
     "functions",
     "function_call",
     "modalities",
@@ -61,7 +77,8 @@ class GenerationPlan:
 
     endpoint: Endpoint
     model: str
-    prompts: list[dict[str, Any]]  # each {"prompt": str} | {"prompt_token_ids": [...]} | {"messages": [...]}
+    # each {"prompt": str} | {"prompt_token_ids": [...]} | {"messages": [...], "tools": [...] or None}
+    prompts: list[dict[str, Any]]
     params: dict[str, Any] = field(default_factory=dict)  # wire sampling params
     n: int = 1
     stream: bool = False
@@ -69,6 +86,7 @@ class GenerationPlan:
     echo: bool = False
     logprobs: int | None = None  # completions: top-k alternatives; chat: top_logprobs (when logprobs is true)
     priority: Priority = Priority.NORMAL
+    tools: ToolPlan | None = None  # chat with tools offered: the output is parsed for tool calls
 
     @property
     def choices(self) -> int:
@@ -108,15 +126,16 @@ def _bool(body: dict[str, Any], name: str) -> bool:
     return value
 
 
-def _common(body: Any, allowed: frozenset[str], max_choices: int) -> tuple[str, dict[str, Any], int, bool, bool]:
+def _common(
+    body: Any, allowed: frozenset[str], max_choices: int
+) -> tuple[str, dict[str, Any], int, bool, bool, dict[str, str]]:
+    """model, wire params, n, stream, include_usage, and the renames of constraint fields for errors."""
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.")
     _check_fields(body, allowed)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("model", "is required and must be a string")
-    if body.get("logit_bias"):
-        raise unsupported("logit_bias")
     n = _int(body, "n", 1, max_choices, 1)
     assert n is not None
     stream = _bool(body, "stream")
@@ -125,7 +144,10 @@ def _common(body: Any, allowed: frozenset[str], max_choices: int) -> tuple[str, 
         raise invalid("stream_options", "is only allowed with stream: true, as an object")
     include_usage = bool((options or {}).get("include_usage", False))
     params = {name: body[name] for name in _SAMPLING if body.get(name) is not None}
-    return model, params, n, stream, include_usage
+    constraint, renames = constraints.structured_outputs(body)
+    if constraint is not None:
+        params["structured_outputs"] = constraint
+    return model, params, n, stream, include_usage, renames
 
 
 def _validated(params: dict[str, Any], renames: dict[str, str] | None = None) -> dict[str, Any]:
@@ -143,7 +165,7 @@ def _priority(body: dict[str, Any]) -> Priority:
 
 
 def parse_completion(body: Any, max_choices: int) -> GenerationPlan:
-    model, params, n, stream, include_usage = _common(body, _COMPLETION_FIELDS, max_choices)
+    model, params, n, stream, include_usage, renames = _common(body, _COMPLETION_FIELDS, max_choices)
     if body.get("suffix"):
         raise unsupported("suffix")
     best_of = body.get("best_of")
@@ -163,7 +185,7 @@ def parse_completion(body: Any, max_choices: int) -> GenerationPlan:
         Endpoint.COMPLETIONS,
         model,
         prompts,
-        _validated(params),
+        _validated(params, renames),
         n,
         stream,
         include_usage,
@@ -197,21 +219,23 @@ def _completion_prompts(prompt: Any) -> list[dict[str, Any]]:
 
 
 def parse_chat(body: Any, max_choices: int, default_max_tokens: int) -> GenerationPlan:
-    model, params, n, stream, include_usage = _common(body, _CHAT_FIELDS, max_choices)
-    for name in ("tools", "functions", "audio", "prediction", "web_search_options", "reasoning_effort"):
+    model, params, n, stream, include_usage, renames = _common(body, _CHAT_FIELDS, max_choices)
+    for name in ("functions", "audio", "prediction", "web_search_options", "reasoning_effort"):
         if body.get(name):
             raise unsupported(name)
-    if body.get("tool_choice") not in (None, "none"):
-        raise unsupported("tool_choice")
+    tools = parse_tools(body)
+    enforced = tools.constraint() if tools is not None else None
+    if enforced is not None:
+        if "structured_outputs" in params:
+            raise invalid("tool_choice", "required or a named function cannot be combined with a structured output")
+        params["structured_outputs"] = enforced
+        renames = {"structured_outputs.json": "tools", "structured_outputs": "tools"}
     if body.get("function_call") not in (None, "none"):
         raise unsupported("function_call")
     if body.get("store"):
         raise unsupported("store", "is not supported: this server keeps no completions")
     if body.get("modalities") not in (None, ["text"]):
         raise unsupported("modalities", "only ['text'] is supported")
-    response_format = body.get("response_format")
-    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise unsupported("response_format", "only {'type': 'text'} is supported")
     limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     params["max_tokens"] = _int(body, limit_name, 1, 1_000_000, default_max_tokens)
     want_logprobs = _bool(body, "logprobs")
@@ -222,11 +246,11 @@ def parse_chat(body: Any, max_choices: int, default_max_tokens: int) -> Generati
     if logprobs is not None:
         params["logprobs"] = logprobs
     messages = _messages(body.get("messages"))
-    checked = _validated(params, {"max_tokens": limit_name})
+    checked = _validated(params, {"max_tokens": limit_name, **renames})
     return GenerationPlan(
         Endpoint.CHAT,
         model,
-        [{"messages": messages}],
+        [{"messages": messages} if tools is None else {"messages": messages, "tools": tools.tools}],
         checked,
         n,
         stream,
@@ -234,6 +258,7 @@ def parse_chat(body: Any, max_choices: int, default_max_tokens: int) -> Generati
         False,
         logprobs,
         _priority(body),
+        tools,
     )
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from producer.gateway.requests import Endpoint, GenerationPlan
+from producer.gateway.tool_calls import message_fields, parser_for
 from producer.protocol import FinishReason, Logprobs
 from producer.results import Completion
 
@@ -17,6 +18,11 @@ _FINISH: dict[str, str] = {FinishReason.STOP: "stop", FinishReason.LENGTH: "leng
 
 def finish_reason(reason: str | None) -> str:
     return _FINISH.get(reason or FinishReason.STOP, reason or FinishReason.STOP)
+
+
+def tool_calls_reason(reason: str, called: bool) -> str:
+    """OpenAI ends a message that calls tools with `tool_calls`; one cut short stays `length`."""
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def response_id(endpoint: Endpoint) -> str:
@@ -106,7 +112,10 @@ def full_response(plan: GenerationPlan, completions: Sequence[Completion]) -> di
         reason = finish_reason(completion.finish_reason)
         logprobs = _choice_logprobs(plan, completion, prompt_text)
         if plan.endpoint is Endpoint.CHAT:
-            message = {"role": "assistant", "content": completion.text, "refusal": None}
+            message: dict[str, Any] = {"role": "assistant", "content": completion.text, "refusal": None}
+            if plan.tools is not None:
+                message.update(message_fields(parser_for(plan.tools, plan.model), completion.text))
+                reason = tool_calls_reason(reason, "tool_calls" in message)
             choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
         else:
             text = prompt_text + completion.text if plan.echo else completion.text
@@ -154,6 +163,15 @@ class ChunkMaker:
             return self._wrap([{"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}])
         lp = completion_logprobs(logprobs or [], offset) if self.plan.logprobs is not None else None
         return self._wrap([{"index": index, "text": text, "logprobs": lp, "finish_reason": None}])
+
+    def deltas(self, index: int, deltas: list[dict[str, Any]], logprobs: Logprobs | None) -> list[dict[str, Any]]:
+        """Chat chunks of content and tool-call deltas; the tokens' logprobs ride on the first."""
+        chunks = []
+        for delta in deltas:
+            lp = chat_logprobs(logprobs or []) if self.plan.logprobs is not None and logprobs else None
+            chunks.append(self._wrap([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": None}]))
+            logprobs = None
+        return chunks
 
     def finish(self, index: int, reason: str | None) -> dict[str, Any]:
         if self.plan.endpoint is Endpoint.CHAT:

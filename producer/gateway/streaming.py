@@ -17,7 +17,8 @@ from starlette.types import Receive, Scope, Send
 from producer.async_client import AsyncClient
 from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.requests import Endpoint, GenerationPlan
-from producer.gateway.responses import ChunkMaker
+from producer.gateway.responses import ChunkMaker, finish_reason, tool_calls_reason
+from producer.gateway.tool_calls import ToolCallStream, parser_for
 from producer.protocol import Event, EventType
 from producer.results import Completion
 
@@ -98,6 +99,7 @@ async def relay(
     tasks = [asyncio.create_task(pump(i, rid)) for i, rid in enumerate(ids)]
     completions = [Completion(rid) for rid in ids]
     replays = [Replay() for _ in ids]
+    tool_streams = [ToolCallStream(parser_for(plan.tools, plan.model)) if plan.tools else None for _ in ids]
     last_token_at: list[float | None] = [None] * len(ids)
     chunks = ChunkMaker(plan)
     client_left = True  # until the stream ends on its own: then what is unfinished was failed, not abandoned
@@ -134,7 +136,11 @@ async def relay(
                     last_token_at[index] = now
                     logprobs = item.logprobs[len(item.logprobs) - tokens :] if item.logprobs and tokens else None
                     offset = len(replays[index].sent_text) - len(text)
-                    yield sse(chunks.text(index, text, logprobs, offset))
+                    if (tool_stream := tool_streams[index]) is None:
+                        yield sse(chunks.text(index, text, logprobs, offset))
+                    else:
+                        for chunk in chunks.deltas(index, tool_stream.feed(text), logprobs):
+                            yield sse(chunk)
             if item.type is EventType.ERROR:
                 client_left = False
                 metrics.outcome(plan.endpoint, f"error:{item.code}")
@@ -142,7 +148,12 @@ async def relay(
                 break
             if item.type is EventType.DONE:
                 metrics.finished(plan.endpoint, completion)
-                yield sse(chunks.finish(index, completion.finish_reason))
+                reason = completion.finish_reason
+                if (tool_stream := tool_streams[index]) is not None:
+                    for chunk in chunks.deltas(index, tool_stream.feed("", final=True), None):
+                        yield sse(chunk)
+                    reason = tool_calls_reason(finish_reason(reason), tool_stream.called)
+                yield sse(chunks.finish(index, reason))
                 open_choices -= 1
         else:
             if plan.include_usage:

@@ -24,6 +24,7 @@ class Limits:
     max_prompt_tokens: int = 131_072
     max_messages: int = 1_024
     max_metadata_bytes: int = 16_384
+    max_tools: int = 128
 
 
 DEFAULT_LIMITS = Limits()
@@ -38,6 +39,11 @@ class Request:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     prompt_token_ids: list[int] | None = None
+    # OpenAI function tools ({"type": "function", "function": {"name", "description", "parameters"}}), given
+    # to the chat template with the messages. A worker that predates the field ignores it (as any unknown
+    # top-level field) and renders the messages alone: the tools then reach no prompt, while a tool choice
+    # the gateway enforces still holds, as its grammar travels in params.
+    tools: list[dict[str, Any]] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     stream: bool = True
     priority: Priority = Priority.NORMAL
@@ -57,7 +63,7 @@ class Request:
             "submitted_at": self.submitted_at,
             "metadata": self.metadata,
         }
-        for name in ("prompt", "messages", "prompt_token_ids"):
+        for name in ("prompt", "messages", "prompt_token_ids", "tools"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         return msgpack.packb(body, use_bin_type=True)
@@ -123,6 +129,7 @@ def decode_request(data: Any, limits: Limits = DEFAULT_LIMITS, expected_id: str 
     model = check_model_name(body.get("model"))  # type: ignore[arg-type]
     request = Request(request_id=str(request_id), model=model)
     _decode_prompt(body, request, limits)
+    request.tools = _decode_tools(body.get("tools"), request, limits)
     request.params = wire_params.validate_params(body.get("params", {}))
     if not isinstance(stream := body.get("stream", True), bool):
         raise _fail("stream: must be a boolean")
@@ -177,6 +184,28 @@ def _decode_prompt(body: dict[str, Any], request: Request, limits: Limits) -> No
         if chars > limits.max_prompt_chars:
             raise _fail(f"messages: over the limit of {limits.max_prompt_chars} characters")
         request.messages = messages
+
+
+def _decode_tools(value: Any, request: Request, limits: Limits) -> list[dict[str, Any]] | None:
+    """Function tools, shape-checked only: the schemas in them are the chat template's to render."""
+    if value is None:
+        return None
+    if request.messages is None:
+        raise _fail("tools: only chat requests (messages) can carry tools")
+    if not isinstance(value, list) or not 0 < len(value) <= limits.max_tools:
+        raise _fail(f"tools: must be a list of 1 to {limits.max_tools} tools")
+    for i, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+            or not _plain(tool, depth=0)
+        ):
+            raise _fail(f"tools[{i}]: must be a map {{type: function, function: {{name, ...}}}} of plain values")
+    return value
 
 
 def _optional_time(value: Any, name: str) -> float | None:

@@ -83,6 +83,11 @@ def test_generate_returns_the_completion_dict(app) -> None:  # noqa: ANN001
     )
     with pytest.raises(Exception, match="invalid_request: messages"):  # the no-op engine has no chat template
         failed.get(timeout=60)
+    constrained = {"model": "tiny", "max_tokens": 3, "structured_outputs": {"regex": "( x)+"}, "logit_bias": {"7": 5}}
+    assert app.send_task("tokenrelay.generate", args=["a"], kwargs=constrained).get(timeout=60)["text"] == " x x x"
+    refused = app.send_task("tokenrelay.generate", args=["a"], kwargs={"model": "tiny", "logit_bias": {"7": 500}})
+    with pytest.raises(Exception, match="logit_bias"):  # refused at submit: nothing was queued
+        refused.get(timeout=60)
 
 
 def test_run_batch_task(app, tmp_path: Path) -> None:  # noqa: ANN001

@@ -159,3 +159,36 @@ def test_sigterm_past_the_grace_period_hands_work_back(
     b.signal(signal.SIGTERM)
     assert b.wait() == 0
     assert _queues_empty(client.redis)
+
+
+LIST_SCHEMA = {
+    "type": "object",
+    "properties": {"values": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}}},
+    "required": ["values"],
+    "additionalProperties": False,
+}
+LIST_SCHEMA["properties"]["values"].update(minItems=100, maxItems=120)  # type: ignore[index]
+
+
+def test_kill_9_mid_constrained_generation_still_validates(redis_url: str, tiny_llama: Path, worker_processes) -> None:  # noqa: ANN001
+    import json
+
+    import jsonschema
+
+    a = worker_processes(redis_url, tiny_llama)
+    a.wait_ready()
+    client = Client(redis_url, model="tiny")
+    constraint = {"structured_outputs": {"json": LIST_SCHEMA}}
+    requests = [build_request("tiny", p, max_tokens=1000, temperature=0.0, **constraint) for p in PROMPTS[:3]]
+    ids = client.submit_requests(requests)
+    wait_for(lambda: _all_streaming(client.redis, ids), 60, what="every request streaming")
+    a.kill()
+    in_flight = [i for i in ids if terminal_count(read_events(client.redis, KEYS, i)) == 0]
+    assert in_flight, "the kill should land mid-generation"
+    worker_processes(redis_url, tiny_llama)
+    results = client.wait_all(ids, timeout=180)
+    for request_id in ids:
+        assert results[request_id].finish_reason == "stop"
+        jsonschema.validate(json.loads(results[request_id].text), LIST_SCHEMA)  # the grammar replayed on restart
+    assert all(results[i].restarts == 1 for i in in_flight)
+    assert _queues_empty(client.redis)

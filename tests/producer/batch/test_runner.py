@@ -163,3 +163,31 @@ def test_duplicate_custom_id_is_refused_before_anything_is_sent(server: RedisSer
     _, stderr = batch.communicate(timeout=60)
     assert batch.returncode == 2 and "duplicate custom_id 'req-2'" in stderr
     assert not output.exists() and redis.Redis.from_url(server.url).dbsize() == 0
+
+
+def test_constraint_fields_pass_and_bad_ones_fail_their_line_only(
+    server: RedisServer, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    bodies = {
+        "regex": ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3, "guided_regex": "( x)+"}),
+        "bias": ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3, "logit_bias": {"5": -100}}),
+        "bad-bias": ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"5": 500}}),
+        "bad-schema": ("/v1/chat/completions", {**chat, "response_format": {"type": "json_schema", "json_schema": {}}}),
+        "no-name": ("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {}}]}),
+    }
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    with source.open("w") as out:
+        for custom_id, (url, body) in bodies.items():
+            out.write(json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body}) + "\n")
+    batch = _batch(server, str(source), "-o", str(output))
+    stdout, stderr = batch.communicate(timeout=120)
+    assert batch.returncode == 0, stderr
+    records = {r["custom_id"]: r for r in _records(output)}
+    assert records["regex"]["error"] is None and records["bias"]["error"] is None  # the no-op engine's " x x x"
+    params = {c: records[c]["response"]["body"]["error"]["param"] for c in ("bad-bias", "bad-schema", "no-name")}
+    assert params == {
+        "bad-bias": "logit_bias",
+        "bad-schema": "response_format.json_schema.schema",
+        "no-name": "tools[0].function.name",
+    }

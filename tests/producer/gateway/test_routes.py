@@ -101,7 +101,9 @@ def test_async_client_streamed_and_not(noop_stack: Stack) -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"five": 1}}, "logit_bias"),
+        ({"prompt": "x", "guided_regex": "(?<=a)b"}, "guided_regex"),
         ({"prompt": "x", "suffix": "end"}, "suffix"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"prompt": "x", "frobnicate": True}, "frobnicate"),
@@ -124,8 +126,8 @@ def test_unsupported_or_invalid_fields_answer_400_naming_them(noop_stack: Stack,
 def test_chat_refusals_and_openai_client_errors(noop_stack: Stack) -> None:
     url = f"{noop_stack.gateway.url}/v1/chat/completions"
     cases = [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         (
@@ -140,7 +142,7 @@ def test_chat_refusals_and_openai_client_errors(noop_stack: Stack) -> None:
         assert response.status_code == 400 and response.json()["error"]["param"] == param, (param, response.text)
     assert httpx.post(url, content=b"{not json", timeout=30).status_code == 400
     with pytest.raises(openai.BadRequestError) as raised:
-        _openai(noop_stack).completions.create(model="tiny", prompt="x", extra_body={"logit_bias": {"1": 5}})
+        _openai(noop_stack).completions.create(model="tiny", prompt="x", extra_body={"logit_bias": {"1": 500}})
     assert raised.value.body["param"] == "logit_bias"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
         _openai(noop_stack).completions.create(model="no-such-model", prompt="x")
