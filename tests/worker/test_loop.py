@@ -12,6 +12,8 @@ import redis
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import LLMEngine
 from engine.llm import LLM
+from engine.request import FinishReason as EngineFinishReason
+from engine.request import RequestOutput
 from producer.client import Client
 from producer.errors import RequestFailed
 from producer.protocol import EventType, Keys
@@ -194,3 +196,29 @@ def test_prompt_logprobs_come_back_in_the_done_event(redis_url: str, tiny_llama:
     scores = completion.prompt_logprobs
     assert scores is not None and len(scores) == 4 and scores[0] == []  # the first token has no context
     assert [s[0] for s in scores[1:]] == [6, 7, 8] and all(s[1] <= 0.0 for s in scores[1:])
+
+
+class _FailingGrammarEngine(NoopEngine):
+    """The no-op engine, except that a request prompted "grammar" fails the way a grammar that will not
+    compile does in the LLMEngine: finished, finish_reason ERROR, a message (engine/structured/compiler.py)."""
+
+    def step(self) -> list[RequestOutput]:
+        outputs = super().step()
+        for out in outputs:
+            if len(out.prompt_token_ids) == 1 and out.prompt_token_ids[0] == sum(map(ord, "grammar")) % 32_000:
+                out.finished, out.finish_reason = True, EngineFinishReason.ERROR
+                out.error = "structured_outputs: grammar compilation took over 30.0 s"
+                self.sequences.pop(out.request_id, None)
+        return outputs
+
+
+def test_an_engine_error_is_an_error_event_and_serving_goes_on(redis_url: str) -> None:
+    client = Client(redis_url, model="noop")
+    with WorkerThread(_FailingGrammarEngine(), redis_url, model_name="noop"):
+        failed = client.submit("grammar", max_tokens=5)
+        with pytest.raises(RequestFailed) as info:
+            client.result(failed, timeout=30)
+        assert client.result(client.submit("fine", max_tokens=2), timeout=30).finish_reason == "length"
+    assert info.value.code == "invalid_request" and "grammar compilation" in info.value.message
+    events = read_events(client.redis, Keys("noop"), failed)
+    assert [e.type for e in events if e.type.terminal] == [EventType.ERROR]  # one terminal: the error, no done
