@@ -6,7 +6,6 @@ import heapq
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -19,7 +18,7 @@ from producer.errors import ProtocolError
 from producer.protocol import DEFAULT_LIMITS, ErrorCode, FinishReason, decode_request, done_event, error_event
 from worker.convert import build_prompt, connect, sampling_params, wire_finish_reason, wire_logprobs
 from worker.jobs import Job, Note, NoteKind, Outbox
-from worker.metrics import WorkerMetrics
+from worker.metrics import LoopTiming, WorkerMetrics
 from worker.relay import Relay
 from worker.settings import WorkerSettings
 
@@ -27,24 +26,6 @@ log = structlog.get_logger(__name__)
 # A dead letter keeps the start of the payload, enough to see what it was: 10,000 dead letters of 4 MiB
 # each would be 40 GiB of Redis memory, and an oversize payload would defeat the very cap it broke.
 DEAD_LETTER_RAW_BYTES = 65_536
-
-
-@dataclass(slots=True)
-class LoopTiming:
-    """Where the loop's time goes: the engine's step versus everything around it."""
-
-    steps: int = 0
-    step_s: float = 0.0
-    overhead_s: float = 0.0  # admit + publish + ack, never a Redis round trip
-
-    def summary(self) -> dict[str, Any]:
-        busy = self.step_s + self.overhead_s
-        return {
-            "steps": self.steps,
-            "step_s": round(self.step_s, 3),
-            "overhead_s": round(self.overhead_s, 3),
-            "overhead_pct": round(100 * self.overhead_s / busy, 3) if busy else 0.0,
-        }
 
 
 def _field(message: str) -> str:

@@ -1,8 +1,9 @@
-"""The worker's Prometheus metrics: outcomes, tokens, batch and KV-cache state, latency histograms."""
+"""The worker's Prometheus metrics (outcomes, tokens, batch and KV-cache state, latency) and its loop timing."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -10,6 +11,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from producer.metrics import LATENCY_BUCKETS, FleetCollector
 from worker.convert import connect
 from worker.settings import WorkerSettings
+
+
+@dataclass(slots=True)
+class LoopTiming:
+    """Where the loop's time goes: the engine's step versus everything around it."""
+
+    steps: int = 0
+    step_s: float = 0.0
+    overhead_s: float = 0.0  # admit + publish + ack, never a Redis round trip
+
+    def summary(self) -> dict[str, Any]:
+        busy = self.step_s + self.overhead_s
+        return {
+            "steps": self.steps,
+            "step_s": round(self.step_s, 3),
+            "overhead_s": round(self.overhead_s, 3),
+            "overhead_pct": round(100 * self.overhead_s / busy, 3) if busy else 0.0,
+        }
 
 
 class WorkerMetrics:
