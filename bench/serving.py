@@ -11,7 +11,7 @@ and service: completed requests/s, output tokens/s, TTFT, TPOT and inter-chunk l
 and goodput (requests meeting the TTFT and TPOT SLOs, per second); ratios where both ran. vLLM runs
 only when ../shared/peers/ has installed it ($PEERS_DIR/vllmenv); otherwise the report says it was skipped.
 
-    python bench/serving.py --quick --save     # 3 rates x 12 requests of 32 tokens, about 2 minutes
+    python bench/serving.py --quick --save     # 3 rates x 10 requests of 32 tokens, about 2 minutes
     python bench/serving.py --save             # 5 rates x 32 requests of 64 tokens
 """
 
@@ -270,6 +270,7 @@ def compare(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dict[st
     # compared on the figures, not the ratio: a service with goodput where the other has none leads
     top_met = (
         ours[meeting[-1]]["goodput_requests_per_s"] >= 1.1 * theirs[meeting[-1]]["goodput_requests_per_s"]
+        and ours[meeting[-1]]["goodput_requests_per_s"] > 0
         if meeting
         else None
     )
@@ -294,9 +295,9 @@ def compare(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"rates {QUICK_RATES}, 12 requests, 32 tokens")
+    parser.add_argument("--quick", action="store_true", help=f"rates {QUICK_RATES}, 10 requests, 32 tokens")
     parser.add_argument("--rates", default=None, help=f"comma-separated requests/s (default {RATES})")
-    parser.add_argument("--requests", type=int, default=None, help="requests per rate (default 32; 12 with --quick)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per rate (default 32; 10 with --quick)")
     parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64; 32 quick)")
     parser.add_argument("--max-seconds", type=float, default=None, help="cut-off per rate (default: from its size)")
     parser.add_argument("--slo-ttft-s", type=float, default=2.0)
@@ -307,7 +308,7 @@ def main() -> None:
     parser.add_argument("--save", action="store_true", help="also write bench/results/serving-<time>.json")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")] if args.rates else list(QUICK_RATES if args.quick else RATES)
-    args.requests = args.requests or (12 if args.quick else 32)
+    args.requests = args.requests or (10 if args.quick else 32)
     args.max_tokens = args.max_tokens or (32 if args.quick else 64)
     slo = Slo(ttft_s=args.slo_ttft_s, tpot_s=args.slo_tpot_ms / 1000)
     from producer.logs import configure_logging
