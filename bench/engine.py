@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
+from bench.peer_env import VLLM_PYTHON, vllm_env, vllm_installed  # noqa: E402
 from bench.workloads import emit_report, median, percentile  # noqa: E402
 
-PEERS_DIR = Path(os.environ.get("PEERS_DIR", Path.home() / ".cache" / "peers"))
 TARGETS = {
     "vs_hf_static": 4.0,
     "vs_vllm_cpu": 1.25,
@@ -42,19 +42,13 @@ TARGETS = {
 
 
 def _vllm_command(args: argparse.Namespace, spawned_at: float) -> tuple[list[str], dict[str, str]] | None:
-    python = PEERS_DIR / "vllmenv" / "bin" / "python"
-    if not python.exists():
+    if not vllm_installed():
         return None
     from engine.models.default_model import default_model_dir
 
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}")
-    preload = [
-        PEERS_DIR / "tcm/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-        PEERS_DIR / "vllmenv/lib/libiomp5.so",
-    ]
-    env["LD_PRELOAD"] = ":".join(str(p) for p in preload if p.exists())
+    env = vllm_env(args.threads)
     command = [
-        str(python),
+        str(VLLM_PYTHON),
         str(ROOT / "bench/peers/vllm_child.py"),
         "--model",
         str(default_model_dir()),
@@ -134,8 +128,7 @@ def main() -> None:
     args.requests = args.requests or (16 if args.quick else 64 if args.workload == "mixed" else 32)
 
     systems = ["tokenrelay", "hf_static", "hf_continuous"]
-    vllm_installed = (PEERS_DIR / "vllmenv" / "bin" / "python").exists()
-    if args.with_vllm == "yes" or (args.with_vllm == "auto" and vllm_installed and not args.quick):
+    if args.with_vllm == "yes" or (args.with_vllm == "auto" and vllm_installed() and not args.quick):
         systems.append("vllm_cpu")
     if args.with_sequential:
         systems.append("hf_sequential")
