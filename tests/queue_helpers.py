@@ -143,7 +143,11 @@ class WorkerProcess:
                     return True
             return False
 
-        wait_for(ready, timeout, 0.1, "worker heartbeat")
+        try:
+            wait_for(ready, timeout, 0.1, "worker heartbeat")
+        except BaseException:
+            self.kill()  # a worker that never came up must not outlive the test
+            raise
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)

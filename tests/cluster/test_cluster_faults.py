@@ -4,7 +4,7 @@ under load. Clients and workers must follow the new topology by themselves."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,16 +28,26 @@ PROMPTS = [
 LONG = 200
 
 
-def _noop(url: str, tmp_path: Path, model: str = "tiny") -> WorkerProcess:
-    process = WorkerProcess(
-        url,
-        tmp_path,
-        tmp_path / f"{model}.log",
-        ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "32"],
-        model_name=model,
-    )
-    process.wait_ready()
-    return process
+@pytest.fixture
+def noop(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Starts no-op worker processes for a model on the cluster, ready; kills them at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(url: str, model: str = "tiny") -> WorkerProcess:
+        process = WorkerProcess(
+            url,
+            tmp_path,
+            tmp_path / f"{model}.log",
+            ["--engine", "noop", "--noop-step-delay", "0.005", "--max-num-seqs", "32"],
+            model_name=model,
+        )
+        started.append(process)
+        process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
 
 
 class Producer(threading.Thread):
@@ -110,9 +120,9 @@ def test_kill_9_a_worker_mid_generation(
 
 
 def test_a_slot_resharded_under_load_loses_and_repeats_nothing(
-    redis_cluster: RedisClusterServer, cluster_url: str, tmp_path: Path
+    redis_cluster: RedisClusterServer, cluster_url: str, noop: Callable[..., WorkerProcess]
 ) -> None:
-    worker = _noop(cluster_url, tmp_path)
+    worker = noop(cluster_url)
     client = Client(cluster_url, model="tiny")
     source = redis_cluster.master_of(KEYS.queues[0])
     target = next(n for n in redis_cluster.masters() if n.port != source.port)
@@ -138,10 +148,10 @@ def _replicated_master(cluster: RedisClusterServer) -> str:
 
 
 def test_durable_submits_lose_nothing_when_a_master_dies(
-    redis_cluster: RedisClusterServer, cluster_url: str, tmp_path: Path
+    redis_cluster: RedisClusterServer, cluster_url: str, noop: Callable[..., WorkerProcess]
 ) -> None:
     model = _replicated_master(redis_cluster)
-    worker = _noop(cluster_url, tmp_path, model)
+    worker = noop(cluster_url, model)
     client = Client(cluster_url, model=model, reconnect_s=60, submit_replicas=1)
     dead = redis_cluster.master_of(Keys(model).queues[0])
 
@@ -168,11 +178,11 @@ def test_durable_submits_lose_nothing_when_a_master_dies(
 
 
 def test_a_master_killed_under_load_fails_over_and_everyone_follows(
-    redis_cluster: RedisClusterServer, cluster_url: str, tmp_path: Path
+    redis_cluster: RedisClusterServer, cluster_url: str, noop: Callable[..., WorkerProcess]
 ) -> None:
     model = _replicated_master(redis_cluster)
     keys = Keys(model)
-    worker = _noop(cluster_url, tmp_path, model)
+    worker = noop(cluster_url, model)
     client = Client(cluster_url, model=model, reconnect_s=60)
     dead = redis_cluster.master_of(keys.queues[0])
     producer = Producer(client, 300, 150, lambda: redis_cluster.kill(dead.port), model=model)
