@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -17,6 +19,8 @@ from producer.connection import (
     mask_url,
     register_script,
 )
+from producer.reconnect import RETRYABLE
+from tests.queue_helpers import wait_for
 from worker.redis_cluster import RedisClusterServer
 
 APPEND = "redis.call('XADD', KEYS[1], '*', 'm', ARGV[1]); return redis.call('XLEN', KEYS[1])"
@@ -75,11 +79,24 @@ def test_scripts_run_in_pipelines_across_shards_and_survive_a_failover(redis_clu
     assert pipe.execute() == [1] * 12
     # The promoted replica never saw a SCRIPT LOAD: EVAL still runs there, and the client finds it.
     dead = redis_cluster.master_of(keys[0])
+    replica = next(n for n in redis_cluster.nodes() if n.master_id == dead.node_id)
+    with redis_cluster.client(replica.port) as on_replica:  # replication is asynchronous: let it catch up first
+        on_replica.execute_command("READONLY")
+        wait_for(lambda: on_replica.xlen(keys[0]) == 1, 10, what="the replica has the write")
     redis_cluster.kill(dead.port)
     promoted = redis_cluster.wait_failover(dead.port)
-    assert promoted.port != dead.port
-    assert append(keys=[keys[0]], args=["b"]) == 2
+    assert promoted.port == replica.port
+    assert wait_for(lambda: _attempt(lambda: append(keys=[keys[0]], args=["b"])), 30, 0.2) == 2
     client.close()
+
+
+def _attempt(call: Callable[[], Any]) -> Any:
+    """The call's result, or None while the client still finds its way after a failover (it retries,
+    as every tokenrelay client does through producer.reconnect)."""
+    try:
+        return call()
+    except RETRYABLE:
+        return None
 
 
 def test_stream_reads_ask_no_node_for_their_keys(redis_cluster: RedisClusterServer) -> None:
