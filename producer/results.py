@@ -78,6 +78,19 @@ class Completion:
         return self.text
 
 
+def read_chunks(positions: Mapping[str, str], slots: Mapping[str, str], max_keys: int) -> list[dict[str, str]]:
+    """Result streams (key -> last entry id read) split for XREAD: one partition's slot per read, since
+    Redis Cluster refuses a read across slots, and at most `max_keys` streams each."""
+    by_slot: dict[str, list[str]] = {}
+    for key in positions:
+        by_slot.setdefault(slots[key], []).append(key)
+    return [
+        {k: positions[k] for k in keys[i : i + max_keys]}
+        for keys in by_slot.values()
+        for i in range(0, len(keys), max_keys)
+    ]
+
+
 class ResultFold:
     """Folds many result streams read together (XREAD over many keys): what to read next, what came.
 
@@ -95,14 +108,7 @@ class ResultFold:
 
     def chunks(self) -> list[dict[str, str]]:
         """Stream key -> last entry id seen, for each XREAD to send (one partition, at most max_keys each)."""
-        by_slot: dict[str, list[str]] = {}
-        for key in self.positions:
-            by_slot.setdefault(self._slots[key], []).append(key)
-        return [
-            {k: self.positions[k] for k in keys[i : i + self._max_keys]}
-            for keys in by_slot.values()
-            for i in range(0, len(keys), self._max_keys)
-        ]
+        return read_chunks(self.positions, self._slots, self._max_keys)
 
     def existence_checks(self) -> list[str]:
         """Record key then result key of each request still open, for one single-key EXISTS each (an ACL

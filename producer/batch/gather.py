@@ -12,7 +12,7 @@ from producer.connection import AsyncRedis
 from producer.gateway.errors import APIError
 from producer.protocol import EVENT_FIELD, ErrorCode, Keys, decode_event
 from producer.reconnect import RETRYABLE
-from producer.results import Completion
+from producer.results import Completion, read_chunks
 
 log = structlog.get_logger(__name__)
 _MAX_KEYS_PER_READ = 1_000
@@ -80,16 +80,10 @@ class Gatherer:
                 await asyncio.sleep(0.005)
 
     async def _read_once(self) -> int:
-        by_slot: dict[str, list[str]] = {}
-        for key in self.positions:
-            by_slot.setdefault(self._slots[key], []).append(key)
-        chunks = [
-            keys[i : i + _MAX_KEYS_PER_READ]
-            for keys in by_slot.values()
-            for i in range(0, len(keys), _MAX_KEYS_PER_READ)
-        ]
+        chunks = read_chunks(self.positions, self._slots, _MAX_KEYS_PER_READ)
         got, self._chunked = 0, len(chunks) > 1
         for chunk in chunks:
+            # positions as they are now: an earlier read's wait may have ended and dropped its streams
             streams = {k: self.positions[k] for k in chunk if k in self.positions}
             block = _BLOCK_MS if len(chunks) == 1 else None
             reply: Any = await self.redis.xread(streams, count=512, block=block)  # type: ignore[arg-type]
