@@ -23,8 +23,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 import argparse
-import os
-import platform
 import queue
 import statistics
 import subprocess
@@ -40,7 +38,7 @@ import psutil
 import redis
 
 from bench.queue import start_worker, stop_worker
-from bench.workloads import emit_report, percentile
+from bench.workloads import emit_report, machine_info, percentile
 from producer.client import Client, build_request
 from producer.connection import connect
 from producer.protocol import Keys
@@ -320,15 +318,9 @@ def main() -> None:
         "benchmark": "cluster",
         "quick": args.quick,
         "when": datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "redis": subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True).stdout.split()[
-                2
-            ],
-            "loadavg_at_start": os.getloadavg(),
-        },
+        "machine": machine_info(
+            redis=subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True).stdout.split()[2]
+        ),
         "settings": {
             "engine": "noop",
             "requests": n_requests,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 from bench.peer_env import VLLM_PYTHON, vllm_env, vllm_installed  # noqa: E402
-from bench.workloads import emit_report, median, percentile  # noqa: E402
+from bench.workloads import emit_report, machine_info, median, percentile  # noqa: E402
 
 TARGETS = {
     "vs_hf_static": 4.0,
@@ -170,7 +169,7 @@ def main() -> None:
         "rounds": args.rounds,
         "threads": args.threads,
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine_info(),
         "systems": results,
         "ratios": ratios,
         "targets_met": checks,

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -48,7 +47,7 @@ from bench.peer_env import PEERS_DIR, VLLM_PYTHON, vllm_env, vllm_installed
 from bench.queue import start_worker, stop_worker, wait_ready
 from bench.serving_load import Slo, poisson_offsets, run_rate, summarise
 from bench.speculative import passages
-from bench.workloads import emit_report
+from bench.workloads import emit_report, machine_info
 from producer.protocol import DEFAULT_MODEL_NAME
 from tests.stack_helpers import GatewayProcess
 from worker.redis_server import RedisServer, free_port
@@ -319,12 +318,7 @@ def main() -> None:
         "benchmark": "serving",
         "quick": args.quick,
         "when": datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine_info(),
         "settings": {
             "model": DEFAULT_MODEL_NAME,
             "endpoint": "/v1/completions, stream, temperature 0, ignore_eos, min_tokens = max_tokens",

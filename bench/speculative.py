@@ -15,8 +15,6 @@ prefix cache cleared before every run. Greedy outputs must be identical; the rep
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import statistics
 import sys
@@ -30,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-from bench.workloads import emit_report, mixed_workload  # noqa: E402
+from bench.workloads import emit_report, machine_info, mixed_workload  # noqa: E402
 
 TARGETS = {"speedup_at_1_and_4": 1.5, "random_cost": 0.03}
 TASKS = (
@@ -214,7 +212,7 @@ def main() -> None:
         "max_new_tokens": max_new,
         "prompt_tokens": {"min": min(prompt_lengths), "max": max(prompt_lengths)},
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
+        "machine": machine_info(),
         "copying": copy_results,
         "random_mixed": random_result,
         "targets_met": {

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-from bench.workloads import emit_report, median, mixed_workload, percentile  # noqa: E402
+from bench.workloads import emit_report, machine_info, median, mixed_workload, percentile  # noqa: E402
 
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", Path.home() / ".cache" / "peers"))
 TARGETS = {"ratio_50": 0.95, "ratio_100": 0.9, "valid_share": 1.0}
@@ -224,7 +223,7 @@ def main() -> None:
         "threads": args.threads,
         "temperature": 0.7,
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine_info(),
         "systems": systems,
         "ratios": ratios,
         "paired_ratios": paired,

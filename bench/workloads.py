@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import random
 import resource
 import statistics
@@ -48,6 +50,13 @@ def peak_rss_mb() -> float:
     (vLLM runs its engine core in a child process)."""
     rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """What a benchmark's JSON says of the machine it ran on: cores, platform, Python, load at the start."""
+    load = [round(x, 2) for x in os.getloadavg()]
+    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    return {**info, **extra, "loadavg_at_start": load}
 
 
 def emit_report(report: dict[str, Any], name: str, save: bool) -> None:
