@@ -194,3 +194,13 @@ def terminal_count(events: list[Event]) -> int:
 def after_last_restart(events: list[Event]) -> list[Event]:
     restarts = [i for i, e in enumerate(events) if e.type is EventType.RESTART]
     return events[restarts[-1] + 1 :] if restarts else events
+
+
+def run_maintenance(client: SyncRedis, model: str = "tiny") -> None:
+    """Every maintenance task once, as the given connection's user; the sweeps must have seen `model`."""
+    from producer import maintenance
+
+    assert model in maintenance.reclaim_sweep(client)
+    assert model in maintenance.trim_acked(client)
+    maintenance.expire_results(client)
+    maintenance.dead_letter_report(client)

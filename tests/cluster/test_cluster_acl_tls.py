@@ -15,12 +15,11 @@ from typing import Any
 import pytest
 import redis
 
-from producer import maintenance
 from producer.client import Client
 from producer.connection import connect
 from producer.protocol import EventType, Keys, Priority
 from tests.compose.conftest import ROOT
-from tests.queue_helpers import read_events, terminal_count
+from tests.queue_helpers import read_events, run_maintenance, terminal_count
 from tests.security.certs import issue, make_ca
 from tests.stack_helpers import noop_worker
 from worker.redis_cluster import RedisClusterServer
@@ -127,10 +126,7 @@ def test_every_role_works_on_the_cluster_and_nothing_is_refused(acl: ACLCluster,
         assert all(r.text == " x x" for r in durable.wait_all(ids, timeout=60).values())
         assert all(terminal_count(read_events(worker.redis, KEYS, i)) == 1 for i in ids)
         janitor = connect(acl.url("maintenance"))  # SCAN runs on every master
-        assert "tiny" in maintenance.reclaim_sweep(janitor)
-        assert "tiny" in maintenance.trim_acked(janitor)
-        maintenance.expire_results(janitor)
-        maintenance.dead_letter_report(janitor)
+        run_maintenance(janitor)
         worker.signal(15)  # a draining worker deregisters with its own rights
         assert worker.wait(30) == 0
     finally:

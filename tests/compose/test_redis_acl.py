@@ -11,12 +11,11 @@ import httpx
 import pytest
 import redis
 
-from producer import maintenance
 from producer.client import Client
 from producer.errors import RequestFailed
 from producer.protocol import GROUP, Keys, Priority
 from tests.compose.conftest import ROOT, ACLServer
-from tests.queue_helpers import wait_for
+from tests.queue_helpers import run_maintenance, wait_for
 from tests.stack_helpers import GatewayProcess, celery_client, celery_worker, noop_worker
 
 pytestmark = pytest.mark.slow
@@ -69,10 +68,7 @@ def test_every_role_works_through_the_real_code_and_nothing_is_refused(acl_serve
         assert "tokenrelay_redis_up 1.0" in httpx.get(f"{gateway.url}/metrics", timeout=10).text
         # maintenance, as the maintenance user
         janitor = acl_server.client("maintenance")
-        assert "tiny" in maintenance.reclaim_sweep(janitor)
-        assert "tiny" in maintenance.trim_acked(janitor)
-        maintenance.expire_results(janitor)
-        maintenance.dead_letter_report(janitor)
+        run_maintenance(janitor)
         worker.signal(15)  # a draining worker deregisters with its own rights
         assert worker.wait(30) == 0
     finally:
