@@ -45,6 +45,14 @@ class APIKeys:
     def enabled(self) -> bool:
         return bool(self._digests)
 
+    def owner(self, authorization: str | None) -> str:
+        """Who is calling, for objects only their creator may see (files, batches, responses): a short
+        fingerprint of the key (never the key), or "" when no keys are configured. Raises the 401 of check."""
+        self.check(authorization)
+        if not self.enabled:
+            return ""
+        return _digest((authorization or "").partition(" ")[2].strip()).hex()[:16]
+
     def check(self, authorization: str | None) -> None:
         """Raises a 401 unless the `Authorization: Bearer <key>` header names a configured key."""
         if not self.enabled:

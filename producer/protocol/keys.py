@@ -11,6 +11,11 @@ that touch a request's queue entry, its owner record and its result stream stay 
     {p}:{{m}}:dead:cursor         the last dead letter a maintenance report covered
     {p}:{{m}}:workers             hash: worker name -> heartbeat (msgpack)
     {p}:models                    set of model names that workers serve (for `tokenrelay status`)
+    {p}:{{m}}:events              webhook outbox: events written where a job ends (producer/webhooks)
+    {p}:{{m}}:batch:<batch id>    an HTTP batch's ledger (producer/batches), and its :todo :out :left :live
+
+Keys of the HTTP jobs that are not a model's (`JobKeys`): files, the indexes of files and batches,
+Idempotency-Key records and disabled webhook endpoints. A file's two keys share its own hash tag.
 
 Partitions: a model's traffic can be split over P partitions (a setting that producers and workers
 share; 1 by default). Partition 0 keeps the names above; partition i > 0 uses the hash tag `{m#i}`
@@ -142,3 +147,55 @@ class Keys:
     @property
     def models(self) -> str:
         return f"{self.prefix}:models"
+
+    @property
+    def events(self) -> str:
+        """The webhook outbox of this partition: scripts that end a job append its event here."""
+        return f"{self.base}:events"
+
+    def batch(self, batch_id: str) -> str:
+        """The ledger hash of a batch pinned to this partition; its lists and sets append a suffix."""
+        return f"{self.base}:batch:{batch_id}"
+
+
+@dataclass(slots=True, frozen=True)
+class JobKeys:
+    """Keys of the HTTP jobs API that belong to no model: files, indexes, idempotency, webhook state."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not _PREFIX.match(self.prefix):
+            raise ValueError(f"prefix: {self.prefix!r} must be 1-32 of letters, digits and ._-")
+
+    @property
+    def files(self) -> str:
+        """Sorted set of file ids by creation time (listing, newest first)."""
+        return f"{self.prefix}:files"
+
+    def file(self, file_id: str) -> str:
+        """Hash: a file's object (bytes, filename, purpose, created_at, expires_at, owner)."""
+        return f"{self.prefix}:{{{file_id}}}:file"
+
+    def file_data(self, file_id: str) -> str:
+        """String: a file's content (same hash tag as its object)."""
+        return f"{self.prefix}:{{{file_id}}}:data"
+
+    @property
+    def batches(self) -> str:
+        """Sorted set of batch ids by creation time."""
+        return f"{self.prefix}:batches"
+
+    @property
+    def batch_models(self) -> str:
+        """Hash: batch id -> the model whose partition holds its ledger."""
+        return f"{self.prefix}:batches:model"
+
+    def idempotency(self, digest: str) -> str:
+        """What a create with an Idempotency-Key made (digest of key, route and caller)."""
+        return f"{self.prefix}:idem:{digest}"
+
+    @property
+    def hooks_disabled(self) -> str:
+        """Hash: webhook endpoint name -> why it was disabled (a 410 from the receiver)."""
+        return f"{self.prefix}:hooks:disabled"
