@@ -16,6 +16,7 @@ import redis
 import structlog
 
 from producer import fleet
+from producer.batches.ledger import JOB_LUA
 from producer.connection import SyncRedis, register_script
 from producer.errors import ProtocolError
 from producer.protocol import (
@@ -34,7 +35,9 @@ log = structlog.get_logger(__name__)
 # KEYS: queue, meta, result   ARGV: group, entry id, error payload, ttl
 # Answers a request whose deadline passed with an error, unless it already ended. Bumping the epoch
 # fences out any worker that still holds it: its writes are refused, so there is one terminal event.
-EXPIRE_REQUEST = """
+EXPIRE_REQUEST = (
+    JOB_LUA
+    + """
 local state = redis.call('HGET', KEYS[2], 'state')
 if state ~= 'done' then
   redis.call('HINCRBY', KEYS[2], 'epoch', 1)
@@ -42,12 +45,14 @@ if state ~= 'done' then
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   redis.call('XADD', KEYS[3], '*', 'm', ARGV[3])
   redis.call('EXPIRE', KEYS[3], ARGV[4])
+  job_end(KEYS[2], ARGV[3], '2')
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 if state == 'done' then return 'settled' end
 return 'expired'
 """
+)
 
 
 def _models(client: SyncRedis, prefix: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from producer.batches.ledger import JOB_LUA
 from producer.lua import Argv, priority_table
 from producer.protocol import GROUP, Keys, Request, partition_of
 
@@ -59,7 +60,8 @@ return out
 # KEYS: meta, result stream, high, normal, low   ARGV: the names
 CANCEL_ARGV = Argv(("cancelled_payload", "ttl", "cancel_prefix", "request_id"))
 CANCEL = CANCEL_ARGV.script(
-    """
+    JOB_LUA
+    + """
 local meta, result = KEYS[1], KEYS[2]
 local state = redis.call('HGET', meta, 'state')
 if not state then return 'unknown' end
@@ -72,6 +74,7 @@ if state == 'queued' then
   redis.call('XADD', result, '*', 'm', cancelled_payload)
   redis.call('EXPIRE', result, ttl)
   redis.call('HSET', meta, 'state', 'done')
+  job_end(meta, cancelled_payload, '4')
   return '$finish_cancelled'
 end
 -- a worker runs it: flag it (a takeover sees the flag) and tell the owner through its own set, so

@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from producer.batches.ledger import OUTCOME_FAILED
 from producer.protocol import Logprobs, Request
 
 
@@ -63,6 +64,7 @@ class Pending:
     token_ids: list[int] = field(default_factory=list)
     logprobs: Logprobs | None = None
     terminal: bytes | None = None
+    ending: str = OUTCOME_FAILED  # how the terminal event went, for a batch line (producer.batches.ledger)
     dead_letter: list[Any] | None = None  # field/value pairs for the dead-letter stream
 
     @property
@@ -91,11 +93,18 @@ class Outbox:
                     pending.logprobs = (pending.logprobs or []) + logprobs
         self._signal()
 
-    def add_terminal(self, request_id: str, epoch: int, payload: bytes, dead_letter: list[Any] | None = None) -> None:
+    def add_terminal(
+        self,
+        request_id: str,
+        epoch: int,
+        payload: bytes,
+        dead_letter: list[Any] | None = None,
+        ending: str = OUTCOME_FAILED,
+    ) -> None:
         with self._lock:
             pending = self._entry(request_id, epoch)
             if pending.terminal is None:
-                pending.terminal, pending.dead_letter = payload, dead_letter
+                pending.terminal, pending.dead_letter, pending.ending = payload, dead_letter, ending
         self._signal()
 
     def _signal(self) -> None:

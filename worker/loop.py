@@ -13,6 +13,7 @@ import structlog
 from engine.interface import Engine
 from engine.request import FinishReason as EngineFinishReason
 from engine.request import RequestOutput
+from producer.batches.ledger import Outcome, outcome
 from producer.connection import SyncRedis
 from producer.errors import ProtocolError
 from producer.protocol import DEFAULT_LIMITS, ErrorCode, FinishReason, decode_request, done_event, error_event
@@ -33,6 +34,14 @@ def _field(message: str) -> str:
     quote what the client sent, which may be prompt text, so info logs carry only the field."""
     head = message.split(":", 1)[0]
     return head if len(head) <= 64 and head.replace(".", "").replace("_", "").isalnum() else "?"
+
+
+# how a done event ends a batch line or a job (producer.batches.ledger)
+_ENDINGS = {
+    FinishReason.STOP: Outcome.COMPLETED,
+    FinishReason.LENGTH: Outcome.INCOMPLETE,
+    FinishReason.CANCELLED: Outcome.CANCELLED,
+}
 
 
 class EngineFailed(RuntimeError):
@@ -331,7 +340,7 @@ class Worker:
             logprobs=wire_logprobs(full.logprobs, self.tokenizer) if full is not None else None,
             prompt_logprobs=wire_logprobs(out.prompt_logprobs if out is not None else None, self.tokenizer),
         )
-        self.outbox.add_terminal(request.request_id, job.epoch, payload)
+        self.outbox.add_terminal(request.request_id, job.epoch, payload, ending=outcome(_ENDINGS[finish_reason], usage))
         self.metrics.finished(finish_reason, usage, job.first_token_at)
         log.info(
             "request finished",

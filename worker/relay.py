@@ -264,7 +264,7 @@ class Relay(Admission):
                 self.claims[request_id].seq,
                 len(events),
                 *events,
-                int(pending.terminal is not None),
+                pending.ending if pending.terminal is not None else 0,
                 len(dead),
                 *dead,
             ]

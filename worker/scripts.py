@@ -14,6 +14,7 @@ are named in the `*_ARGV` tables (producer.lua): the Relay builds its lists from
 
 from __future__ import annotations
 
+from producer.batches.ledger import JOB_LUA
 from producer.lua import Argv, priority_table
 
 _CLAIM_NAMES = (
@@ -29,7 +30,9 @@ _CLAIM_NAMES = (
     "dead_payload",
 )
 
-_CLAIM = """
+_CLAIM = (
+    JOB_LUA
+    + """
 local prio_names = $priority_names
 
 local function settle(queue, entry)
@@ -62,6 +65,7 @@ local function claim(qi, entry, fields)
     redis.call('HSET', meta, 'state', 'done', 'entry', entry)
     redis.call('XADD', result, '*', 'm', dead_payload)
     redis.call('EXPIRE', result, ttl)
+    job_end(meta, dead_payload, '2')
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'reason', '$code_max_deliveries', 'message',
                'delivered ' .. (epoch - 1) .. ' times without finishing', 'id', id, 'queue', queue,
                'entry', entry, 'worker', consumer, 'bytes', #payload, 'raw', string.sub(payload, 1, 65536))
@@ -72,6 +76,7 @@ local function claim(qi, entry, fields)
     redis.call('HSET', meta, 'state', 'done', 'entry', entry)
     redis.call('XADD', result, '*', 'm', cancelled_payload)
     redis.call('EXPIRE', result, ttl)
+    job_end(meta, cancelled_payload, '4')
     settle(queue, entry)
     return {qi, entry, id, '', epoch, '$finish_cancelled'}
   end
@@ -84,6 +89,7 @@ local function claim(qi, entry, fields)
   return {qi, entry, id, payload, epoch, 'ok'}
 end
 """
+)
 
 # The names, then pre-read entries (from a blocking XREADGROUP) as: queue index, entry id, n fields, fields...
 # New entries are read from queues first_queue..last_queue (1 high .. 3 low): a worker reading several
@@ -145,7 +151,8 @@ return {cursors[1], cursors[2], cursors[3], out}
 """
 )
 
-# The names, then per item: id, epoch, seq, n events, events..., terminal (0/1), n dead fields, dead fields...
+# The names, then per item: id, epoch, seq, n events, events..., ending, n dead fields, dead fields...
+# `ending` is 0 unless the last event is terminal, else its outcome for a batch line (producer.batches.ledger).
 # Returns {statuses (0 written, 1 already written by an earlier try, 2 lost), lost ids, ids to cancel,
 # how many of the lost were found rolled back (below)}.
 #
@@ -162,7 +169,8 @@ PUBLISH_ARGV = Argv(
     numbers=frozenset({"n_items"}),
 )
 PUBLISH = PUBLISH_ARGV.script(
-    """
+    JOB_LUA
+    + """
 local queues = $queues
 local statuses, lost, cancelled = {}, {}, {}
 local to_ack = $to_ack
@@ -171,7 +179,8 @@ local i = $tail
 for n = 1, n_items do
   local id, epoch, seq, n_events = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local first_event = i + 4
-  local terminal = ARGV[first_event + n_events] == '1'
+  local ending = ARGV[first_event + n_events]
+  local terminal = ending ~= '0'
   local n_dead = tonumber(ARGV[first_event + n_events + 1])
   local first_dead = first_event + n_events + 2
   i = first_dead + n_dead
@@ -204,6 +213,7 @@ for n = 1, n_items do
     else
       -- the terminal event and the ack land in one script: never acked without it, never written twice
       redis.call('HSET', meta, 'seq', seq + 1, 'state', 'done')
+      job_end(meta, ARGV[first_event + n_events - 1], ending)
       local acks = to_ack[m[4]]
       if acks and m[5] then acks[#acks + 1] = m[5] end
       if n_dead > 0 then

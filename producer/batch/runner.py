@@ -52,7 +52,8 @@ class BatchOptions:
     queue_full_backoff_s: float = 1.0
 
 
-def _plan(record: dict[str, Any], options: BatchOptions) -> GenerationPlan:
+def plan_line(record: dict[str, Any], options: BatchOptions) -> GenerationPlan:
+    """The GenerationPlan of one batch input line (method, url, body), or the APIError the gateway would answer."""
     if record.get("method", "POST") != "POST":
         raise invalid("method", "must be POST")
     url, body = record.get("url"), record.get("body")
@@ -98,7 +99,7 @@ class BatchRunner:
     async def run_line(self, record: dict[str, Any]) -> None:
         custom_id = record["custom_id"]
         try:
-            plan = _plan(record, self.options)
+            plan = plan_line(record, self.options)
             if not await self._known_model(plan.model):
                 raise model_not_found(plan.model)
             completions, request_ids = await self._generate(plan, record)

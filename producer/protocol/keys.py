@@ -187,6 +187,11 @@ class JobKeys:
         return f"{self.prefix}:batches"
 
     @property
+    def batches_active(self) -> str:
+        """Sorted set of the batches not finished yet, by expiry: what the gateways' sweep looks at."""
+        return f"{self.prefix}:batches:active"
+
+    @property
     def batch_models(self) -> str:
         """Hash: batch id -> the model whose partition holds its ledger."""
         return f"{self.prefix}:batches:model"

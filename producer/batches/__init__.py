@@ -1,0 +1,1 @@
+"""HTTP batches (the OpenAI Batch API) run on the queue: validation, the ledger scripts, output files."""
