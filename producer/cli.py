@@ -51,6 +51,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per request, queue time included")
     p.add_argument("--priority", choices=PRIORITIES, default=Priority.LOW.value)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--http", metavar="URL", help="run it through a gateway's Batch API (/v1/files, /v1/batches) instead"
+    )
+    p.add_argument("--api-key", help="--http: the gateway's bearer key (env TOKENRELAY_API_KEY)")
+    p.add_argument("--completion-window", default="24h", help="--http: the batch's window (past it, it expires)")
+    p.add_argument("--batch-id", help="--http: follow a batch created earlier instead of uploading the file again")
 
     p = sub.add_parser("submit", help="submit one prompt and stream the answer to the terminal")
     p.add_argument("prompt")

@@ -6,15 +6,18 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 
+import httpx
 import redis
 from tqdm import tqdm
 
 from producer.batch.files import BatchInputError
-from producer.batch.runner import BatchOptions, BatchSummary, batch_client, run_batch_async
+from producer.batch.http import HTTPBatch, run_http_batch
+from producer.batch.runner import BatchOptions, BatchSummary, batch_client, default_errors_path, run_batch_async
 from producer.protocol import Priority
 
 INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
@@ -41,6 +44,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.update(1)
 
+    def on_line_count(lines: int) -> None:
+        if bar is not None:
+            bar.update(lines)
+
     async def main() -> BatchSummary:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -53,6 +60,20 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, interrupt)
+        if args.http:
+            output = Path(args.output)
+            api_key = args.api_key or os.environ.get("TOKENRELAY_API_KEY")
+            http = HTTPBatch(args.http, api_key=api_key, completion_window=args.completion_window)
+            return await run_http_batch(
+                Path(args.input),
+                output,
+                Path(args.errors) if args.errors else default_errors_path(output),
+                http,
+                args.batch_id,
+                on_start,
+                on_line_count,
+                stop,
+            )
         async with batch_client(args.redis_url, args.prefix, args.partitions) as client:
             return await run_batch_async(
                 Path(args.input),
@@ -70,6 +91,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
     except BatchInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except httpx.HTTPError as exc:
+        print(f"error: the gateway failed ({exc}); rerun with --batch-id to follow the batch", file=sys.stderr)
+        return 1
     except redis.RedisError as exc:
         print(f"error: Redis failed ({exc}); rerun the same command to resume", file=sys.stderr)
         return 1
