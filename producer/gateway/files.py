@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import redis
 import structlog
 
 from producer.connection import AsyncRedis, register_script
@@ -108,6 +109,8 @@ class Upload:
         await self._flush()
         store, purpose = self.store, FilePurpose(purpose)
         ttl = store.retention_s if ttl_s is None else ttl_s
+        if ttl <= 0:
+            raise ValueError(f"ttl_s: must be > 0, got {ttl}")
         created_at = int(time.time())
         stored = {
             "bytes": str(self.size),
@@ -130,15 +133,15 @@ class Upload:
 class FileStore:
     """Files over the gateway's async Redis client (a Redis or a RedisCluster)."""
 
-    def __init__(self, redis: AsyncRedis, keys: JobKeys, max_bytes: int, retention_s: int) -> None:
-        self.redis, self.keys = redis, keys
+    def __init__(self, client: AsyncRedis, keys: JobKeys, max_bytes: int, retention_s: int) -> None:
+        self.redis, self.keys = client, keys
         self.max_bytes, self.retention_s = max_bytes, retention_s
         self.resolver: Resolver | None = None  # asked on a miss, before a 404 (batches' output files)
         self.scan_batch = SCAN_BATCH
-        self._begin = register_script(redis, BEGIN)
-        self._commit = register_script(redis, COMMIT)
-        self._delete = register_script(redis, DELETE)
-        self._page = register_script(redis, PAGE)
+        self._begin = register_script(client, BEGIN)
+        self._commit = register_script(client, COMMIT)
+        self._delete = register_script(client, DELETE)
+        self._page = register_script(client, PAGE)
 
     def too_large(self) -> APIError:
         return APIError(
@@ -160,7 +163,10 @@ class FileStore:
             yield upload
         finally:
             if not upload.committed:
-                await self.redis.delete(self.keys.file_data(file_id))
+                try:
+                    await self.redis.delete(self.keys.file_data(file_id))
+                except redis.RedisError as exc:  # the upload's own error matters more; the TTL cleans up
+                    log.warning("file upload not deleted", file_id=file_id, error=str(exc)[:200])
                 log.info("file upload abandoned", file_id=file_id, bytes=upload.size)
 
     async def create(
