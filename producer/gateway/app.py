@@ -14,6 +14,7 @@ from producer.async_client import AsyncClient
 from producer.connection import connect, connect_async
 from producer.gateway.auth import APIKeys
 from producer.gateway.errors import APIError
+from producer.gateway.files_api import router as files_router
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from producer.gateway.routes import router
 from producer.gateway.service import Gateway
@@ -72,5 +73,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app.add_exception_handler(RequestValidationError, unexpected)
     app.include_router(router)
+    app.include_router(files_router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -23,12 +23,14 @@ from producer.gateway.errors import (
     from_request_failed,
     model_not_found,
 )
+from producer.gateway.files import FileStore
+from producer.gateway.idempotency import Idempotency
 from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.requests import GenerationPlan
 from producer.gateway.responses import full_response
 from producer.gateway.settings import GatewaySettings
 from producer.gateway.streaming import SSEResponse, cancel_all, relay
-from producer.protocol import ErrorCode
+from producer.protocol import ErrorCode, JobKeys
 from producer.protocol import Request as WireRequest
 
 log = structlog.get_logger(__name__)
@@ -64,6 +66,9 @@ class Gateway:
         self.admin = admin  # sync connection for /v1/models and scrapes, used from the thread pool
         self.keys = keys
         self.metrics = metrics
+        jobs = JobKeys(settings.prefix)
+        self.files = FileStore(client.redis, jobs, settings.max_file_bytes, settings.file_retention_s)
+        self.idempotency = Idempotency(client.redis, jobs)
         self._models: set[str] = set()
         self._models_at = 0.0
 

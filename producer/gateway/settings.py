@@ -11,6 +11,7 @@ from producer.client import DEFAULT_MAX_QUEUE_DEPTH, DEFAULT_REDIS_URL
 from producer.protocol import DEFAULT_PREFIX
 from producer.settings import setting
 
+MAX_REDIS_STRING = 512 * 2**20 - 2**20
 # Flags whose names are shorter than their fields'.
 GATEWAY_FLAGS = {"redis_url": "--redis", "request_timeout_s": "--request-timeout"}
 
@@ -34,11 +35,18 @@ class GatewaySettings:
     models_cache_s: float = setting(2.0, help="seconds the set of served models is trusted")
     partitions: int = setting(1, help="request streams per model (the workers' --partitions)")
     redis_connections: int = setting(1024, help="the Redis pool's size: each open stream holds a connection")
+    # Redis holds a file whole in memory (and a string is at most 512 MiB): keep this well below the maxmemory
+    max_file_bytes: int = setting(100 * 2**20, help="largest file POST /v1/files stores (413 past it)")
+    file_retention_s: int = setting(7 * 86_400, help="seconds a file is kept when its upload sets no expires_after")
 
     def __post_init__(self) -> None:
-        for name in ("retry_after_s", "request_timeout_s", "default_max_tokens", "max_choices"):
+        for name in ("retry_after_s", "request_timeout_s", "default_max_tokens", "max_choices", "file_retention_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0")
+        if not 0 < self.max_file_bytes <= MAX_REDIS_STRING:
+            raise ValueError(
+                f"max_file_bytes: must be in 1..{MAX_REDIS_STRING} (a Redis string's limit, less form overhead)"
+            )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: {self.port} is not a TCP port")
 

@@ -3,17 +3,21 @@ and nothing else (no reading others' prompts, no deleting, no admin commands).""
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import redis
 
 from producer.client import Client
+from producer.connection import register_script
 from producer.errors import RequestFailed
-from producer.protocol import GROUP, Keys, Priority
+from producer.gateway.file_scripts import PAGE, PAGE_ARGV
+from producer.protocol import GROUP, JobKeys, Keys, Priority
 from tests.compose.conftest import ROOT, ACLServer
 from tests.queue_helpers import run_maintenance, wait_for
 from tests.stack_helpers import GatewayProcess, celery_client, celery_worker, noop_worker
@@ -66,6 +70,7 @@ def test_every_role_works_through_the_real_code_and_nothing_is_refused(acl_serve
         assert completion.status_code == 200, completion.text
         assert [m["id"] for m in httpx.get(f"{gateway.url}/v1/models", timeout=10).json()["data"]] == ["tiny"]
         assert "tokenrelay_redis_up 1.0" in httpx.get(f"{gateway.url}/metrics", timeout=10).text
+        _files_round_trip(gateway, admin, acl_server.client("producer"))
         # maintenance, as the maintenance user
         janitor = acl_server.client("maintenance")
         run_maintenance(janitor)
@@ -76,6 +81,33 @@ def test_every_role_works_through_the_real_code_and_nothing_is_refused(acl_serve
         worker.kill()
     denied = admin.acl_log()
     assert denied == [], denied
+
+
+def _files_round_trip(gateway: GatewayProcess, admin: redis.Redis, producer: redis.Redis) -> None:
+    """Every Redis path of the Files API as the gateway's user: streamed upload, Idempotency-Key, listing and
+    its pruning, ranged reads, delete, an upload refused after its content was written, the page script's
+    fallback for a cursor that left the index."""
+    sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+    content = b'{"n": 1}\n' * 300_000  # 2.7 MB: several APPENDs and GETRANGEs
+    upload = {"file": ("in.jsonl", io.BytesIO(content)), "purpose": "batch", "extra_headers": {"Idempotency-Key": "a"}}
+    created = sdk.files.create(**upload)  # type: ignore[arg-type]
+    upload["file"] = ("in.jsonl", io.BytesIO(content))
+    assert sdk.files.create(**upload).id == created.id  # type: ignore[arg-type]
+    gone = sdk.files.create(file=("x", io.BytesIO(b"x")), purpose="batch")
+    admin.delete(JobKeys().file(gone.id), JobKeys().file_data(gone.id))  # as their TTL would: listing prunes it
+    assert [f.id for f in sdk.files.list()] == [created.id]
+    assert sdk.files.content(created.id).read() == content
+    assert sdk.files.delete(created.id).deleted
+    body = (  # the file part first: its content is stored, then deleted when the purpose after it is refused
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n' + b"x" * 1000 + b"\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--b--\r\n'
+    )
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    refused = httpx.post(f"{gateway.url}/v1/files", content=body, headers=headers, timeout=30)
+    assert refused.status_code == 400
+    page = register_script(producer, PAGE)
+    assert page([JobKeys().files], PAGE_ARGV.args(after="file-" + "0" * 24, score="1", count=10, rev=1)) == []
+    assert admin.keys("tr:{file-*") == []
 
 
 def test_producer_cannot_read_requests_delete_or_administer(acl_server: ACLServer) -> None:
