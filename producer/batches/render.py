@@ -20,7 +20,7 @@ from producer.errors import RequestFailed
 from producer.gateway.errors import APIError, from_request_failed
 from producer.gateway.requests import GenerationPlan
 from producer.gateway.responses import full_response
-from producer.protocol import FinishReason, decode_event
+from producer.protocol import ErrorCode, FinishReason, decode_event
 from producer.results import Completion
 
 _CUT_SHORT = {
@@ -60,7 +60,15 @@ def render_line(
             completion.apply(decode_event(payload))
         completions.append(completion)
     base = {"id": output_line_id(batch_id, index), "custom_id": custom_id}
-    cut = [c for c in completions if not c.finished or c.finish_reason == FinishReason.CANCELLED]
+    # a request whose deadline (the batch's expiry) passed while it ran was cut short by the window too
+    expired = closing == "expired"
+    cut = [
+        c
+        for c in completions
+        if not c.finished
+        or c.finish_reason == FinishReason.CANCELLED
+        or (expired and c.error is not None and c.error[0] == ErrorCode.DEADLINE)
+    ]
     if cut:
         code = f"batch_{closing}" if closing in _CUT_SHORT else "cancelled"
         message = _CUT_SHORT.get(closing or "", "The request was cancelled.")

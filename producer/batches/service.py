@@ -34,6 +34,7 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})(s|m|h|d)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at")
+RENDER_LOCK_S = 60  # one replica renders a batch's output files; another waits this long at most
 _WRITE_CHUNK = 500  # lines per pipeline while a validated file is written to its ledger
 
 
@@ -406,7 +407,7 @@ class Batches:
             if key is None or status is None:
                 await self.redis.zrem(self.jobs.batches_active, batch_id)
             elif status in TERMINAL:
-                if status != "failed" and await self.render(batch_id, key):
+                if await self.render(batch_id, key) == "done":
                     counts["rendered"] += 1
                 await self.redis.zrem(self.jobs.batches_active, batch_id)
             elif status == "validating" and float(_text(values[1] or 0)) < now:
@@ -433,35 +434,44 @@ class Batches:
     # -- output files -----------------------------------------------------------------------------------
 
     async def materialize(self, file_id: str, owner: str) -> bool:
-        """The FileStore's resolver: renders a finished batch's output files when one is first asked for."""
+        """The FileStore's resolver: renders a finished batch's output files when one is first asked for (or
+        waits while another replica renders them)."""
         match = re.match(r"^file-(batch_[0-9a-f]{32})-(output|errors)$", file_id)
         if not match:
             return False
         key = await self._ledger(match.group(1))
         if key is None or await self.redis.hget(key, "owner") != owner.encode():
             return False
-        return await self.render(match.group(1), key)
+        waited_until = time.monotonic() + RENDER_LOCK_S
+        while (state := await self.render(match.group(1), key)) == "busy" and time.monotonic() < waited_until:
+            await asyncio.sleep(0.05)
+        return state == "done"
 
-    async def render(self, batch_id: str, key: str) -> bool:
-        """Writes the output and error files of a finished batch, once (a lock keeps two replicas from both
-        doing it); True if this call wrote them."""
+    async def render(self, batch_id: str, key: str) -> str:
+        """Writes the output and error files of a finished batch, once: "done" when they exist (now or
+        before), "busy" while another replica writes them, "none" for a batch that has no output."""
         fields = {_text(k): _text(v) for k, v in (await self.redis.hgetall(key)).items()}
-        if fields.get("status") not in TERMINAL or fields.get("status") == "failed" or fields.get("rendered"):
-            return False
-        if not await self.redis.set(key + ":render", "1", nx=True, ex=300):
-            return False
+        if fields.get("rendered"):
+            return "done"
+        if fields.get("status") not in TERMINAL or fields.get("status") == "failed":
+            return "none"
+        if not await self.redis.set(key + ":render", "1", nx=True, ex=RENDER_LOCK_S):
+            return "busy"
         try:
             rendered = await self._render(batch_id, key, fields)
             owner = fields.get("owner", "")
             for kind, lines in (("output", rendered.output), ("errors", rendered.errors)):
                 if lines:
+                    file_id = output_file_id(batch_id, kind)
+                    # what a renderer that died under an expired lock left half written
+                    await self.redis.delete(self.jobs.file_data(file_id))
                     await self.files.create(
                         _chunks(lines),
                         f"{batch_id}_{kind}.jsonl",
                         "batch_output",
                         owner,
                         ttl_s=self.config.output_ttl_s,
-                        file_id=output_file_id(batch_id, kind),
+                        file_id=file_id,
                     )
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(key, "rendered", int(time.time()))
@@ -470,7 +480,7 @@ class Batches:
             log.info(
                 "batch output written", batch_id=batch_id, output=len(rendered.output), errors=len(rendered.errors)
             )
-            return True
+            return "done"
         finally:
             await self.redis.delete(key + ":render")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from producer.async_client import AsyncClient
 from producer.connection import connect, connect_async
 from producer.gateway.auth import APIKeys
+from producer.gateway.batches_api import router as batches_router
 from producer.gateway.errors import APIError
 from producer.gateway.files_api import router as files_router
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
@@ -52,10 +54,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             partitions=settings.partitions,
             client=redis_client,
         )
-        app.state.gateway = Gateway(settings, client, admin, keys, metrics)
+        app.state.gateway = gateway = Gateway(settings, client, admin, keys, metrics)
+        sweeps = asyncio.create_task(gateway.batches.run_sweeps(settings.batch_sweep_s))
         try:
             yield
         finally:
+            sweeps.cancel()
+            await asyncio.gather(sweeps, return_exceptions=True)
             await client.close()
             admin.close()
 
@@ -74,5 +79,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, unexpected)
     app.include_router(router)
     app.include_router(files_router)
+    app.include_router(batches_router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

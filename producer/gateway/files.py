@@ -30,7 +30,8 @@ CHUNK_BYTES = 1 << 20  # one APPEND or GETRANGE: bounds the memory an upload or 
 UPLOAD_TTL_S = 3600  # a partial upload whose gateway died expires on its own (renewed by every append)
 MIN_EXPIRES_S, MAX_EXPIRES_S = 3600, 2_592_000  # OpenAI's bounds on expires_after.seconds
 SCAN_BATCH = 500  # index entries read per round trip while listing
-_FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
+# uploads get 24 random hex digits; a batch's output and error files are named after the batch
+_FILE_ID = re.compile(r"^file-(?:[0-9a-f]{24}|batch_[0-9a-f]{32}-(?:output|errors))$")
 
 # (file id, owner) -> True when it created that file: lets another module make files on first read.
 Resolver = Callable[[str, str], Awaitable[bool]]

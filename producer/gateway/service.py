@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from producer import fleet
 from producer.async_client import AsyncClient
+from producer.batches.service import BatchConfig, Batches
 from producer.client import build_request
 from producer.connection import SyncRedis
 from producer.errors import ProtocolError, QueueFull, RequestFailed
@@ -57,6 +58,18 @@ def model_metadata(view: fleet.ModelView) -> dict[str, Any]:
     return {"workers": len(view.workers), "engine_options": distinct}
 
 
+def batch_config(settings: GatewaySettings) -> BatchConfig:
+    return BatchConfig(
+        window=settings.batch_window,
+        max_lines=settings.batch_max_lines,
+        max_window_s=settings.batch_max_window_s,
+        keep_s=settings.batch_retention_s,
+        output_ttl_s=settings.batch_retention_s,
+        default_max_tokens=settings.default_max_tokens,
+        max_choices=settings.max_choices,
+    )
+
+
 class Gateway:
     def __init__(
         self, settings: GatewaySettings, client: AsyncClient, admin: SyncRedis, keys: APIKeys, metrics: GatewayMetrics
@@ -69,11 +82,20 @@ class Gateway:
         jobs = JobKeys(settings.prefix)
         self.files = FileStore(client.redis, jobs, settings.max_file_bytes, settings.file_retention_s)
         self.idempotency = Idempotency(client.redis, jobs)
+        self.batches = Batches(
+            client.redis, self.files, self.served_models, settings.prefix, settings.partitions, batch_config(settings)
+        )
+        self.files.resolver = self.batches.materialize
         self._models: set[str] = set()
         self._models_at = 0.0
 
     def authorize(self, request: Request) -> None:
         self.keys.check(request.headers.get("authorization"))
+
+    async def served_models(self) -> set[str]:
+        """The models some worker has registered (uncached: batches check every line against it once)."""
+        members: Any = await self.client.redis.smembers(self.client.keys("x").models)
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
     async def check_model(self, model: str) -> None:
         """404 unless some worker has registered the model (the set is cached for a moment)."""

@@ -38,9 +38,16 @@ class GatewaySettings:
     # Redis holds a file whole in memory (and a string is at most 512 MiB): keep this well below the maxmemory
     max_file_bytes: int = setting(100 * 2**20, help="largest file POST /v1/files stores (413 past it)")
     file_retention_s: int = setting(7 * 86_400, help="seconds a file is kept when its upload sets no expires_after")
+    batch_window: int = setting(256, help="lines of one batch in flight at once (its requests go to the low queue)")
+    batch_max_lines: int = setting(50_000, help="request lines one batch may hold (OpenAI's limit)")
+    batch_max_window_s: int = setting(7 * 86_400, help="the longest completion_window a batch may ask for")
+    batch_retention_s: int = setting(30 * 86_400, help="seconds a batch object is kept; its output files as long")
+    batch_sweep_s: float = setting(1.0, help="seconds between this replica's passes over unfinished batches")
 
     def __post_init__(self) -> None:
-        for name in ("retry_after_s", "request_timeout_s", "default_max_tokens", "max_choices", "file_retention_s"):
+        positive = ("retry_after_s", "request_timeout_s", "default_max_tokens", "max_choices", "file_retention_s")
+        batches = ("batch_window", "batch_max_lines", "batch_max_window_s", "batch_retention_s", "batch_sweep_s")
+        for name in (*positive, *batches):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0")
         if not 0 < self.max_file_bytes <= MAX_REDIS_STRING:
