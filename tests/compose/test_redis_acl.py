@@ -4,9 +4,11 @@ and nothing else (no reading others' prompts, no deleting, no admin commands).""
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -71,6 +73,7 @@ def test_every_role_works_through_the_real_code_and_nothing_is_refused(acl_serve
         assert [m["id"] for m in httpx.get(f"{gateway.url}/v1/models", timeout=10).json()["data"]] == ["tiny"]
         assert "tokenrelay_redis_up 1.0" in httpx.get(f"{gateway.url}/metrics", timeout=10).text
         _files_round_trip(gateway, admin, acl_server.client("producer"))
+        _batches_round_trip(gateway)
         # maintenance, as the maintenance user
         janitor = acl_server.client("maintenance")
         run_maintenance(janitor)
@@ -81,6 +84,37 @@ def test_every_role_works_through_the_real_code_and_nothing_is_refused(acl_serve
         worker.kill()
     denied = admin.acl_log()
     assert denied == [], denied
+
+
+def _batches_round_trip(gateway: GatewayProcess) -> None:
+    """The Batch API's paths as the gateway's and the worker's users: validation and the ledger's lines, the
+    workers' scripts settling lines and refilling the window, a cancel that stops queued and running
+    requests, the output files, the index."""
+    sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+
+    def batch(lines: int, max_tokens: int) -> str:
+        body = {"model": "tiny", "prompt": "a b", "max_tokens": max_tokens}
+        jsonl = "".join(
+            f'{{"custom_id": "{i}", "method": "POST", "url": "/v1/completions", "body": {json.dumps(body)}}}\n'
+            for i in range(lines)
+        )
+        uploaded = sdk.files.create(file=("in.jsonl", io.BytesIO(jsonl.encode())), purpose="batch")
+        return sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h").id
+
+    def finished(batch_id: str) -> Any:
+        found = sdk.batches.retrieve(batch_id)
+        return found if found.status in ("completed", "cancelled", "failed") else None
+
+    done = wait_for(lambda: finished(batch(300, 2)), 60, 0.1, "batch done")  # more lines than the window
+    assert done.status == "completed" and done.request_counts.completed == 300
+    assert len(sdk.files.content(done.output_file_id).text.splitlines()) == 300
+    long = batch(400, 100_000)
+    wait_for(lambda: sdk.batches.retrieve(long).request_counts.total == 400, 30, 0.1, "started")
+    sdk.batches.cancel(long)
+    cancelled = wait_for(lambda: finished(long), 60, 0.1, "cancelled")
+    assert cancelled.status == "cancelled" and cancelled.request_counts.failed == 400
+    assert len(sdk.files.content(cancelled.error_file_id).text.splitlines()) == 400
+    assert [b.id for b in sdk.batches.list(limit=2)] == [long, done.id]
 
 
 def _files_round_trip(gateway: GatewayProcess, admin: redis.Redis, producer: redis.Redis) -> None:
