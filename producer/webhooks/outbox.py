@@ -46,12 +46,27 @@ class OutboxEvent:
 
     @classmethod
     def decode(cls, entry_id: str, fields: dict[Any, Any]) -> OutboxEvent:
-        get = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in fields.items()}
-        return cls(entry_id, str(get.get("id", "")), str(get.get("type", "")), str(get.get("data", "")), int(float(get.get("created_at") or 0)))
+        get = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
+        return cls(
+            entry_id,
+            str(get.get("id", "")),
+            str(get.get("type", "")),
+            str(get.get("data", "")),
+            int(float(get.get("created_at") or 0)),
+        )
 
     def body(self) -> bytes:
         """The request body sent to every endpoint, the same bytes on every attempt."""
-        payload = {"id": self.id, "object": "event", "type": self.type, "created_at": self.created_at, "data": {"id": self.data}}
+        payload = {
+            "id": self.id,
+            "object": "event",
+            "type": self.type,
+            "created_at": self.created_at,
+            "data": {"id": self.data},
+        }
         return json.dumps(payload, separators=(",", ":")).encode()
 
 
