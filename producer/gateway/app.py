@@ -1,4 +1,5 @@
-"""create_app: the FastAPI application with its Redis clients, API keys, metrics and error handlers."""
+"""create_app: the FastAPI application with its Redis clients, API keys, metrics, error handlers and webhook
+delivery."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from producer.gateway.routes import router
 from producer.gateway.service import Gateway
 from producer.gateway.settings import GatewaySettings
 from producer.metrics import FleetCollector
+from producer.webhooks.deliverer import Deliverer
+from producer.webhooks.metrics import WebhookMetrics
 
 
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -33,6 +36,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     metrics = GatewayMetrics(registry)
     admin = connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
     registry.register(FleetCollector(lambda: admin, settings.prefix, partitions=settings.partitions))
+    endpoints, delivery = settings.webhooks()
+    webhook_metrics = WebhookMetrics(registry) if endpoints else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,9 +57,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             client=redis_client,
         )
         app.state.gateway = Gateway(settings, client, admin, keys, metrics)
+        # every replica delivers: the outbox's consumer groups share the work out, and no replica is special
+        deliverer = Deliverer(redis_client, endpoints, delivery, webhook_metrics) if webhook_metrics else None
+        if deliverer is not None:
+            deliverer.start()
         try:
             yield
         finally:
+            if deliverer is not None:
+                await deliverer.stop()
             await client.close()
             admin.close()
 

@@ -10,6 +10,10 @@ from producer import settings as loader
 from producer.client import DEFAULT_MAX_QUEUE_DEPTH, DEFAULT_REDIS_URL
 from producer.protocol import DEFAULT_PREFIX
 from producer.settings import setting
+from producer.webhooks.config import DeliveryConfig
+from producer.webhooks.destinations import parse_networks
+from producer.webhooks.endpoints import WebhookEndpoint, load_endpoints
+from producer.webhooks.schedule import STANDARD_SCHEDULE, RetrySchedule
 
 # Flags whose names are shorter than their fields'.
 GATEWAY_FLAGS = {"redis_url": "--redis", "request_timeout_s": "--request-timeout"}
@@ -34,6 +38,21 @@ class GatewaySettings:
     models_cache_s: float = setting(2.0, help="seconds the set of served models is trusted")
     partitions: int = setting(1, help="request streams per model (the workers' --partitions)")
     redis_connections: int = setting(1024, help="the Redis pool's size: each open stream holds a connection")
+    # Webhooks (producer/webhooks): the endpoints hold secrets, so the whole value is masked in logs.
+    webhook_endpoints: str | None = setting(
+        None,
+        secret=True,
+        help='webhook endpoints as JSON, or @file: [{"name", "url", "secret" (whsec_..., or a list), "events"}]',
+    )
+    webhook_retry_schedule: str = setting(
+        STANDARD_SCHEDULE, help="seconds before each delivery attempt, counted from the previous one's failure"
+    )
+    webhook_timeout_s: float = setting(15.0, help="seconds a delivery attempt may take")
+    webhook_allowed_networks: str = setting(
+        "", help="comma-separated CIDRs webhooks may reach although private, loopback or link-local"
+    )
+    webhook_concurrency: int = setting(16, help="delivery attempts under way at once, per replica")
+    webhook_poll_s: float = setting(1.0, help="seconds between looks for new webhook events and due retries")
 
     def __post_init__(self) -> None:
         for name in ("retry_after_s", "request_timeout_s", "default_max_tokens", "max_choices"):
@@ -41,6 +60,24 @@ class GatewaySettings:
                 raise ValueError(f"{name}: must be > 0")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: {self.port} is not a TCP port")
+        for name in ("webhook_timeout_s", "webhook_concurrency", "webhook_poll_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0")
+        self.webhooks()  # an invalid endpoint list stops the gateway before it serves anything
+
+    def webhooks(self) -> tuple[tuple[WebhookEndpoint, ...], DeliveryConfig]:
+        """The configured webhook endpoints (none: no delivery) and how to deliver to them; ValueError if invalid."""
+        allowed = parse_networks(self.webhook_allowed_networks)
+        config = DeliveryConfig(
+            self.prefix,
+            self.partitions,
+            RetrySchedule.parse(self.webhook_retry_schedule),
+            self.webhook_timeout_s,
+            self.webhook_poll_s,
+            self.webhook_concurrency,
+            allowed,
+        )
+        return load_endpoints(self.webhook_endpoints, allowed), config
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GatewaySettings:
