@@ -91,7 +91,7 @@ class Deliverer:
             await sender.close()
 
     async def run(self) -> None:
-        failures, discover_at, prune_at = 0, 0.0, time.monotonic() + PRUNE_S
+        failures, discover_at, prune_at = 0, 0.0, 0.0  # prunes at start: a restart is what leaves consumers behind
         while True:
             try:
                 now = time.monotonic()
