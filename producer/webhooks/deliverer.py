@@ -141,8 +141,12 @@ class Deliverer:
         self.routes = routes
 
     async def _prune(self) -> None:
-        for route in self.routes:
-            await self.liveness.prune(route.stream, route.group)
+        """Best effort: a failure here (a Redis without the ACL grant, say) must not hold up delivery."""
+        try:
+            for route in self.routes:
+                await self.liveness.prune(route.stream, route.group)
+        except REDIS_ERRORS as exc:
+            log.warning("webhook consumers not pruned", error=str(exc)[:200])
 
     async def _refresh_disabled(self) -> None:
         raw: Any = await self.redis.hgetall(self.keys.hooks_disabled)

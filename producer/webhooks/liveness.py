@@ -76,7 +76,8 @@ class Liveness:
                 continue
             if await self.redis.exists(self.keys.hooks_alive(name)):
                 continue
-            dropped += int(await self.redis.xgroup_delconsumer(stream, group, name) == 0)
+            await self.redis.xgroup_delconsumer(stream, group, name)
+            dropped += 1
         return dropped
 
 

@@ -5,8 +5,9 @@ TLS SNI kept as the name, so certificates are still verified against the name): 
 the HTTP client could return another address. Redirects are not followed (a 3xx is a failed attempt: a
 receiver could otherwise bounce the gateway anywhere), the whole attempt has one deadline, the
 response body is never read, and proxies from the environment are ignored (they would defeat the
-address check). Each endpoint has its own client: pooled connections are keyed by address, and two
-names on one address must not share a TLS session.
+address check; the CA bundle is still read from SSL_CERT_FILE / SSL_CERT_DIR when set). Each endpoint
+has its own client: pooled connections are keyed by address, and two names on one address must not
+share a TLS session.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class Sender:
         self.allowed = allowed
         self.client = httpx.AsyncClient(
             follow_redirects=False,
-            trust_env=False,
+            trust_env=False,  # no proxies from the environment; CAs from SSL_CERT_FILE / SSL_CERT_DIR still count
+            verify=httpx.create_ssl_context(trust_env=True),
             timeout=timeout_s,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=8),
             headers={"user-agent": USER_AGENT, "content-type": "application/json"},

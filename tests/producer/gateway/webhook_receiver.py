@@ -3,6 +3,7 @@ each path from a script of statuses (200 once the script runs out), optionally h
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,11 +28,12 @@ class Receiver:
         self.lock = threading.Lock()
         self.scripts: dict[str, list[int]] = defaultdict(list)
         self.holds: dict[str, threading.Event] = {}
+        self.headers: dict[str, dict[str, str]] = {}  # sent with every answer to a path
         self.received: list[Delivery] = []
         self.server: ThreadingHTTPServer | None = None
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+    def url(self, path: str, host: str = "127.0.0.1", scheme: str = "http") -> str:
+        return f"{scheme}://{host}:{self.port}{path}"
 
     def script(self, path: str, *statuses: int) -> None:
         """The next requests to `path` are answered with these statuses, in order."""
@@ -43,7 +45,7 @@ class Receiver:
         self.holds[path] = threading.Event()
         return self.holds[path]
 
-    def start(self) -> Receiver:
+    def start(self, tls: ssl.SSLContext | None = None) -> Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +61,8 @@ class Receiver:
                 if held is not None:
                     held.wait(60)
                 self.send_response(status)
+                for name, value in receiver.headers.get(self.path, {}).items():
+                    self.send_header(name, value)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -68,6 +72,8 @@ class Receiver:
         ThreadingHTTPServer.allow_reuse_address = True
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
