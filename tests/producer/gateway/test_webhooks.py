@@ -81,6 +81,7 @@ def test_deliveries_are_signed_as_openai_sends_them_filtered_by_type_and_verify_
     admin: redis.Redis, receiver: Receiver, start_gateway: StartGateway
 ) -> None:
     old, new, other = new_secret(), new_secret(), new_secret()
+    failed = emit(admin, "batch_2", "failed", partition=0)  # before any gateway ran: delivered all the same
     gateway = start_gateway(
         [
             endpoint("all", receiver.url("/all"), [old, new]),
@@ -90,7 +91,6 @@ def test_deliveries_are_signed_as_openai_sends_them_filtered_by_type_and_verify_
         "2",
     )
     completed = emit(admin, "batch_1", "completed", partition=1)
-    failed = emit(admin, "batch_2", "failed", partition=0)
     deliveries = receiver.wait("/all", 2)
     assert sorted(d.headers["webhook-id"] for d in deliveries) == sorted([completed, failed])
     for delivery in deliveries:
@@ -117,6 +117,7 @@ def test_deliveries_are_signed_as_openai_sends_them_filtered_by_type_and_verify_
     assert len(receiver.deliveries("/done")) == 1
     log = gateway.log_path.read_text()
     assert all(s.removeprefix("whsec_") not in log for s in (old, new, other))
+    assert '"webhook_endpoints": "***"' in log
 
 
 def _pending(admin: redis.Redis, name: str, partition: int = 0) -> int:
@@ -176,6 +177,11 @@ def test_a_410_disables_the_endpoint_for_every_replica_and_spares_the_others(
     assert 'tokenrelay_gateway_webhook_attempts_total{endpoint="gone",outcome="gone"} 1.0' in metrics
     assert 'tokenrelay_gateway_webhook_endpoint_disabled{endpoint="gone"} 1.0' in metrics
     assert "webhook endpoint disabled" in gateway.log_path.read_text()
+    # deleting the flag enables it again: the event it answered 410 to, and the one it missed, arrive
+    admin.hdel(JOBS.hooks_disabled, "gone")
+    _, *later = receiver.wait("/gone", 3)
+    assert sorted(d.headers["webhook-id"] for d in later) == sorted([first, second])
+    wait_for(lambda: _pending(admin, "gone") == 0, 30, what="gone's entries acked")
 
 
 def test_a_loopback_destination_is_refused_unless_allowed_and_never_contacted(

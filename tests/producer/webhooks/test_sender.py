@@ -97,7 +97,11 @@ def test_redirects_are_not_followed_and_count_as_failures(receiver: Receiver) ->
     assert receiver.deliveries("/elsewhere") == []
 
 
-def test_statuses_map_to_outcomes(receiver: Receiver) -> None:
+def test_statuses_map_to_outcomes_and_proxies_from_the_environment_are_not_used(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there: a proxied attempt would fail
     receiver.script("/s", 204, 410, 400, 500)
     assert [_send(receiver.url("/s")).outcome for _ in range(4)] == [
         Outcome.DELIVERED,
