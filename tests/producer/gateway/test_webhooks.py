@@ -130,7 +130,8 @@ def test_a_failing_or_absent_receiver_gets_the_event_later_with_the_same_webhook
     secret = new_secret()
     receiver.script("/flaky", 500, 503)
     absent = Receiver()  # its port is reserved, nothing listens on it yet
-    start_gateway([endpoint("flaky", receiver.url("/flaky"), secret), endpoint("absent", absent.url("/a"), secret)])
+    hooks = [endpoint("flaky", receiver.url("/flaky"), secret), endpoint("absent", absent.url("/a"), secret)]
+    start_gateway(hooks, "--webhook-retry-schedule", f"{SCHEDULE},2,4")  # seconds to spare for the listener
     sent = emit(admin, "batch_3")
     attempts = receiver.wait("/flaky", 3)
     assert [d.status for d in attempts] == [500, 503, 200]
