@@ -199,6 +199,15 @@ class Deliverer:
         task.add_done_callback(lambda _: self.in_flight.pop(key, None))
 
     async def _attempt(self, route: Route, event: OutboxEvent, attempt: int) -> None:
+        fields = {"endpoint": route.endpoint.name, "event_id": event.id, "type": event.type, "attempt": attempt}
+        try:
+            await self._attempt_once(route, event, attempt, fields)
+        except REDIS_ERRORS as exc:  # the entry stays pending; the sweep settles it
+            log.warning("webhook delivery: Redis call failed after an attempt", error=str(exc)[:200], **fields)
+        except Exception:  # noqa: BLE001 - a task's error would go unseen; the entry stays pending
+            log.exception("webhook attempt error", **fields)
+
+    async def _attempt_once(self, route: Route, event: OutboxEvent, attempt: int, fields: dict[str, Any]) -> None:
         name = route.endpoint.name
         self.metrics.in_flight.inc()
         try:
@@ -207,22 +216,18 @@ class Deliverer:
             self.metrics.in_flight.dec()
         self.metrics.attempts.labels(name, result.outcome.value).inc()
         self.metrics.attempt_seconds.labels(name).observe(result.seconds)
-        fields = {"endpoint": name, "event_id": event.id, "type": event.type, "attempt": attempt}
-        try:
-            if result.outcome is Outcome.DELIVERED:
-                await self.redis.xack(route.stream, route.group, event.entry_id)
-                self.metrics.events.labels(name, "delivered").inc()
-                log.info("webhook delivered", status=result.status, seconds=round(result.seconds, 3), **fields)
-            elif result.outcome is Outcome.GONE:
-                await self._disable(route, event)  # the entry stays pending: delivered if the endpoint is enabled again
+        if result.outcome is Outcome.DELIVERED:
+            await self.redis.xack(route.stream, route.group, event.entry_id)
+            self.metrics.events.labels(name, "delivered").inc()
+            log.info("webhook delivered", status=result.status, seconds=round(result.seconds, 3), **fields)
+        elif result.outcome is Outcome.GONE:
+            await self._disable(route, event)  # the entry stays pending: delivered if the endpoint is enabled again
+        else:
+            if result.outcome is Outcome.REFUSED:
+                log.error("webhook destination refused: nothing sent", reason=result.detail, **fields)
             else:
-                if result.outcome is Outcome.REFUSED:
-                    log.error("webhook destination refused: nothing sent", reason=result.detail, **fields)
-                else:
-                    log.warning("webhook attempt failed", error=result.detail, **fields)
-                await self._after_failure(route, event, attempt, result)
-        except REDIS_ERRORS as exc:  # the entry stays pending; the sweep settles it
-            log.warning("webhook delivery: Redis call failed after an attempt", error=str(exc)[:200], **fields)
+                log.warning("webhook attempt failed", error=result.detail, **fields)
+            await self._after_failure(route, event, attempt, result)
 
     async def _after_failure(self, route: Route, event: OutboxEvent, attempt: int, result: Result) -> None:
         if self.config.schedule.exhausted(attempt):
