@@ -1,4 +1,4 @@
-"""The producer side of the `tokenrelay` command: serve, batch, submit, status. Never imports torch."""
+"""The producer side of the `tokenrelay` command: serve, batch, submit, status, webhooks. Never imports torch."""
 
 from __future__ import annotations
 
@@ -75,6 +75,9 @@ def add_commands(sub: Any) -> None:
     _client_args(p)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("webhooks", help="webhook helpers: `webhooks secret` prints a new whsec_ signing secret")
+    p.add_argument("action", choices=["secret"])
+
 
 def _serve(args: argparse.Namespace) -> int:
     from producer.gateway.server import run_gateway
@@ -140,9 +143,17 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _webhooks(args: argparse.Namespace) -> int:
+    from producer.webhooks.signing import new_secret
+
+    print(new_secret())
+    return 0
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _serve,
     "batch": _batch,
     "submit": _submit,
     "status": _status,
+    "webhooks": _webhooks,
 }

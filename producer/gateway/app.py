@@ -1,4 +1,5 @@
-"""create_app: the FastAPI application with its Redis clients, API keys, metrics and error handlers."""
+"""create_app: the FastAPI application with its Redis clients, API keys, metrics, error handlers and webhook
+delivery."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from producer.gateway.routes import router
 from producer.gateway.service import Gateway
 from producer.gateway.settings import GatewaySettings
 from producer.metrics import FleetCollector
+from producer.webhooks.deliverer import Deliverer
+from producer.webhooks.metrics import WebhookMetrics
 
 
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -36,6 +39,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     metrics = GatewayMetrics(registry)
     admin = connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
     registry.register(FleetCollector(lambda: admin, settings.prefix, partitions=settings.partitions))
+    endpoints, delivery = settings.webhooks()
+    webhook_metrics = WebhookMetrics(registry) if endpoints else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,11 +61,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
         app.state.gateway = gateway = Gateway(settings, client, admin, keys, metrics)
         sweeps = asyncio.create_task(gateway.batches.run_sweeps(settings.batch_sweep_s))
+        # every replica delivers: the outbox's consumer groups share the work out, and no replica is special
+        deliverer = Deliverer(redis_client, endpoints, delivery, webhook_metrics) if webhook_metrics else None
+        if deliverer is not None:
+            deliverer.start()
         try:
             yield
         finally:
             sweeps.cancel()
             await asyncio.gather(sweeps, return_exceptions=True)
+            if deliverer is not None:
+                await deliverer.stop()
             await client.close()
             admin.close()
 

@@ -10,6 +10,10 @@ from producer import settings as loader
 from producer.client import DEFAULT_MAX_QUEUE_DEPTH, DEFAULT_REDIS_URL
 from producer.protocol import DEFAULT_PREFIX
 from producer.settings import setting
+from producer.webhooks.config import DeliveryConfig
+from producer.webhooks.destinations import parse_networks
+from producer.webhooks.endpoints import WebhookEndpoint, load_endpoints
+from producer.webhooks.schedule import STANDARD_SCHEDULE, RetrySchedule
 
 MAX_REDIS_STRING = 512 * 2**20 - 2**20
 # Flags whose names are shorter than their fields'.
@@ -43,6 +47,21 @@ class GatewaySettings:
     batch_max_window_s: int = setting(7 * 86_400, help="the longest completion_window a batch may ask for")
     batch_retention_s: int = setting(30 * 86_400, help="seconds a batch object is kept; its output files as long")
     batch_sweep_s: float = setting(1.0, help="seconds between this replica's passes over unfinished batches")
+    # Webhooks (producer/webhooks): the endpoints hold secrets, so the whole value is masked in logs.
+    webhook_endpoints: str | None = setting(
+        None,
+        secret=True,
+        help='webhook endpoints as JSON, or @file: [{"name", "url", "secret" (whsec_..., or a list), "events"}]',
+    )
+    webhook_retry_schedule: str = setting(
+        STANDARD_SCHEDULE, help="seconds before each delivery attempt, counted from the previous one's failure"
+    )
+    webhook_timeout_s: float = setting(15.0, help="seconds a delivery attempt may take")
+    webhook_allowed_networks: str = setting(
+        "", help="comma-separated CIDRs webhooks may reach although private, loopback or link-local"
+    )
+    webhook_concurrency: int = setting(16, help="delivery attempts under way at once, per replica")
+    webhook_poll_s: float = setting(1.0, help="seconds between looks for new webhook events and due retries")
 
     def __post_init__(self) -> None:
         positive = ("retry_after_s", "request_timeout_s", "default_max_tokens", "max_choices", "file_retention_s")
@@ -56,6 +75,24 @@ class GatewaySettings:
             )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: {self.port} is not a TCP port")
+        for name in ("webhook_timeout_s", "webhook_concurrency", "webhook_poll_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0")
+        self.webhooks()  # an invalid endpoint list stops the gateway before it serves anything
+
+    def webhooks(self) -> tuple[tuple[WebhookEndpoint, ...], DeliveryConfig]:
+        """The configured webhook endpoints (none: no delivery) and how to deliver to them; ValueError if invalid."""
+        allowed = parse_networks(self.webhook_allowed_networks)
+        config = DeliveryConfig(
+            self.prefix,
+            self.partitions,
+            RetrySchedule.parse(self.webhook_retry_schedule),
+            self.webhook_timeout_s,
+            self.webhook_poll_s,
+            self.webhook_concurrency,
+            allowed,
+        )
+        return load_endpoints(self.webhook_endpoints, allowed), config
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GatewaySettings:

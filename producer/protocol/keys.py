@@ -204,3 +204,12 @@ class JobKeys:
     def hooks_disabled(self) -> str:
         """Hash: webhook endpoint name -> why it was disabled (a 410 from the receiver)."""
         return f"{self.prefix}:hooks:disabled"
+
+    @property
+    def hooks_dead(self) -> str:
+        """Stream (capped): webhook events given up after the last scheduled attempt, for operators."""
+        return f"{self.prefix}:hooks:dead"
+
+    def hooks_alive(self, consumer: str) -> str:
+        """String with a TTL: a gateway replica's webhook deliverer is alive (value: its endpoint names)."""
+        return f"{self.prefix}:hooks:alive:{consumer}"

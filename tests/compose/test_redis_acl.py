@@ -20,9 +20,13 @@ from producer.connection import register_script
 from producer.errors import RequestFailed
 from producer.gateway.file_scripts import PAGE, PAGE_ARGV
 from producer.protocol import GROUP, JobKeys, Keys, Priority
+from producer.webhooks.outbox import emit_event, event_id
+from producer.webhooks.signing import new_secret
 from tests.compose.conftest import ROOT, ACLServer
+from tests.producer.gateway.webhook_receiver import Receiver
 from tests.queue_helpers import run_maintenance, wait_for
 from tests.stack_helpers import GatewayProcess, celery_client, celery_worker, noop_worker
+from worker.redis_server import free_port
 
 pytestmark = pytest.mark.slow
 KEYS = Keys("tiny")
@@ -211,3 +215,44 @@ def test_celery_runs_through_its_acl_user(acl_server: ACLServer, tmp_path: Path)
         celery.terminate()
         celery.wait(30)
         worker.kill()
+
+
+def test_webhooks_flow_through_the_producer_and_worker_users(acl_server: ACLServer, tmp_path: Path) -> None:
+    """Workers append events (their scripts' XADD), the gateway delivers them, disables a 410 endpoint and
+    records a given-up event, each with its own user's rights; the producer still cannot read the outbox."""
+    admin = acl_server.client("admin")
+    admin.sadd(KEYS.models, "tiny")
+    admin.acl_log_reset()
+    receiver = Receiver().start()
+    receiver.script("/gone", 410)
+    secret = new_secret()
+    hooks = [
+        {"name": "ok", "url": receiver.url("/ok"), "secret": secret},
+        {"name": "gone", "url": receiver.url("/gone"), "secret": secret},
+        {"name": "down", "url": f"http://127.0.0.1:{free_port()}/", "secret": secret},
+    ]
+    args = (
+        "--webhook-allowed-networks",
+        "127.0.0.0/8",
+        "--webhook-retry-schedule",
+        "0,0.1",
+        "--webhook-poll-s",
+        "0.05",
+    )
+    env = {"TOKENRELAY_WEBHOOK_ENDPOINTS": json.dumps(hooks)}
+    gateway = GatewayProcess(acl_server.url("producer"), tmp_path / "gateway.log", *args, env=env)
+    try:
+        gateway.wait_ready()
+        emit_event(acl_server.client("worker"), KEYS.events, "batch_acl", "completed", "batch.completed", 1)
+        (delivery,) = receiver.wait("/ok", 1)
+        assert delivery.headers["webhook-id"] == event_id("batch_acl", "completed")
+        wait_for(lambda: admin.hget(JobKeys().hooks_disabled, "gone"), 30, what="gone disabled")
+        wait_for(lambda: admin.xlen(JobKeys().hooks_dead) == 1, 30, what="down given up")
+    finally:
+        gateway.stop()
+        receiver.stop()
+    denied = admin.acl_log()
+    assert denied == [], denied
+    producer = acl_server.client("producer")
+    _denied(lambda: producer.xrange(KEYS.events))
+    _denied(lambda: producer.xadd(KEYS.events, {"id": "evt_forged"}))
