@@ -45,7 +45,7 @@ if state ~= 'done' then
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   redis.call('XADD', KEYS[3], '*', 'm', ARGV[3])
   redis.call('EXPIRE', KEYS[3], ARGV[4])
-  job_end(KEYS[2], ARGV[3], '2')
+  job_end(KEYS[2], ARGV[3], '2', false)  -- maintenance queues no work: the gateways' sweep refills
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])

@@ -116,11 +116,12 @@ local function batch_enqueue(bkey, b, line)
   job_keep(bkey .. ':live', b.keep)
 end
 
--- Starts waiting lines while the window has room, and finishes the batch once every line is settled.
-local function batch_pump(bkey)
+-- Starts waiting lines while the window has room (unless `refill` is false: the caller may not queue
+-- work, and the gateways' sweep refills instead), and finishes the batch once every line is settled.
+local function batch_pump(bkey, refill)
   local b = batch_load(bkey)
   if b.status ~= 'in_progress' and b.status ~= 'cancelling' then return end
-  if not b.closing then
+  if refill and not b.closing then
     if redis.call('EXISTS', b.queue) == 0 then redis.call('XGROUP', 'CREATE', b.queue, 'workers', '0', 'MKSTREAM') end
     local started = 0
     while b.inflight + started < b.window do
@@ -136,7 +137,7 @@ end
 
 -- One choice of a line ended with `payload` as its terminal event: record it, count the line once all its
 -- choices have ended, and refill the window.
-local function batch_settle(bkey, part, payload, result, id)
+local function batch_settle(bkey, part, payload, result, id, refill)
   local status = redis.call('HGET', bkey, 'status')
   if status ~= 'in_progress' and status ~= 'cancelling' then return end
   if redis.call('HSETNX', bkey .. ':out', part, payload) == 0 then return end
@@ -156,13 +157,13 @@ local function batch_settle(bkey, part, payload, result, id)
   redis.call('HDEL', bkey .. ':left', line, 'x' .. line)
   redis.call('HINCRBY', bkey, failed and 'failed' or 'completed', 1)
   redis.call('HINCRBY', bkey, 'inflight', -1)
-  batch_pump(bkey)
+  batch_pump(bkey, refill)
 end
 
 -- A request ended with `payload` as its terminal event: settle its batch line, if it belongs to one.
-local function job_end(meta, payload, result)
+local function job_end(meta, payload, result, refill)
   local job = redis.call('HMGET', meta, 'batch', 'part')
-  if job[1] then batch_settle(job[1], job[2], payload, result, string.sub(meta, -32)) end
+  if job[1] then batch_settle(job[1], job[2], payload, result, string.sub(meta, -32), refill ~= false) end
 end
 """
 )
@@ -178,7 +179,7 @@ local m = redis.call('HMGET', bkey, 'status', 'validator')
 if m[1] ~= 'validating' then return m[1] or 'unknown' end
 if m[2] ~= token then return 'stale' end
 redis.call('HSET', bkey, 'status', 'in_progress', 'in_progress_at', job_now())
-batch_pump(bkey)
+batch_pump(bkey, true)
 return redis.call('HGET', bkey, 'status')
 """
 )
@@ -265,10 +266,21 @@ for i = 1, #live, 2 do
       redis.call('EXPIRE', cancel_prefix .. m[3], b.ttl)
     end
   elseif not m[1] then
-    batch_settle(bkey, part, cancelled_payload, '4', id)  -- its record expired: nothing will end it now
+    batch_settle(bkey, part, cancelled_payload, '4', id, true)  -- its record expired: nothing will end it now
   end
 end
-batch_pump(bkey)
+batch_pump(bkey, true)
 return redis.call('HGET', bkey, 'status')
+"""
+)
+
+# KEYS: the ledger
+# Refills the window of a running batch: the sweep's repair for lines settled by a caller that may not
+# queue work (maintenance's deadline expiry).
+PUMP = Argv(()).script(
+    JOB_LUA
+    + """
+batch_pump(KEYS[1], true)
+return redis.call('HGET', KEYS[1], 'status')
 """
 )

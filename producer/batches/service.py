@@ -171,7 +171,7 @@ class Batches:
         self._tasks: set[asyncio.Task[None]] = set()
         self._scripts = {
             script: register_script(redis, script)
-            for script in (ledger.START, ledger.FAIL, ledger.TAKE_LEASE, ledger.RENEW_LEASE, ledger.CLOSE)
+            for script in (ledger.START, ledger.FAIL, ledger.TAKE_LEASE, ledger.RENEW_LEASE, ledger.CLOSE, ledger.PUMP)
         }
 
     # -- where a batch lives ----------------------------------------------------------------------------
@@ -421,6 +421,8 @@ class Batches:
                 await self._close(key, "expired")
                 log.info("batch expired", batch_id=batch_id)
                 counts["expired"] += 1
+            elif status == "in_progress":
+                await self._script(ledger.PUMP, key, [])
         return counts
 
     async def run_sweeps(self, interval_s: float) -> None:
