@@ -15,6 +15,7 @@ from producer.connection import connect, connect_async
 from producer.gateway.auth import APIKeys
 from producer.gateway.errors import APIError
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from producer.gateway.responses_api import router as responses_router
 from producer.gateway.routes import router
 from producer.gateway.service import Gateway
 from producer.gateway.settings import GatewaySettings
@@ -72,5 +73,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app.add_exception_handler(RequestValidationError, unexpected)
     app.include_router(router)
+    app.include_router(responses_router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

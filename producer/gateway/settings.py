@@ -8,7 +8,7 @@ from typing import Any
 
 from producer import settings as loader
 from producer.client import DEFAULT_MAX_QUEUE_DEPTH, DEFAULT_REDIS_URL
-from producer.protocol import DEFAULT_PREFIX
+from producer.protocol import DEFAULT_PREFIX, DEFAULT_RESULT_TTL_S
 from producer.settings import setting
 
 # Flags whose names are shorter than their fields'.
@@ -34,9 +34,22 @@ class GatewaySettings:
     models_cache_s: float = setting(2.0, help="seconds the set of served models is trusted")
     partitions: int = setting(1, help="request streams per model (the workers' --partitions)")
     redis_connections: int = setting(1024, help="the Redis pool's size: each open stream holds a connection")
+    # Responses API (producer/gateway/responses_service.py)
+    response_retention_s: int = setting(
+        DEFAULT_RESULT_TTL_S,
+        help="seconds a stored response stays retrievable after it ends (at most the workers' --result-ttl-s)",
+    )
+    background_timeout_s: float = setting(3600.0, help="seconds a background response may take, queue time included")
 
     def __post_init__(self) -> None:
-        for name in ("retry_after_s", "request_timeout_s", "default_max_tokens", "max_choices"):
+        for name in (
+            "retry_after_s",
+            "request_timeout_s",
+            "default_max_tokens",
+            "max_choices",
+            "response_retention_s",
+            "background_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0")
         if not 0 <= self.port < 65536:
