@@ -4,10 +4,12 @@ and nothing else (no reading others' prompts, no deleting, no admin commands).""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import redis
 
@@ -145,3 +147,35 @@ def test_celery_runs_through_its_acl_user(acl_server: ACLServer, tmp_path: Path)
         celery.terminate()
         celery.wait(30)
         worker.kill()
+
+
+def test_the_gateway_keeps_responses_with_the_producer_rights(acl_server: ACLServer, tmp_path: Path) -> None:
+    """Create, poll, stream, cancel (queued) and delete stored responses: nothing refused, nothing more."""
+    admin = acl_server.client("admin")
+    worker = noop_worker(acl_server.url("worker"), tmp_path / "worker.log")
+    gateway = GatewayProcess(acl_server.url("producer"), tmp_path / "gateway.log")
+    try:
+        worker.redis = admin
+        worker.wait_ready()
+        gateway.wait_ready()
+        admin.acl_log_reset()
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        # the no-op engine has no chat template: the response fails, which is all the queue needs to show
+        created = client.responses.create(model="tiny", input="q", background=True)
+        failed = wait_for(lambda: (r := client.responses.retrieve(created.id)).status == "failed" and r, 30)
+        assert [e.type for e in client.responses.retrieve(created.id, stream=True)][-1] == "response.failed"
+        assert client.responses.cancel(created.id).status == failed.status
+        worker.signal(signal.SIGSTOP)  # it reads nothing more: the next response stays queued
+        queued = client.responses.create(model="tiny", input="q", background=True)
+        assert client.responses.cancel(queued.id).status == "cancelled"
+        for response in (created, queued):
+            client.responses.delete(response.id)
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(response.id)
+    finally:
+        gateway.stop()
+        worker.kill()
+    denied = admin.acl_log()
+    assert denied == [], denied
+    # deleting is granted on the responses' own keys only
+    _denied(lambda: acl_server.client("producer").delete(KEYS.request(queued.id.removeprefix("resp_"))))
