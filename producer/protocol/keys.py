@@ -159,10 +159,15 @@ class Keys:
         """The ledger hash of a batch pinned to this partition; its lists and sets append a suffix."""
         return f"{self.base}:batch:{batch_id}"
 
+    @property
+    def response_prefix(self) -> str:
+        """Lua scripts that end a request append its id to this to find its stored response, if any."""
+        return f"{self.base}:response:"
+
     def response(self, request_id: str) -> str:
         """The record of a stored response (Responses API) whose request is `request_id`: in the request's
         slot, so a script that ends the request can read it beside `req:<id>` and `res:<id>`."""
-        return f"{self.base}:response:{request_id}"
+        return self.response_prefix + request_id
 
 
 @dataclass(slots=True, frozen=True)

@@ -15,7 +15,7 @@ from openai.types.responses import ResponseStreamEvent
 
 from producer.gateway.responses_events import ResponseEvents, Status, live_status, response_object
 from producer.gateway.responses_store import StoredResponse, entry_ms, request_id_of, response_id
-from producer.protocol import ErrorCode, Event, EventType, FinishReason
+from producer.protocol import ErrorCode, Event, EventType, FinishReason, JobKeys, Keys
 from producer.results import Completion
 
 # each event type's own SDK model (the union has no discriminator to validate by)
@@ -196,3 +196,10 @@ def test_ids() -> None:
     assert request_id_of(response_id(RID)) == RID
     assert request_id_of("resp_" + "A" * 32) is None and request_id_of(RID) is None and request_id_of("resp_x") is None
     assert entry_ms("1700000000123-4") == 1_700_000_000_123
+
+
+def test_a_record_lives_in_its_requests_slot_and_the_locator_names_no_model() -> None:
+    keys = Keys("tiny", prefix="acme").for_request("f" * 32, 3)
+    slot = keys.request("f" * 32).partition("}")[0]
+    assert keys.response("f" * 32) == keys.response_prefix + "f" * 32 and keys.response("f" * 32).startswith(slot + "}")
+    assert JobKeys("acme").response_model("f" * 32) == "acme:responses:" + "f" * 32
