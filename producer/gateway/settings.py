@@ -42,18 +42,14 @@ class GatewaySettings:
     background_timeout_s: float = setting(3600.0, help="seconds a background response may take, queue time included")
 
     def __post_init__(self) -> None:
-        for name in (
-            "retry_after_s",
-            "request_timeout_s",
-            "default_max_tokens",
-            "max_choices",
-            "response_retention_s",
-            "background_timeout_s",
-        ):
+        for name in ("retry_after_s", "request_timeout_s", "default_max_tokens", "max_choices"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: {self.port} is not a TCP port")
+        for name in ("response_retention_s", "background_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GatewaySettings:
