@@ -19,6 +19,7 @@ from producer.gateway.batches_api import router as batches_router
 from producer.gateway.errors import APIError
 from producer.gateway.files_api import router as files_router
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from producer.gateway.responses_api import router as responses_router
 from producer.gateway.routes import router
 from producer.gateway.service import Gateway
 from producer.gateway.settings import GatewaySettings
@@ -91,5 +92,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(files_router)
     app.include_router(batches_router)
+    app.include_router(responses_router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

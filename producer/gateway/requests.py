@@ -69,6 +69,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 class Endpoint(enum.StrEnum):
     COMPLETIONS = "completions"
     CHAT = "chat"
+    RESPONSES = "responses"  # producer/gateway/responses_request.py
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 from producer import settings as loader
 from producer.client import DEFAULT_MAX_QUEUE_DEPTH, DEFAULT_REDIS_URL
-from producer.protocol import DEFAULT_PREFIX
+from producer.protocol import DEFAULT_PREFIX, DEFAULT_RESULT_TTL_S
 from producer.settings import setting
 from producer.webhooks.config import DeliveryConfig
 from producer.webhooks.destinations import parse_networks
@@ -62,6 +62,12 @@ class GatewaySettings:
     )
     webhook_concurrency: int = setting(16, help="delivery attempts under way at once, per replica")
     webhook_poll_s: float = setting(1.0, help="seconds between looks for new webhook events and due retries")
+    # Responses API (producer/gateway/responses_service.py)
+    response_retention_s: int = setting(
+        DEFAULT_RESULT_TTL_S,
+        help="seconds a stored response stays retrievable after it ends (at most the workers' --result-ttl-s)",
+    )
+    background_timeout_s: float = setting(3600.0, help="seconds a background response may take, queue time included")
 
     def __post_init__(self) -> None:
         positive = ("retry_after_s", "request_timeout_s", "default_max_tokens", "max_choices", "file_retention_s")
@@ -93,6 +99,9 @@ class GatewaySettings:
             allowed,
         )
         return load_endpoints(self.webhook_endpoints, allowed), config
+        for name in ("response_retention_s", "background_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GatewaySettings:

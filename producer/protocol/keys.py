@@ -13,9 +13,11 @@ that touch a request's queue entry, its owner record and its result stream stay 
     {p}:models                    set of model names that workers serve (for `tokenrelay status`)
     {p}:{{m}}:events              webhook outbox: events written where a job ends (producer/webhooks)
     {p}:{{m}}:batch:<batch id>    an HTTP batch's ledger (producer/batches), and its :todo :out :left :live
+    {p}:{{m}}:response:<id>       hash: a stored Responses API object of request <id> (producer/gateway/responses_store)
 
 Keys of the HTTP jobs that are not a model's (`JobKeys`): files, the indexes of files and batches,
-Idempotency-Key records and disabled webhook endpoints. A file's two keys share its own hash tag.
+Idempotency-Key records, disabled webhook endpoints, and which model holds a stored response (its id
+names the request, not the model). A file's two keys share its own hash tag.
 
 Partitions: a model's traffic can be split over P partitions (a setting that producers and workers
 share; 1 by default). Partition 0 keeps the names above; partition i > 0 uses the hash tag `{m#i}`
@@ -157,6 +159,16 @@ class Keys:
         """The ledger hash of a batch pinned to this partition; its lists and sets append a suffix."""
         return f"{self.base}:batch:{batch_id}"
 
+    @property
+    def response_prefix(self) -> str:
+        """Lua scripts that end a request append its id to this to find its stored response, if any."""
+        return f"{self.base}:response:"
+
+    def response(self, request_id: str) -> str:
+        """The record of a stored response (Responses API) whose request is `request_id`: in the request's
+        slot, so a script that ends the request can read it beside `req:<id>` and `res:<id>`."""
+        return self.response_prefix + request_id
+
 
 @dataclass(slots=True, frozen=True)
 class JobKeys:
@@ -199,6 +211,11 @@ class JobKeys:
     def idempotency(self, digest: str) -> str:
         """What a create with an Idempotency-Key made (digest of key, route and caller)."""
         return f"{self.prefix}:idem:{digest}"
+
+    def response_model(self, request_id: str) -> str:
+        """String: the model whose partition holds the stored response of `request_id` (`resp_<request id>`
+        names no model, and any gateway must find it from the id alone)."""
+        return f"{self.prefix}:responses:{request_id}"
 
     @property
     def hooks_disabled(self) -> str:

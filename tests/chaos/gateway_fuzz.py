@@ -96,6 +96,77 @@ BODIES: dict[str, dict[str, Any]] = {
             "messages": {"type": "array", "minItems": 1, "maxItems": 4, "items": _message},
         },
     },
+    "/v1/responses": {
+        "type": "object",
+        "required": ["model", "input"],
+        "additionalProperties": False,
+        "properties": {
+            "model": _sampling["model"],
+            "input": {
+                "anyOf": [
+                    _text,
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 3,
+                        "items": {
+                            "type": "object",
+                            "required": ["role", "content"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "type": {"type": "string", "enum": ["message"]},
+                                "role": _message["properties"]["role"],
+                                "content": {
+                                    "anyOf": [
+                                        {"type": "string", "maxLength": 64},
+                                        {
+                                            "type": "array",
+                                            "maxItems": 3,
+                                            "items": {
+                                                "type": "object",
+                                                "required": ["type", "text"],
+                                                "additionalProperties": False,
+                                                "properties": {
+                                                    "type": {"type": "string", "enum": ["input_text", "output_text"]},
+                                                    "text": {"type": "string"},
+                                                },
+                                            },
+                                        },
+                                    ]
+                                },
+                            },
+                        },
+                    },
+                ]
+            },
+            "instructions": {"type": "string", "maxLength": 64},
+            "max_output_tokens": _sampling["max_tokens"],
+            "temperature": _sampling["temperature"],
+            "top_p": _sampling["top_p"],
+            "seed": _sampling["seed"],
+            "stream": {"type": "boolean"},
+            "background": {"type": "boolean"},
+            "store": {"type": "boolean"},
+            "metadata": {
+                "type": "object",
+                "maxProperties": 4,
+                "additionalProperties": {"type": "string", "maxLength": 16},
+            },
+            "text": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "format": {
+                        "type": "object",
+                        "required": ["type"],
+                        "additionalProperties": False,
+                        "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}},
+                    }
+                },
+            },
+            "previous_response_id": {"type": "string", "maxLength": 40},
+        },
+    },
 }
 ACCEPTABLE_5XX = {504}  # past the deadline the gateway gave the request: an answer, not a failure
 

@@ -127,6 +127,25 @@ def test_gateway_serves_the_openai_sdk(
         gateway.stop()
 
 
+def test_gateway_keeps_responses_across_slots(
+    redis_cluster: RedisClusterServer, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """A stored response's record (its request's slot) and locator (its own) on different shards."""
+    gateway = GatewayProcess(redis_cluster.url, tmp_path / "gateway.log").wait_ready()
+    try:
+        sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+        # the no-op engine has no chat template: the response fails, which is all the stores need to show
+        created = sdk.responses.create(model="tiny", input="q", background=True)
+        failed = wait_for(lambda: (r := sdk.responses.retrieve(created.id)).status == "failed" and r, 30)
+        assert failed.error is not None and failed.error.code == "invalid_prompt"
+        assert [e.type for e in sdk.responses.retrieve(created.id, stream=True)][-1] == "response.failed"
+        sdk.responses.delete(created.id)
+        with pytest.raises(openai.NotFoundError):
+            sdk.responses.retrieve(created.id)
+    finally:
+        gateway.stop()
+
+
 def test_tokenrelay_batch_and_status(redis_cluster: RedisClusterServer, worker: WorkerProcess, tmp_path: Path) -> None:
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -258,3 +259,35 @@ def test_webhooks_flow_through_the_producer_and_worker_users(acl_server: ACLServ
     producer = acl_server.client("producer")
     _denied(lambda: producer.xrange(KEYS.events))
     _denied(lambda: producer.xadd(KEYS.events, {"id": "evt_forged"}))
+
+
+def test_the_gateway_keeps_responses_with_the_producer_rights(acl_server: ACLServer, tmp_path: Path) -> None:
+    """Create, poll, stream, cancel (queued) and delete stored responses: nothing refused, nothing more."""
+    admin = acl_server.client("admin")
+    worker = noop_worker(acl_server.url("worker"), tmp_path / "worker.log")
+    gateway = GatewayProcess(acl_server.url("producer"), tmp_path / "gateway.log")
+    try:
+        worker.redis = admin
+        worker.wait_ready()
+        gateway.wait_ready()
+        admin.acl_log_reset()
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        # the no-op engine has no chat template: the response fails, which is all the queue needs to show
+        created = client.responses.create(model="tiny", input="q", background=True)
+        failed = wait_for(lambda: (r := client.responses.retrieve(created.id)).status == "failed" and r, 30)
+        assert [e.type for e in client.responses.retrieve(created.id, stream=True)][-1] == "response.failed"
+        assert client.responses.cancel(created.id).status == failed.status
+        worker.signal(signal.SIGSTOP)  # it reads nothing more: the next response stays queued
+        queued = client.responses.create(model="tiny", input="q", background=True)
+        assert client.responses.cancel(queued.id).status == "cancelled"
+        for response in (created, queued):
+            client.responses.delete(response.id)
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(response.id)
+    finally:
+        gateway.stop()
+        worker.kill()
+    denied = admin.acl_log()
+    assert denied == [], denied
+    # deleting is granted on the responses' own keys only
+    _denied(lambda: acl_server.client("producer").delete(KEYS.request(queued.id.removeprefix("resp_"))))
