@@ -19,7 +19,8 @@ one script that wrote its request's single terminal event, and that record is an
     <batch>:out        hash: "<line>.<choice>" -> the request's terminal event (msgpack)
 
 A request of a batch carries `batch` (the ledger key) and `part` ("<line>.<choice>") in its owner
-record. Lua cannot safely decode our msgpack (bin types), so whoever writes the terminal event says how
+record. The same scripts announce a background response (producer/gateway/responses_store.py keeps its
+record beside the request, `<base>:response:<id>`): `response.completed|incomplete|failed|cancelled`. Lua cannot safely decode our msgpack (bin types), so whoever writes the terminal event says how
 it went, as an outcome string: a code (`1` answered, `3` answered but cut at the length limit, `2` an
 error, `4` cancelled) and, for an answer, `:<input tokens>:<output tokens>:<cached tokens>`.
 """
@@ -160,10 +161,19 @@ local function batch_settle(bkey, part, payload, result, id, refill)
   batch_pump(bkey, refill)
 end
 
--- A request ended with `payload` as its terminal event: settle its batch line, if it belongs to one.
+local job_kinds = {['1'] = 'completed', ['2'] = 'failed', ['3'] = 'incomplete', ['4'] = 'cancelled'}
+
+-- A request ended with `payload` as its terminal event: settle its batch line, if it belongs to one, and
+-- announce a background response (the Responses API's record beside the request) to the webhooks.
 local function job_end(meta, payload, result, refill)
+  local id = string.sub(meta, -32)
   local job = redis.call('HMGET', meta, 'batch', 'part')
-  if job[1] then batch_settle(job[1], job[2], payload, result, string.sub(meta, -32), refill ~= false) end
+  if job[1] then batch_settle(job[1], job[2], payload, result, id, refill ~= false) end
+  local base = string.sub(meta, 1, #meta - 37)  -- '<base>:req:<id>'
+  if redis.call('HGET', base .. ':response:' .. id, 'background') == '1' then
+    local kind = job_kinds[string.sub(result, 1, 1)] or 'failed'
+    emit_event(base .. ':events', 'evt_resp_' .. id .. '_' .. kind, 'response.' .. kind, 'resp_' .. id, job_now())
+  end
 end
 """
 )

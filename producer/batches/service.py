@@ -259,6 +259,8 @@ class Batches:
         pipe.hset(self.jobs.batch_models, batch_id, f"{keys.partition}:{keys.model}")
         pipe.zadd(self.jobs.batches, {batch_id: time.time()})
         pipe.zadd(self.jobs.batches_active, {batch_id: now + window_s})
+        if model is None or model not in await self.served():
+            pipe.sadd(self.jobs.outboxes, keys.events)  # no worker's model: delivery would not look there
         await pipe.execute()
         log.info("batch created", batch_id=batch_id, model=model, lines=len(raw), input_file_id=input_file_id)
         self._spawn(self._validate(batch_id, key, token, raw))

@@ -218,6 +218,12 @@ class JobKeys:
         return f"{self.prefix}:responses:{request_id}"
 
     @property
+    def outboxes(self) -> str:
+        """Set: outbox streams a job wrote to that served models do not cover (a batch for a model no worker
+        serves still announces that it failed); webhook delivery reads these beside the served models'."""
+        return f"{self.prefix}:outboxes"
+
+    @property
     def hooks_disabled(self) -> str:
         """Hash: webhook endpoint name -> why it was disabled (a 410 from the receiver)."""
         return f"{self.prefix}:hooks:disabled"

@@ -130,6 +130,9 @@ class Deliverer:
             except ValueError:
                 continue  # not a model name this protocol accepts: no outbox of ours
             routes.extend(Route(e, s) for s in streams for e in self.endpoints)
+        extra: Any = await self.redis.smembers(JobKeys(self.config.prefix).outboxes)
+        known = {route.stream for route in routes}
+        routes.extend(Route(e, s) for s in sorted(_text(m) for m in extra) if s not in known for e in self.endpoints)
         for route in routes:
             if route not in self.grouped:
                 try:

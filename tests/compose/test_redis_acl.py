@@ -258,7 +258,7 @@ def test_webhooks_flow_through_the_producer_and_worker_users(acl_server: ACLServ
     assert denied == [], denied
     producer = acl_server.client("producer")
     _denied(lambda: producer.xrange(KEYS.events))
-    _denied(lambda: producer.xadd(KEYS.events, {"id": "evt_forged"}))
+    # (XADD it may: the cancel script and a batch's cancel end jobs, and where a job ends its event is written)
 
 
 def test_the_gateway_keeps_responses_with_the_producer_rights(acl_server: ACLServer, tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ import pytest
 
 from producer.connection import connect
 from producer.protocol import JobKeys
+from producer.webhooks.signing import new_secret
+from tests.producer.gateway.webhook_receiver import Receiver
 from tests.queue_helpers import WorkerProcess, wait_for
 from tests.stack_helpers import GatewayProcess, noop_worker
 from worker.redis_server import RedisServer
@@ -23,6 +25,7 @@ from worker.redis_server import RedisServer
 pytestmark = pytest.mark.slow
 
 GATEWAY_ARGS = ("--batch-window", "8", "--batch-sweep-s", "0.2")
+SDK = openai.OpenAI(api_key="unused")  # only for webhooks.unwrap
 BAD_TOKEN = 10**9  # past the no-op engine's vocabulary: the worker answers the request with an error
 
 
@@ -282,3 +285,40 @@ def test_a_finished_batch_leaves_its_bulky_keys_behind(fleet: Fleet, tmp_path: P
     assert redis.exists(ledger) == 1
     assert not any(redis.exists(ledger + suffix) for suffix in (":todo", ":req", ":left", ":live", ":out"))
     assert redis.ttl(ledger) > 0
+
+
+def test_every_batch_ending_reaches_a_webhook_receiver_signed(fleet: Fleet, tmp_path: Path) -> None:
+    """batch.completed, .failed, .cancelled and .expired, as the ledger scripts emit them and the gateway
+    delivers them; the receiver verifies each with the openai SDK's own `webhooks.unwrap`."""
+    receiver = Receiver().start()
+    secret = new_secret()
+    hooks = [{"name": "app", "url": receiver.url("/hook"), "secret": secret}]
+    args = (*GATEWAY_ARGS, "--webhook-allowed-networks", "127.0.0.0/8", "--webhook-poll-s", "0.1")
+    hooked = GatewayProcess(
+        fleet.redis.url, tmp_path / "hooked.log", *args, env={"TOKENRELAY_WEBHOOK_ENDPOINTS": json.dumps(hooks)}
+    ).wait_ready()
+    try:
+        client = fleet.client()
+        short = upload(client, [completion_line("a"), completion_line("b")], tmp_path, "short.jsonl")
+        long = upload(client, [completion_line(f"l-{i}", max_tokens=40) for i in range(100)], tmp_path, "long.jsonl")
+        bad = upload(client, ["{oops"], tmp_path, "bad.jsonl")
+        create = client.batches.create
+        completed = create(input_file_id=short, endpoint="/v1/completions", completion_window="24h").id
+        failed = create(input_file_id=bad, endpoint="/v1/completions", completion_window="24h").id
+        expired = create(input_file_id=long, endpoint="/v1/completions", completion_window="1s").id  # type: ignore[arg-type]
+        cancelled = create(input_file_id=long, endpoint="/v1/completions", completion_window="24h").id
+        client.batches.cancel(cancelled)
+        expected = {completed: "batch.completed", failed: "batch.failed", expired: "batch.expired"}
+        expected[cancelled] = "batch.cancelled"
+
+        def ours() -> dict[str, Any]:
+            events = [SDK.webhooks.unwrap(d.body, d.headers, secret=secret) for d in receiver.deliveries("/hook")]
+            return {e.data.id: e for e in events if e.data.id in expected}
+
+        wait_for(lambda: len(ours()) == 4, 90, 0.1, "four batch events")
+        for batch_id, event in ours().items():
+            assert event.type == expected[batch_id]
+            assert client.batches.retrieve(batch_id).status == expected[batch_id].split(".")[1]
+    finally:
+        hooked.stop()
+        receiver.stop()
