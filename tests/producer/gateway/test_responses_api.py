@@ -21,6 +21,8 @@ import redis
 from pydantic import BaseModel, Field
 
 from producer.protocol import EventType, Keys
+from producer.webhooks.signing import new_secret
+from tests.producer.gateway.webhook_receiver import Receiver
 from tests.queue_helpers import WorkerProcess, read_events, wait_for
 from tests.stack_helpers import GatewayProcess, Stack, start_stack
 
@@ -338,3 +340,47 @@ def test_text_format_json_schema_parses_into_the_model(client: openai.OpenAI) ->
         **PROMPT, text={"format": {"type": "json_object"}}, temperature=0, max_output_tokens=8
     )
     assert loose.output_text.lstrip().startswith("{")
+
+
+def test_background_responses_announce_their_end_to_a_webhook(stack: Stack, tmp_path: Path) -> None:
+    """response.completed / .incomplete / .cancelled, written by the scripts that end the request, delivered
+    and signed (the receiver verifies with the SDK's webhooks.unwrap); a foreground response sends none."""
+    receiver = Receiver().start()
+    secret = new_secret()
+    hooks = [{"name": "app", "url": receiver.url("/hook"), "secret": secret}]
+    hooked = GatewayProcess(
+        stack.redis.url,
+        tmp_path / "hooked.log",
+        "--webhook-allowed-networks",
+        "127.0.0.0/8",
+        "--webhook-poll-s",
+        "0.1",
+        env={"TOKENRELAY_WEBHOOK_ENDPOINTS": json.dumps(hooks)},
+    ).wait_ready()
+    try:
+        client = _client(hooked.url)
+        completed = client.responses.create(**PROMPT, **GREEDY, background=True)
+        short = {"temperature": 0, "max_output_tokens": 2, "extra_body": {"ignore_eos": True}}
+        incomplete = client.responses.create(**PROMPT, **short, background=True)
+        cancelled = client.responses.create(**PROMPT, **LONG, background=True)
+        client.responses.cancel(cancelled.id)
+        foreground = client.responses.create(**PROMPT, **GREEDY)
+        for response in (completed, incomplete):
+            _until(client, response.id, TERMINAL)
+        expected = {
+            completed.id: "response." + client.responses.retrieve(completed.id).status,
+            incomplete.id: "response.incomplete",
+            cancelled.id: "response.cancelled",
+        }
+        sdk = openai.OpenAI(api_key="unused")
+
+        def events() -> dict[str, Any]:
+            unwrapped = [sdk.webhooks.unwrap(d.body, d.headers, secret=secret) for d in receiver.deliveries("/hook")]
+            return {e.data.id: e for e in unwrapped}
+
+        wait_for(lambda: set(expected) <= set(events()), 60, 0.1, "three response events")
+        assert {i: e.type for i, e in events().items() if i in expected} == expected
+        assert foreground.id not in events()
+    finally:
+        hooked.stop()
+        receiver.stop()
