@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -322,3 +324,32 @@ def test_every_batch_ending_reaches_a_webhook_receiver_signed(fleet: Fleet, tmp_
     finally:
         hooked.stop()
         receiver.stop()
+
+
+def test_the_batch_command_runs_a_file_through_the_http_api(fleet: Fleet, tmp_path: Path) -> None:
+    """`tokenrelay batch --http URL`: upload, create, follow, download; the output holds every line, the
+    errors file the failed one; a file mixing endpoints is refused before anything is uploaded."""
+    source = tmp_path / "in.jsonl"
+    lines = [completion_line(f"cli-{i}") for i in range(15)] + [completion_line("cli-bad", prompt=[BAD_TOKEN])]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "worker.cli", "batch", str(source), "-o", str(output), "--no-progress"]
+    done = subprocess.run([*command, "--http", fleet.gateways[0].url], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["total"] == 16 and summary["succeeded"] == 15 and summary["failed"] == 1
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in written) == sorted(line["custom_id"] for line in lines)
+    errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert [line["custom_id"] for line in errors] == ["cli-bad"]
+    mixed = tmp_path / "mixed.jsonl"
+    chat = {**completion_line("chat"), "url": "/v1/chat/completions"}
+    mixed.write_text(json.dumps(completion_line("c")) + "\n" + json.dumps(chat) + "\n")
+    refused = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "batch", str(mixed), "-o", str(tmp_path / "m.jsonl"), "--no-progress"]
+        + ["--http", fleet.gateways[0].url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "one endpoint per batch" in refused.stderr
