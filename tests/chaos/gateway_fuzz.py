@@ -96,6 +96,16 @@ BODIES: dict[str, dict[str, Any]] = {
             "messages": {"type": "array", "minItems": 1, "maxItems": 4, "items": _message},
         },
     },
+    "/v1/batches": {
+        "type": "object",
+        "required": ["input_file_id", "endpoint", "completion_window"],
+        "additionalProperties": False,
+        "properties": {
+            "input_file_id": {"type": "string", "maxLength": 64},
+            "endpoint": {"type": "string", "enum": ["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]},
+            "completion_window": {"type": "string", "maxLength": 8},
+        },
+    },
     "/v1/responses": {
         "type": "object",
         "required": ["model", "input"],
@@ -203,7 +213,8 @@ def run_gateway_fuzz(base_url: str, examples: int) -> GatewayFuzzReport:
     for path, methods in openapi["paths"].items():
         for method in methods:
             operation = schema[path][method.upper()]
-            breakable = path in BODIES  # a path parameter takes any string: no negative cases to draw
+            # only a body can be broken (a path parameter takes any string): no negative cases to draw elsewhere
+            breakable = path in BODIES and method.lower() == "post"
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if breakable else (GenerationMode.POSITIVE,):
                 _fuzz(operation, mode, base_url, examples, report)
     return report
