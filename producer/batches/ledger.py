@@ -20,8 +20,10 @@ one script that wrote its request's single terminal event, and that record is an
 
 A request of a batch carries `batch` (the ledger key) and `part` ("<line>.<choice>") in its owner
 record. The same scripts announce a background response (producer/gateway/responses_store.py keeps its
-record beside the request, `<base>:response:<id>`): `response.completed|incomplete|failed|cancelled`. Lua cannot safely decode our msgpack (bin types), so whoever writes the terminal event says how
-it went, as an outcome string: a code (`1` answered, `3` answered but cut at the length limit, `2` an
+record beside the request, `<base>:response:<id>`): `response.completed|incomplete|failed|cancelled`.
+
+Lua cannot safely decode our msgpack (bin types), so whoever writes the terminal event says how it
+went, as an outcome string: a code (`1` answered, `3` answered but cut at the length limit, `2` an
 error, `4` cancelled) and, for an answer, `:<input tokens>:<output tokens>:<cached tokens>`.
 """
 
@@ -71,11 +73,11 @@ end
 
 local function batch_load(bkey)
   local v = redis.call('HMGET', bkey, 'status', 'closing', 'window', 'inflight', 'total', 'completed', 'failed',
-                       'queue', 'prio', 'req_prefix', 'res_prefix', 'ttl', 'keep', 'events', 'id')
+                       'queue', 'prio', 'req_prefix', 'res_prefix', 'ttl', 'keep', 'events', 'id', 'expires_at')
   return {status = v[1], closing = v[2], window = tonumber(v[3]) or 0, inflight = tonumber(v[4]) or 0,
           total = tonumber(v[5]) or 0, completed = tonumber(v[6]) or 0, failed = tonumber(v[7]) or 0,
           queue = v[8], prio = v[9], req_prefix = v[10], res_prefix = v[11], ttl = v[12], keep = v[13],
-          events = v[14], id = v[15]}
+          events = v[14], id = v[15], expires_at = tonumber(v[16]) or 0}
 end
 
 -- The last line settled (or a batch closed before it started): its final status and webhook event.
@@ -122,6 +124,15 @@ end
 local function batch_pump(bkey, refill)
   local b = batch_load(bkey)
   if b.status ~= 'in_progress' and b.status ~= 'cancelling' then return end
+  if refill and not b.closing and b.expires_at > 0 and job_now() >= b.expires_at then
+    -- past the window with lines still waiting: they will not start (the sweep would close it the same way)
+    local waiting = redis.call('LLEN', bkey .. ':todo')
+    if waiting > 0 then
+      redis.call('HSET', bkey, 'closing', 'expired')
+      b.closing, b.failed = 'expired', redis.call('HINCRBY', bkey, 'failed', waiting)
+      redis.call('DEL', bkey .. ':todo')
+    end
+  end
   if refill and not b.closing then
     if redis.call('EXISTS', b.queue) == 0 then redis.call('XGROUP', 'CREATE', b.queue, 'workers', '0', 'MKSTREAM') end
     local started = 0

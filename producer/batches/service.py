@@ -34,6 +34,7 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})(s|m|h|d)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at")
+RENDER_MARGIN_S = 86_400  # the input file is kept at least this long past the batch's window
 RENDER_LOCK_S = 60  # one replica renders a batch's output files; another waits this long at most
 _WRITE_CHUNK = 500  # lines per pipeline while a validated file is written to its ledger
 
@@ -216,6 +217,7 @@ class Batches:
             raise
         if source.get("purpose") != "batch":
             raise invalid("input_file_id", f"the file's purpose is {source.get('purpose')!r}, not 'batch'")
+        await self._keep_input(input_file_id, window_s + RENDER_MARGIN_S)
         raw = [line async for line in self.files.lines(input_file_id, owner)]
         batch_hex = secrets.token_hex(16)
         batch_id = f"batch_{batch_hex}"
@@ -266,6 +268,16 @@ class Batches:
         self._spawn(self._validate(batch_id, key, token, raw))
         return batch_object({k: str(v) for k, v in fields.items()})
 
+    async def _keep_input(self, file_id: str, seconds: int) -> None:
+        """The output is rendered from the input file: it must outlive the batch's window."""
+        left: Any = await self.redis.ttl(self.jobs.file(file_id))
+        if 0 <= left < seconds:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.expire(self.jobs.file(file_id), seconds)
+            pipe.expire(self.jobs.file_data(file_id), seconds)
+            pipe.hset(self.jobs.file(file_id), "expires_at", int(time.time()) + seconds)
+            await pipe.execute()
+
     def _spawn(self, work: Awaitable[None]) -> None:
         async def run() -> None:
             try:
@@ -295,12 +307,12 @@ class Batches:
         if checked.error_count:
             errors = json.dumps([e.as_dict() for e in checked.errors])
             status = await self._script(ledger.FAIL, key, ledger.FAIL_ARGV.args(token=token, errors=errors))
-            log.info("batch failed validation", batch_id=batch_id, errors=checked.error_count, status=status)
+            log.info("batch failed validation", batch_id=batch_id, errors=checked.error_count, status=_text(status))
             return
         if not await self._write_lines(key, token, checked):
             return
         status = await self._script(ledger.START, key, ledger.START_ARGV.args(token=token))
-        log.info("batch started", batch_id=batch_id, lines=len(checked.lines), status=status)
+        log.info("batch started", batch_id=batch_id, lines=len(checked.lines), status=_text(status))
 
     async def _write_lines(self, key: str, token: str, checked: Checked) -> bool:
         """The validated lines into the ledger, in chunks, renewing the lease; False: the lease was lost."""
@@ -325,12 +337,10 @@ class Batches:
                     for k, request in enumerate(lines[i])
                 },
             )
+            for suffix in (":todo", ":left", ":req"):  # a validation cut short leaves nothing without a TTL
+                pipe.expire(key + suffix, keep)
             await pipe.execute()
-        pipe = self.redis.pipeline(transaction=False)
-        for suffix in (":todo", ":left", ":req"):
-            pipe.expire(key + suffix, keep)
-        pipe.hset(key, "total", len(lines))
-        await pipe.execute()
+        await self.redis.hset(key, "total", len(lines))
         return True
 
     async def _script(self, script: str, key: str, args: list[Any]) -> Any:
