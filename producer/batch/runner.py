@@ -21,7 +21,7 @@ from typing import Any
 from producer.async_client import AsyncClient
 from producer.batch.files import ResultWriter, done_ids, read_input, scan_input
 from producer.batch.gather import Gatherer
-from producer.client import ClientConfig, build_request
+from producer.client import ClientConfig
 from producer.connection import connect_async
 from producer.errors import ProtocolError, QueueFull, RequestFailed
 from producer.gateway.errors import APIError, from_protocol_error, from_request_failed, invalid, model_not_found
@@ -143,25 +143,12 @@ class BatchRunner:
         return completions, request_ids
 
     def _requests(self, plan: GenerationPlan, request_ids: list[str]) -> list[Request]:
-        requests, index = [], 0
         try:
-            for prompt in plan.prompts:
-                for i in range(plan.n):
-                    requests.append(
-                        build_request(
-                            plan.model,
-                            stream=False,
-                            priority=self.options.priority,
-                            timeout=self.options.request_timeout_s,
-                            request_id=request_ids[index],
-                            **prompt,
-                            **plan.choice_params(i),
-                        )
-                    )
-                    index += 1
+            return plan.requests(
+                request_ids, stream=False, priority=self.options.priority, timeout=self.options.request_timeout_s
+            )
         except ProtocolError as exc:
             raise from_protocol_error(exc) from None
-        return requests
 
     async def _submit(self, requests: list[Request]) -> None:
         """Submits, waiting out a full queue (the ids make a retried submit a no-op for what got in)."""

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.batch.runner import BatchOptions, plan_line
-from producer.client import build_request
 from producer.errors import ProtocolError
 from producer.gateway.errors import APIError, from_protocol_error
 from producer.gateway.requests import GenerationPlan
@@ -159,24 +158,10 @@ def _plan(
 def _requests(
     plan: GenerationPlan, batch_hex: str, index: int, number: int, options: BatchOptions, deadline: float
 ) -> list[Request]:
-    requests, choice = [], 0
+    ids = [line_request_id(batch_hex, index, choice) for choice in range(plan.choices)]
     try:
-        for prompt in plan.prompts:
-            for i in range(plan.n):
-                requests.append(
-                    build_request(
-                        plan.model,
-                        stream=False,
-                        priority=options.priority,
-                        deadline=deadline,
-                        request_id=line_request_id(batch_hex, index, choice),
-                        **prompt,
-                        **plan.choice_params(i),
-                    )
-                )
-                choice += 1
+        return plan.requests(ids, stream=False, priority=options.priority, deadline=deadline)
     except ProtocolError as exc:
         error = from_protocol_error(exc)
         param = f"body.{error.param}" if error.param else None
         raise LineProblem(LineError(number, error.code or "invalid_request", error.message, param)) from None
-    return requests

@@ -6,12 +6,14 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from producer.client_core import build_request
 from producer.errors import ProtocolError
 from producer.gateway import constraints
 from producer.gateway.errors import APIError, from_protocol_error, invalid, unsupported
 from producer.gateway.tools import ToolPlan, parse_tools
 from producer.params import validate_params
 from producer.protocol import Priority
+from producer.protocol import Request as WireRequest
 
 # OpenAI fields accepted and ignored: they change nothing about the tokens produced.
 _IGNORED = frozenset({"user", "metadata", "service_tier"})
@@ -99,6 +101,18 @@ class GenerationPlan:
         if self.n > 1 and params.get("seed") is not None:
             params["seed"] = params["seed"] + index % self.n
         return params
+
+    def requests(self, request_ids: list[str] | None = None, **common: Any) -> list[WireRequest]:
+        """The wire requests of every choice (prompt by prompt, n each), with `common` build_request keywords
+        and, if given, one request id per choice; raises ProtocolError naming a bad field."""
+        built = []
+        for p, prompt in enumerate(self.prompts):
+            for i in range(self.n):
+                request_id = request_ids[p * self.n + i] if request_ids is not None else None
+                built.append(
+                    build_request(self.model, request_id=request_id, **common, **prompt, **self.choice_params(i))
+                )
+        return built
 
 
 def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:

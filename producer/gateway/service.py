@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse, Response
 from producer import fleet
 from producer.async_client import AsyncClient
 from producer.batches.service import BatchConfig, Batches
-from producer.client import build_request
 from producer.connection import SyncRedis
 from producer.errors import ProtocolError, QueueFull, RequestFailed
 from producer.gateway.auth import APIKeys
@@ -126,23 +125,10 @@ class Gateway:
         return {"object": "list", "data": data}
 
     def _requests(self, plan: GenerationPlan) -> list[WireRequest]:
-        requests = []
         try:
-            for prompt in plan.prompts:
-                for i in range(plan.n):
-                    requests.append(
-                        build_request(
-                            plan.model,
-                            stream=plan.stream,
-                            priority=plan.priority,
-                            timeout=self.settings.request_timeout_s,
-                            **prompt,
-                            **plan.choice_params(i),
-                        )
-                    )
+            return plan.requests(stream=plan.stream, priority=plan.priority, timeout=self.settings.request_timeout_s)
         except ProtocolError as exc:
             raise from_protocol_error(exc) from None
-        return requests
 
     async def _submit(self, plan: GenerationPlan) -> list[str]:
         try:
