@@ -7,21 +7,14 @@ from fastapi.responses import JSONResponse, Response
 
 from producer.gateway.errors import invalid
 from producer.gateway.idempotency import HEADER
-from producer.gateway.routes import _gateway, _json_body
-from producer.gateway.service import Gateway
+from producer.gateway.routes import _json_body, caller
 
 router = APIRouter()
 
 
-def _caller(request: Request) -> tuple[Gateway, str]:
-    """The gateway and the caller's owner fingerprint (the 401 of a missing or wrong key)."""
-    gateway: Gateway = _gateway(request)
-    return gateway, gateway.keys.owner(request.headers.get("authorization"))
-
-
 @router.post("/v1/batches")
 async def create_batch(request: Request) -> Response:
-    gateway, owner = _caller(request)
+    gateway, owner = caller(request)
     body = await _json_body(request)
 
     async def create() -> str:
@@ -35,7 +28,7 @@ async def create_batch(request: Request) -> Response:
 
 @router.get("/v1/batches")
 async def list_batches(request: Request) -> Response:
-    gateway, owner = _caller(request)
+    gateway, owner = caller(request)
     raw_limit = request.query_params.get("limit", "20")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
         raise invalid("limit", "must be an integer from 1 to 100")
@@ -45,11 +38,11 @@ async def list_batches(request: Request) -> Response:
 
 @router.get("/v1/batches/{batch_id}")
 async def retrieve_batch(request: Request, batch_id: str) -> Response:
-    gateway, owner = _caller(request)
+    gateway, owner = caller(request)
     return JSONResponse(await gateway.batches.get(batch_id, owner))
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(request: Request, batch_id: str) -> Response:
-    gateway, owner = _caller(request)
+    gateway, owner = caller(request)
     return JSONResponse(await gateway.batches.cancel(batch_id, owner))

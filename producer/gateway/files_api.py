@@ -10,19 +10,14 @@ from producer.gateway.errors import APIError, invalid, unsupported
 from producer.gateway.files import MAX_EXPIRES_S, MIN_EXPIRES_S, FilePurpose, FileStore
 from producer.gateway.idempotency import HEADER
 from producer.gateway.multipart import boundary_of, read_form
-from producer.gateway.service import CLIENT_CLOSED, Gateway
+from producer.gateway.routes import caller
+from producer.gateway.service import CLIENT_CLOSED
 
 router = APIRouter()
 FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the small fields beside the file
 UPLOAD_PURPOSES = (FilePurpose.BATCH,)
 _FIELDS = ("purpose", "expires_after[anchor]", "expires_after[seconds]")
 MAX_LIST_LIMIT = 10_000
-
-
-def _gateway(request: Request) -> tuple[Gateway, str]:
-    """The gateway and the caller's owner fingerprint (the 401 of a missing or wrong key)."""
-    gateway: Gateway = request.app.state.gateway
-    return gateway, gateway.keys.owner(request.headers.get("authorization"))
 
 
 def _check_field(name: str, value: str) -> None:
@@ -74,7 +69,7 @@ def _preflight(request: Request, store: FileStore) -> bytes:
 
 @router.post("/v1/files")
 async def create_file(request: Request) -> Response:
-    gateway, owner = _gateway(request)
+    gateway, owner = caller(request)
     store = gateway.files
     try:
         boundary = _preflight(request, store)
@@ -104,7 +99,7 @@ def _limit(raw: str | None) -> int:
 
 @router.get("/v1/files")
 async def list_files(request: Request) -> Response:
-    gateway, owner = _gateway(request)
+    gateway, owner = caller(request)
     query = request.query_params
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -121,13 +116,13 @@ async def list_files(request: Request) -> Response:
 
 @router.get("/v1/files/{file_id}")
 async def retrieve_file(request: Request, file_id: str) -> Response:
-    gateway, owner = _gateway(request)
+    gateway, owner = caller(request)
     return JSONResponse(await gateway.files.get(file_id, owner))
 
 
 @router.get("/v1/files/{file_id}/content")
 async def file_content(request: Request, file_id: str) -> Response:
-    gateway, owner = _gateway(request)
+    gateway, owner = caller(request)
     file = await gateway.files.get(file_id, owner)  # the 404 comes before the response starts
     return StreamingResponse(
         gateway.files.stream(file),
@@ -138,5 +133,5 @@ async def file_content(request: Request, file_id: str) -> Response:
 
 @router.delete("/v1/files/{file_id}")
 async def delete_file(request: Request, file_id: str) -> Response:
-    gateway, owner = _gateway(request)
+    gateway, owner = caller(request)
     return JSONResponse(await gateway.files.delete(file_id, owner))

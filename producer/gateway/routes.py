@@ -22,6 +22,13 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
+def caller(request: Request) -> tuple[Gateway, str]:
+    """The gateway and the caller's owner fingerprint (the 401 of a missing or wrong key): routes whose
+    objects belong to the key that made them (files, batches)."""
+    gateway = _gateway(request)
+    return gateway, gateway.keys.owner(request.headers.get("authorization"))
+
+
 # Bodies past this are refused before they are read whole: a prompt at the wire cap (1,000,000
 # characters) is at most 6 MB of JSON-escaped text, and nothing bigger is worth holding in memory.
 MAX_BODY_BYTES = 16 * 2**20
