@@ -57,7 +57,15 @@ def _localised(code: str, stack: dict[str, str]) -> str:
 
 def test_the_page_has_examples_of_every_kind() -> None:
     text = "\n".join(code for _, code in BLOCKS)
-    for needle in ("curl", "from openai import OpenAI", "AsyncOpenAI", "tokenrelay.generate", "tokenrelay batch"):
+    needles = (
+        "curl",
+        "from openai import OpenAI",
+        "AsyncOpenAI",
+        "tokenrelay.generate",
+        "tokenrelay batch",
+        "/v1/batches",
+    )
+    for needle in needles:
         assert needle in text, needle
 
 
@@ -69,9 +77,14 @@ def test_example_block_runs(stack: dict[str, str], index: int, tmp_path: Path) -
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=stack, timeout=180)
     assert result.returncode == 0, f"block {index} ({language}) failed:\n{code}\n--- stderr\n{result.stderr[-3000:]}"
     assert result.stdout.strip(), f"block {index} printed nothing"
-    if "curl" in code:
+    if "curl" in code and "/v1/batches" in code:
+        lines = (tmp_path / "batch-results.jsonl").read_text().splitlines()
+        assert len(lines) == 2 and all('"status_code":200' in line for line in lines)
+    elif "curl" in code:
         assert '"object":"chat.completion"' in result.stdout and "data: [DONE]" in result.stdout
         assert '"error"' not in result.stdout
+    if "client.batches.create" in code:
+        assert result.stdout.startswith("completed")
     if "tokenrelay batch" in code:
         lines = (tmp_path / "results.jsonl").read_text().splitlines()
         assert len(lines) == 2 and all('"status_code":200' in line for line in lines)
