@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from producer.client import build_request
 from producer.errors import ProtocolError, QueueFull, RequestFailed
 from producer.gateway.errors import APIError, from_protocol_error, from_queue_full, from_request_failed, invalid
+from producer.gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
 from producer.gateway.requests import Endpoint
 from producer.gateway.responses_events import ResponseEvents, Status, ended_status, live_status, response_object
 from producer.gateway.responses_request import ResponsePlan, parse_response
@@ -83,6 +84,28 @@ class Responses:
     async def create(self, body: Any, request: Request) -> Response:
         owner = self.owner(request)
         plan = parse_response(body, self.settings.default_max_tokens)
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is not None and plan.background and not plan.stream:
+            # a retried background create answers the response the first one made, on any replica
+
+            async def start() -> str:
+                return (await self._start(plan, owner))[0].id
+
+            async def fetch(response_id: str) -> dict[str, Any]:
+                return await self.retrieve(await self.find(response_id, request))
+
+            return JSONResponse(await self.gateway.idempotency.run("POST /v1/responses", owner, key, start, fetch))
+        record, timeout = await self._start(plan, owner)
+        headers = {REQUEST_IDS_HEADER: record.request_id}
+        if plan.stream:
+            events = self._events(record, None, timeout + RESULT_MARGIN_S, created=True)
+            return SSEResponse(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+        if plan.background:
+            return JSONResponse(response_object(record, Status.QUEUED), headers=headers)
+        return await self._wait(record, request, timeout + RESULT_MARGIN_S, headers)
+
+    async def _start(self, plan: ResponsePlan, owner: str) -> tuple[StoredResponse, float]:
+        """The record (when stored) and the queued request; returns the record and the request's timeout."""
         await self.gateway.check_model(plan.model)
         history = await self._history(plan.previous_response_id, owner) if plan.previous_response_id else []
         record = StoredResponse(
@@ -117,13 +140,7 @@ class Responses:
             stream=plan.stream,
             store=plan.store,
         )
-        headers = {REQUEST_IDS_HEADER: record.request_id}
-        if plan.stream:
-            events = self._events(record, None, timeout + RESULT_MARGIN_S, created=True)
-            return SSEResponse(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
-        if plan.background:
-            return JSONResponse(response_object(record, Status.QUEUED), headers=headers)
-        return await self._wait(record, request, timeout + RESULT_MARGIN_S, headers)
+        return record, timeout
 
     def _wire(self, plan: ResponsePlan, record: StoredResponse, timeout: float) -> WireRequest:
         try:

@@ -384,3 +384,16 @@ def test_background_responses_announce_their_end_to_a_webhook(stack: Stack, tmp_
     finally:
         hooked.stop()
         receiver.stop()
+
+
+def test_a_retried_background_create_with_an_idempotency_key_returns_the_first(
+    client: openai.OpenAI, replica: GatewayProcess
+) -> None:
+    headers = {"Idempotency-Key": "resp-retry-1"}
+    first = client.responses.create(**PROMPT, **GREEDY, background=True, extra_headers=headers)
+    again = _client(replica.url).responses.create(**PROMPT, **GREEDY, background=True, extra_headers=headers)
+    assert again.id == first.id
+    other = client.responses.create(**PROMPT, **GREEDY, background=True, extra_headers={"Idempotency-Key": "b"})
+    assert other.id != first.id
+    for response_id in (first.id, other.id):
+        assert _until(client, response_id, TERMINAL).status in ("completed", "incomplete")
