@@ -36,17 +36,21 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module) -> int:
     """Swap every nn.Linear for a PackedLinear, in place; returns how many were swapped."""
-    # Names only: holding the old modules until the end would keep every fp32 weight alive beside
-    # its packed copy (twice the model's memory at the peak). Reorders run on threads (oneDNN
-    # releases the GIL): start-up time is part of time-to-first-token.
+    # Names only, and a few layers in flight at a time, each swapped in (its fp32 weight freed) as
+    # soon as its packed copy exists: packing everything before swapping kept every fp32 weight alive
+    # beside its packed copy (peak RSS 1.70 GB against 1.0 GB after loading the default model).
+    # Reorders run on threads (oneDNN releases the GIL): start-up time is part of time-to-first-token.
     slots = [
         (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child) is nn.Linear
     ]
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        packed = pool.map(lambda slot: PackedLinear(getattr(slot[0], slot[1])), slots)
-        for (parent, name), layer in zip(slots, packed, strict=True):
-            setattr(parent, name, layer)
+    workers = max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(slots), workers):
+            window = slots[start : start + workers]
+            packed = list(pool.map(lambda slot: PackedLinear(getattr(slot[0], slot[1])), window))
+            for (parent, name), layer in zip(window, packed, strict=True):
+                setattr(parent, name, layer)
     return len(slots)

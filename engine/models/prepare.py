@@ -91,6 +91,8 @@ def prepare_model(config: EngineConfig) -> PreparedModel:
         # before quantization and packing: those then see the merged q/k/v and gate/up projections
         compiled = _cpu_kernels(device, dtype, (torch.float32, torch.float64))
         fused = fuse_decoder_layers(loaded.model, FusedOps(compiled))
+        if device.type == "cpu":
+            release_free_host_memory()  # the unmerged projections' memory, before packing allocates more
     if config.quantization == "int8":
         quantize_model_int8(loaded.model, _cpu_kernels(device, dtype))
     elif config.quantization == "gguf":

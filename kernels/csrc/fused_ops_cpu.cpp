@@ -95,8 +95,22 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
         scalar_t* o = op + i * inter;
         if constexpr (std::is_same_v<scalar_t, float>) {
           // sigmoid(g) from e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, e / (1 + e) below
-          _Pragma("omp simd")
-          for (int64_t j = 0; j < inter; ++j) {
+          int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+          // (the dispatch lambda is no template, so this branch is compiled for double too: hence the casts)
+          const float* gf = reinterpret_cast<const float*>(g);
+          const float* uf = reinterpret_cast<const float*>(u);
+          float* of = reinterpret_cast<float*>(o);
+          const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+          for (; j + 8 <= inter; j += 8) {
+            const __m256 x = _mm256_loadu_ps(gf + j);
+            const __m256 e = exp_nonpositive8(_mm256_or_ps(x, sign));  // exp(-|x|)
+            const __m256 num = _mm256_blendv_ps(one, e, x);  // the sign bit of x picks e
+            const __m256 sig = _mm256_div_ps(num, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(of + j, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(uf + j)));
+          }
+#endif
+          for (; j < inter; ++j) {
             const float e = exp_nonpositive(-std::abs(g[j]));
             const float sig = (g[j] >= 0.0f ? 1.0f : e) / (1.0f + e);
             o[j] = (g[j] * sig) * u[j];

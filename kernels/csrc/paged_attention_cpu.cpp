@@ -39,42 +39,86 @@ inline void softmax_numerators(scalar_t* s, int64_t n, scalar_t m, scalar_t& sum
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define TR_AVX2 1
-// float32, head_dim 64: the block's scores for one query head, four keys per reduction (their
-// horizontal sums folded together), and its weighted values with the accumulator in registers.
-inline void block_scores_64(const float* q, const float* k, int64_t n, int64_t token_stride, float* out) {
-  __m256 qv[8];
-  for (int i = 0; i < 8; ++i) qv[i] = _mm256_loadu_ps(q + 8 * i);
-  int64_t t = 0;
-  for (; t + 4 <= n; t += 4) {
-    __m256 a[4];
-    for (int u = 0; u < 4; ++u) {
-      const float* kk = k + (t + u) * token_stride;
-      __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kk));
-      for (int i = 1; i < 8; ++i) acc = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(kk + 8 * i), acc);
-      a[u] = acc;
-    }
-    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    _mm_storeu_ps(out + t, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+// float32 caches, head size D (a multiple of 32), G query heads per kv head (grouped-query attention).
+// Each K/V row is loaded once for the G query heads that read it, and a block is walked token by
+// token, front to back, so the memory is streamed in address order.
+
+// Row max, then numerators exp(s - max) in place; returns their sum.
+inline float softmax_numerators8(float* s, int64_t n) {
+  __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
+  float m = -std::numeric_limits<float>::infinity();
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m8);
+  for (float x : lanes) m = std::max(m, x);
+  for (int64_t r = j; r < n; ++r) m = std::max(m, s[r]);
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 total = _mm256_setzero_ps();
+  j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    _mm256_storeu_ps(s + j, e);
+    total = _mm256_add_ps(total, e);
   }
-  for (; t < n; ++t) {
-    const float* kk = k + t * token_stride;
-    __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kk));
-    for (int i = 1; i < 8; ++i) acc = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(kk + 8 * i), acc);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    r = _mm_hadd_ps(r, r);
-    out[t] = _mm_cvtss_f32(_mm_hadd_ps(r, r));
+  float sum = hsum(total);
+  for (; j < n; ++j) {
+    s[j] = exp_nonpositive(s[j] - m);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// Scores of four consecutive tokens (rows k, k + token_stride, ...) for the G heads of one kv head:
+// out[h * out_stride + u] = q[h] . k[u].
+template <int D, int G>
+inline void group_scores4(const float* q, const float* k, int64_t token_stride, float* out, int64_t out_stride) {
+  __m256 acc[G][4];
+  for (int h = 0; h < G; ++h)
+    for (int u = 0; u < 4; ++u) acc[h][u] = _mm256_setzero_ps();
+  for (int c = 0; c < D / 8; ++c) {
+    __m256 kk[4];
+    for (int u = 0; u < 4; ++u) kk[u] = _mm256_loadu_ps(k + u * token_stride + 8 * c);
+    for (int h = 0; h < G; ++h) {
+      const __m256 qv = _mm256_loadu_ps(q + h * D + 8 * c);
+      for (int u = 0; u < 4; ++u) acc[h][u] = _mm256_fmadd_ps(qv, kk[u], acc[h][u]);
+    }
+  }
+  for (int h = 0; h < G; ++h) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[h][0], acc[h][1]), _mm256_hadd_ps(acc[h][2], acc[h][3]));
+    _mm_storeu_ps(out + h * out_stride, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
   }
 }
 
-inline void block_values_64(const float* weights, const float* v, int64_t n, int64_t token_stride, float* acc) {
-  __m256 a[8];
-  for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
-  for (int64_t t = 0; t < n; ++t) {
-    const __m256 w = _mm256_set1_ps(weights[t]);
-    const float* vv = v + t * token_stride;
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + 8 * i), a[i]);
+template <int D, int G>
+inline void group_scores1(const float* q, const float* k, float* out, int64_t out_stride) {
+  for (int h = 0; h < G; ++h) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int c = 0; c < D / 8; ++c) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + 8 * c), _mm256_loadu_ps(k + 8 * c), acc);
+    out[h * out_stride] = hsum(acc);
   }
-  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
+}
+
+// acc[h] += sum_t w[h * w_stride + t] * v[t] over n tokens, for the G heads of one kv head; the
+// accumulators of a 32-wide slice of the head stay in registers for the whole block.
+template <int D, int G>
+inline void group_values(const float* w, int64_t w_stride, const float* v, int64_t n, int64_t token_stride, float* acc) {
+  for (int slice = 0; slice < D / 32; ++slice) {
+    __m256 a[G][4];
+    for (int h = 0; h < G; ++h)
+      for (int i = 0; i < 4; ++i) a[h][i] = _mm256_loadu_ps(acc + h * D + 32 * slice + 8 * i);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* vv = v + t * token_stride + 32 * slice;
+      __m256 x[4];
+      for (int i = 0; i < 4; ++i) x[i] = _mm256_loadu_ps(vv + 8 * i);
+      for (int h = 0; h < G; ++h) {
+        const __m256 wt = _mm256_set1_ps(w[h * w_stride + t]);
+        for (int i = 0; i < 4; ++i) a[h][i] = _mm256_fmadd_ps(wt, x[i], a[h][i]);
+      }
+    }
+    for (int h = 0; h < G; ++h)
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(acc + h * D + 32 * slice + 8 * i, a[h][i]);
+  }
 }
 #endif
 
@@ -110,11 +154,6 @@ struct Problem {
 template <typename scalar_t, typename cache_t, int HEAD_DIM>
 void paged_attention_kernel(const Problem<scalar_t, cache_t>& p) {
   constexpr bool quantized = std::is_same_v<cache_t, int8_t>;
-#ifdef TR_AVX2
-  constexpr bool avx2_64 = HEAD_DIM == 64 && std::is_same_v<scalar_t, float> && std::is_same_v<cache_t, float>;
-#else
-  constexpr bool avx2_64 = false;
-#endif
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : p.head_dim;
   const int64_t num_heads = p.num_heads, block_size = p.block_size;
   const int64_t group = num_heads / p.num_kv_heads;
@@ -141,15 +180,6 @@ void paged_attention_kernel(const Problem<scalar_t, cache_t>& p) {
         const cache_t* kb = p.k_cache + block * block_stride;
         const int64_t n = std::min(block_size, ctx - b * block_size);
         if (b + 1 < num_blocks) prefetch_block(p.k_cache + static_cast<int64_t>(table[b + 1]) * block_stride, block_stride);
-#ifdef TR_AVX2
-        if constexpr (avx2_64) {
-          for (int64_t h = 0; h < num_heads; ++h) {
-            block_scores_64(q_local.data() + h * 64, kb + (h / group) * 64, n, token_stride,
-                            scores.data() + h * ctx + b * block_size);
-          }
-          continue;
-        }
-#endif
         for (int64_t t = 0; t < n; ++t) {
           const int64_t j = b * block_size + t;
           for (int64_t h = 0; h < num_heads; ++h) {
@@ -181,15 +211,6 @@ void paged_attention_kernel(const Problem<scalar_t, cache_t>& p) {
         const cache_t* vb = p.v_cache + block * block_stride;
         const int64_t n = std::min(block_size, ctx - b * block_size);
         if (b + 1 < num_blocks) prefetch_block(p.v_cache + static_cast<int64_t>(table[b + 1]) * block_stride, block_stride);
-#ifdef TR_AVX2
-        if constexpr (avx2_64) {
-          for (int64_t h = 0; h < num_heads; ++h) {
-            block_values_64(scores.data() + h * ctx + b * block_size, vb + (h / group) * 64, n, token_stride,
-                            acc.data() + h * 64);
-          }
-          continue;
-        }
-#endif
         for (int64_t t = 0; t < n; ++t) {
           const int64_t j = b * block_size + t;
           for (int64_t h = 0; h < num_heads; ++h) {
@@ -211,8 +232,133 @@ void paged_attention_kernel(const Problem<scalar_t, cache_t>& p) {
   });
 }
 
+#ifdef TR_AVX2
+// The heads of one kv head in chunks of at most four (what fits the registers), for C = chunk size.
+template <int D>
+inline void scores4_chunks(const float* q, const float* k, int64_t token_stride, float* out, int64_t out_stride,
+                           int64_t group) {
+  for (int64_t h = 0; h < group; h += 4) {
+    const float* qh = q + h * D;
+    float* oh = out + h * out_stride;
+    switch (std::min<int64_t>(4, group - h)) {
+      case 1: group_scores4<D, 1>(qh, k, token_stride, oh, out_stride); break;
+      case 2: group_scores4<D, 2>(qh, k, token_stride, oh, out_stride); break;
+      case 3: group_scores4<D, 3>(qh, k, token_stride, oh, out_stride); break;
+      default: group_scores4<D, 4>(qh, k, token_stride, oh, out_stride); break;
+    }
+  }
+}
+
+template <int D>
+inline void scores1_chunks(const float* q, const float* k, float* out, int64_t out_stride, int64_t group) {
+  for (int64_t h = 0; h < group; h += 4) {
+    const float* qh = q + h * D;
+    float* oh = out + h * out_stride;
+    switch (std::min<int64_t>(4, group - h)) {
+      case 1: group_scores1<D, 1>(qh, k, oh, out_stride); break;
+      case 2: group_scores1<D, 2>(qh, k, oh, out_stride); break;
+      case 3: group_scores1<D, 3>(qh, k, oh, out_stride); break;
+      default: group_scores1<D, 4>(qh, k, oh, out_stride); break;
+    }
+  }
+}
+
+template <int D>
+inline void values_chunks(const float* w, int64_t w_stride, const float* v, int64_t n, int64_t token_stride,
+                          float* acc, int64_t group) {
+  for (int64_t h = 0; h < group; h += 4) {
+    const float* wh = w + h * w_stride;
+    float* ah = acc + h * D;
+    switch (std::min<int64_t>(4, group - h)) {
+      case 1: group_values<D, 1>(wh, w_stride, v, n, token_stride, ah); break;
+      case 2: group_values<D, 2>(wh, w_stride, v, n, token_stride, ah); break;
+      case 3: group_values<D, 3>(wh, w_stride, v, n, token_stride, ah); break;
+      default: group_values<D, 4>(wh, w_stride, v, n, token_stride, ah); break;
+    }
+  }
+}
+
+// Into L2 (T1), not L1: measured over 30 layers of DRAM-resident caches (64 decodes, 214 tokens), L1
+// prefetches of the next block ran at 6-7 GB/s, L2 prefetches at ~10 GB/s on one core.
+inline void prefetch_bytes(const void* start, int64_t bytes) {
+  const char* p = static_cast<const char*>(start);
+  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T1);
+}
+
+// float32 cache and queries, head size D: the grouped, streamed kernel (see group_scores4). The next
+// block is prefetched a few rows at a time while the current one is read, not all at once.
+template <int D>
+void grouped_attention_f32(const Problem<float, float>& p) {
+  const int64_t num_heads = p.num_heads, num_kv = p.num_kv_heads, block_size = p.block_size;
+  const int64_t group = num_heads / num_kv;
+  const int64_t token_stride = num_kv * D;
+  const int64_t block_stride = block_size * token_stride;
+  const int64_t row_bytes = token_stride * static_cast<int64_t>(sizeof(float));
+  at::parallel_for(0, p.num_queries, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<float> acc(num_heads * D);
+    std::vector<float> q_local(num_heads * D);
+    std::vector<float> inv_sum(num_heads);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = p.rows[i];
+      const int64_t ctx = p.ctx_lens[i];
+      const int64_t num_blocks = (ctx + block_size - 1) / block_size;
+      const int32_t* table = p.block_tables + static_cast<int64_t>(p.seq_index[i]) * p.max_blocks;
+      scores.resize(num_heads * ctx);
+      for (int64_t h = 0; h < num_heads; ++h) {
+        const float* q = p.query + row * p.q_stride_t + h * p.q_stride_h;
+        for (int64_t d = 0; d < D; ++d) q_local[h * D + d] = q[d] * p.scale;
+      }
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const float* kb = p.k_cache + table[b] * block_stride;
+        const float* next = b + 1 < num_blocks ? p.k_cache + table[b + 1] * block_stride : nullptr;
+        const int64_t n = std::min(block_size, ctx - b * block_size);
+        float* sb = scores.data() + b * block_size;
+        int64_t t = 0;
+        for (; t + 4 <= n; t += 4) {
+          if (next) prefetch_bytes(next + t * token_stride, 4 * row_bytes);
+          for (int64_t g = 0; g < num_kv; ++g)
+            scores4_chunks<D>(q_local.data() + g * group * D, kb + t * token_stride + g * D, token_stride,
+                              sb + g * group * ctx + t, ctx, group);
+        }
+        for (; t < n; ++t) {
+          if (next) prefetch_bytes(next + t * token_stride, row_bytes);
+          for (int64_t g = 0; g < num_kv; ++g)
+            scores1_chunks<D>(q_local.data() + g * group * D, kb + t * token_stride + g * D,
+                              sb + g * group * ctx + t, ctx, group);
+        }
+      }
+      for (int64_t h = 0; h < num_heads; ++h) inv_sum[h] = 1.0f / softmax_numerators8(scores.data() + h * ctx, ctx);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const float* vb = p.v_cache + table[b] * block_stride;
+        const float* next = b + 1 < num_blocks ? p.v_cache + table[b + 1] * block_stride : nullptr;
+        const int64_t n = std::min(block_size, ctx - b * block_size);
+        for (int64_t g = 0; g < num_kv; ++g) {
+          // this kv head's share of the next block, as this one's is read
+          if (next) prefetch_bytes(next + g * (block_stride / num_kv), block_stride / num_kv * 4);
+          values_chunks<D>(scores.data() + g * group * ctx + b * block_size, ctx, vb + g * D, n, token_stride,
+                           acc.data() + g * group * D, group);
+        }
+      }
+      for (int64_t h = 0; h < num_heads; ++h) {
+        float* o = p.out + row * p.o_stride_t + h * p.o_stride_h;
+        const float scale = inv_sum[h];
+        for (int64_t d = 0; d < D; ++d) o[d] = acc[h * D + d] * scale;
+      }
+    }
+  });
+}
+#endif
+
 template <typename scalar_t, typename cache_t>
 void dispatch_head_dim(const Problem<scalar_t, cache_t>& p) {
+#ifdef TR_AVX2
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<cache_t, float>) {
+    if (p.head_dim == 64) return grouped_attention_f32<64>(p);
+    if (p.head_dim == 128) return grouped_attention_f32<128>(p);
+  }
+#endif
   if (p.head_dim == 64) paged_attention_kernel<scalar_t, cache_t, 64>(p);
   else if (p.head_dim == 128) paged_attention_kernel<scalar_t, cache_t, 128>(p);
   else paged_attention_kernel<scalar_t, cache_t, 0>(p);
