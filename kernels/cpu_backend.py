@@ -31,6 +31,7 @@ class CpuBackend:
 
     def __init__(self, module: ModuleType) -> None:
         self._kernel = module.paged_attention
+        self._write = module.write_kv_cache
 
     def prepare(self, meta: AttentionMetadata) -> None:
         rows: list[int] = []
@@ -67,7 +68,10 @@ class CpuBackend:
             raise NotImplementedError("the cpu backend has no sliding window; use attention_backend='torch'")
         state: CpuStepState = meta.backend_state
         cache = meta.kv_caches[layer]
-        write_kv(key, value, cache, meta.slot_mapping)
+        if cache.k_scale is None and key.dtype == cache.k.dtype:
+            self._write(cache.k, cache.v, key, value, meta.slot_mapping)
+        else:
+            write_kv(key, value, cache, meta.slot_mapping)
         out = query.new_empty(query.shape)
         if query.stride(2) != 1:
             query = query.contiguous()

@@ -406,3 +406,39 @@ void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor k_cac
     else fill(k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>());
   });
 }
+
+// k_cache/v_cache[slot_mapping[i]] = key/value[i]: the new tokens' K/V written into float caches
+// ([blocks, block_size, kv_heads, dim], contiguous) from key/value [tokens, kv_heads, dim] with a
+// contiguous last dim. One call for both, where index_copy_ took two torch dispatches of ~75 us each.
+void write_kv_cache(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor key, torch::Tensor value,
+                    torch::Tensor slot_mapping) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4, "caches: contiguous, 4-D");
+  TORCH_CHECK(key.dim() == 3 && value.dim() == 3 && key.stride(2) == 1 && value.stride(2) == 1,
+              "key, value: [tokens, kv_heads, dim] with a contiguous last dim");
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == v_cache.scalar_type(),
+              "key, value: the caches' dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.is_contiguous() &&
+                  slot_mapping.size(0) == key.size(0) && value.size(0) == key.size(0),
+              "slot_mapping: int64, one per token");
+  const int64_t kv_heads = k_cache.size(2), dim = k_cache.size(3);
+  TORCH_CHECK(key.size(1) == kv_heads && key.size(2) == dim && value.size(1) == kv_heads && value.size(2) == dim,
+              "head shapes");
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < key.size(0); ++i)
+    TORCH_CHECK(slots[i] >= 0 && slots[i] < num_slots, "slot_mapping: slot out of range");
+  const int64_t element = k_cache.element_size();
+  char* caches[2] = {static_cast<char*>(k_cache.data_ptr()), static_cast<char*>(v_cache.data_ptr())};
+  const char* sources[2] = {static_cast<const char*>(key.data_ptr()), static_cast<const char*>(value.data_ptr())};
+  const int64_t token_strides[2] = {key.stride(0), value.stride(0)};
+  const int64_t head_strides[2] = {key.stride(1), value.stride(1)};
+  for (int which = 0; which < 2; ++which) {
+    for (int64_t i = 0; i < key.size(0); ++i) {
+      char* dst = caches[which] + slots[i] * kv_heads * dim * element;
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const char* src = sources[which] + (i * token_strides[which] + h * head_strides[which]) * element;
+        std::memcpy(dst + h * dim * element, src, dim * element);
+      }
+    }
+  }
+}
