@@ -36,6 +36,11 @@ SyncRedis = redis.Redis | RedisCluster
 AsyncRedis = aioredis.Redis | AsyncRedisCluster
 
 
+def as_text(value: Any) -> str:
+    """A Redis reply value (bytes unless the client decodes) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def is_cluster_url(url: str) -> bool:
     return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
 

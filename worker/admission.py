@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from producer.connection import SyncRedis
+from producer.connection import SyncRedis, as_text
 from producer.protocol import GROUP, Keys
 from worker import scripts
 from worker.jobs import Claim, Note, NoteKind
@@ -269,7 +269,3 @@ class Admission:
 def share_out(total: int, ways: int) -> list[int]:
     """`total` split into `ways` near-equal parts, the larger ones first."""
     return [total // ways + (1 if i < total % ways else 0) for i in range(ways)]
-
-
-def as_text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -23,7 +23,7 @@ import msgpack
 import redis
 import structlog
 
-from producer.connection import SyncRedis, register_script
+from producer.connection import SyncRedis, as_text, register_script
 from producer.protocol import (
     GROUP,
     ErrorCode,
@@ -35,7 +35,7 @@ from producer.protocol import (
 )
 from producer.reconnect import REDIS_ERRORS, RETRYABLE, Reconnect
 from worker import scripts
-from worker.admission import Admission, Entry, Partition, as_text
+from worker.admission import Admission, Entry, Partition
 from worker.jobs import Claim, Note, NoteKind, Outbox, Pending
 from worker.settings import WorkerSettings
 

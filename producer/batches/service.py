@@ -14,47 +14,25 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
-from producer.batch.runner import URLS, BatchOptions, plan_line
+from producer.batch.runner import URLS, BatchOptions
 from producer.batches import ledger
-from producer.batches.render import Rendered, render_line
+from producer.batches.objects import TERMINAL, batch_object, check_metadata, not_found, parse_window
+from producer.batches.outputs import Files, Outputs
 from producer.batches.validate import Checked, check_lines, first_model
-from producer.connection import AsyncRedis, register_script
+from producer.connection import AsyncRedis, as_text, register_script
 from producer.gateway.errors import APIError, invalid
 from producer.protocol import DEFAULT_RESULT_TTL_S, FinishReason, JobKeys, Keys, Priority, done_event, partition_of
 
 log = structlog.get_logger(__name__)
 
-TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-_WINDOW = re.compile(r"^([1-9][0-9]{0,6})(s|m|h|d)$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at")
 RENDER_MARGIN_S = 86_400  # the input file is kept at least this long past the batch's window
-RENDER_LOCK_S = 60  # one replica renders a batch's output files; another waits this long at most
 _WRITE_CHUNK = 500  # lines per pipeline while a validated file is written to its ledger
-
-
-class Files(Protocol):
-    """What batches need of the file store (producer.gateway.files.FileStore)."""
-
-    async def get(self, file_id: str, owner: str) -> dict[str, Any]: ...
-
-    def lines(self, file_id: str, owner: str) -> AsyncIterator[bytes]: ...
-
-    async def create(
-        self,
-        chunks: AsyncIterator[bytes],
-        filename: str,
-        purpose: str,
-        owner: str,
-        ttl_s: int | None = None,
-        file_id: str | None = None,
-    ) -> dict[str, Any]: ...
 
 
 @dataclass(slots=True, frozen=True)
@@ -79,81 +57,6 @@ class BatchConfig:
         )
 
 
-def output_file_id(batch_id: str, kind: str) -> str:
-    return f"file-{batch_id}-{kind}"
-
-
-def parse_window(value: Any, longest: int) -> int:
-    if not isinstance(value, str) or not (match := _WINDOW.match(value)):
-        raise invalid("completion_window", "must be a duration such as '24h' (digits, then s, m, h or d)")
-    seconds = int(match.group(1)) * _UNITS[match.group(2)]
-    if seconds > longest:
-        raise invalid("completion_window", f"must be at most {longest} seconds")
-    return seconds
-
-
-def check_metadata(value: Any) -> dict[str, str] | None:
-    if value is None:
-        return None
-    if (
-        not isinstance(value, dict)
-        or len(value) > 16
-        or not all(
-            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in value.items()
-        )
-    ):
-        raise invalid("metadata", "must map at most 16 keys of up to 64 characters to strings of up to 512")
-    return value
-
-
-def batch_object(fields: dict[str, str]) -> dict[str, Any]:
-    """OpenAI's batch object from a ledger hash."""
-
-    def number(name: str) -> int:
-        return int(fields.get(name) or 0)
-
-    def moment(name: str) -> int | None:
-        return int(fields[name]) if fields.get(name) else None
-
-    status = fields.get("status", "validating")
-    completed, failed = number("completed"), number("failed")
-    finished = status in TERMINAL and status != "failed"
-    errors = json.loads(fields["errors"]) if fields.get("errors") else None
-    input_tokens, output_tokens = number("input_tokens"), number("output_tokens")
-    return {
-        "id": fields["id"],
-        "object": "batch",
-        "endpoint": fields.get("endpoint"),
-        "model": fields.get("model") or None,
-        "errors": {"object": "list", "data": errors} if errors is not None else None,
-        "input_file_id": fields.get("input_file_id"),
-        "completion_window": fields.get("completion_window"),
-        "status": status,
-        "output_file_id": output_file_id(fields["id"], "output") if finished and completed else None,
-        "error_file_id": output_file_id(fields["id"], "errors") if finished and failed else None,
-        "created_at": number("created_at"),
-        "expires_at": moment("expires_at"),
-        **{name: moment(name) for name in _TIMES},
-        "request_counts": {"total": number("total"), "completed": completed, "failed": failed},
-        "metadata": json.loads(fields["metadata"]) if fields.get("metadata") else None,
-        "usage": {
-            "input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": number("cached_tokens")},
-            "output_tokens": output_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + output_tokens,
-        },
-    }
-
-
-def not_found(batch_id: str) -> APIError:
-    return APIError(404, f"No batch found with id '{batch_id[:80]}'.", param="batch_id", code="batch_not_found")
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class Batches:
     """The Batch API over Redis, for one gateway process (any number of them share the work)."""
 
@@ -169,6 +72,7 @@ class Batches:
         self.redis, self.files, self.served = redis, files, served
         self.prefix, self.partitions, self.config = prefix, partitions, config
         self.jobs = JobKeys(prefix)
+        self.outputs = Outputs(redis, files, self.jobs, config.options(), config.output_ttl_s)
         self._tasks: set[asyncio.Task[None]] = set()
         self._scripts = {
             script: register_script(redis, script)
@@ -184,13 +88,13 @@ class Batches:
         where = await self.redis.hget(self.jobs.batch_models, batch_id)
         if where is None:
             return None
-        partition, _, model = _text(where).partition(":")
+        partition, _, model = as_text(where).partition(":")
         return Keys(model, self.prefix, int(partition)).batch(batch_id)
 
     async def _fields(self, batch_id: str, owner: str) -> tuple[str, dict[str, str]]:
         key = await self._ledger(batch_id) if batch_id.startswith("batch_") else None
         raw = await self.redis.hgetall(key) if key else {}
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {as_text(k): as_text(v) for k, v in raw.items()}
         if not fields or fields.get("owner", "") != owner:
             raise not_found(batch_id)
         assert key is not None
@@ -290,7 +194,7 @@ class Batches:
         task.add_done_callback(self._tasks.discard)
 
     async def _validate(self, batch_id: str, key: str, token: str, raw: list[bytes] | None = None) -> None:
-        fields = {_text(k): _text(v) for k, v in (await self.redis.hgetall(key)).items()}
+        fields = {as_text(k): as_text(v) for k, v in (await self.redis.hgetall(key)).items()}
         if raw is None:
             raw = [line async for line in self.files.lines(fields["input_file_id"], fields.get("owner", ""))]
         served = await self.served()
@@ -307,12 +211,12 @@ class Batches:
         if checked.error_count:
             errors = json.dumps([e.as_dict() for e in checked.errors])
             status = await self._script(ledger.FAIL, key, ledger.FAIL_ARGV.args(token=token, errors=errors))
-            log.info("batch failed validation", batch_id=batch_id, errors=checked.error_count, status=_text(status))
+            log.info("batch failed validation", batch_id=batch_id, errors=checked.error_count, status=as_text(status))
             return
         if not await self._write_lines(key, token, checked):
             return
         status = await self._script(ledger.START, key, ledger.START_ARGV.args(token=token))
-        log.info("batch started", batch_id=batch_id, lines=len(checked.lines), status=_text(status))
+        log.info("batch started", batch_id=batch_id, lines=len(checked.lines), status=as_text(status))
 
     async def _write_lines(self, key: str, token: str, checked: Checked) -> bool:
         """The validated lines into the ledger, in chunks, renewing the lease; False: the lease was lost."""
@@ -365,7 +269,7 @@ class Batches:
         data: list[dict[str, Any]] = []
         has_more = False
         while len(data) <= limit:
-            ids = [_text(i) for i in await self.redis.zrevrange(self.jobs.batches, start, start + 99)]
+            ids = [as_text(i) for i in await self.redis.zrevrange(self.jobs.batches, start, start + 99)]
             if not ids:
                 break
             start += len(ids)
@@ -402,7 +306,7 @@ class Batches:
         model_keys = key.rsplit(":batch:", 1)[0]
         cancelled = done_event(FinishReason.CANCELLED, {}, worker="batch")
         args = ledger.CLOSE_ARGV.args(reason=reason, cancelled_payload=cancelled, cancel_prefix=f"{model_keys}:cancel:")
-        return _text(await self._script(ledger.CLOSE, key, args))
+        return as_text(await self._script(ledger.CLOSE, key, args))
 
     # -- the sweep --------------------------------------------------------------------------------------
 
@@ -412,24 +316,24 @@ class Batches:
         now = time.time()
         active: Any = await self.redis.zrange(self.jobs.batches_active, 0, -1, withscores=True)
         for raw_id, _ in active:
-            batch_id = _text(raw_id)
+            batch_id = as_text(raw_id)
             key = await self._ledger(batch_id)
             values = await self.redis.hmget(key, "status", "lease_until", "expires_at") if key else [None] * 3
-            status = _text(values[0]) if values[0] is not None else None
+            status = as_text(values[0]) if values[0] is not None else None
             if key is None or status is None:
                 await self.redis.zrem(self.jobs.batches_active, batch_id)
             elif status in TERMINAL:
-                if await self.render(batch_id, key) == "done":
+                if await self.outputs.render(batch_id, key) == "done":
                     counts["rendered"] += 1
                 await self.redis.zrem(self.jobs.batches_active, batch_id)
-            elif status == "validating" and float(_text(values[1] or 0)) < now:
+            elif status == "validating" and float(as_text(values[1] or 0)) < now:
                 token = secrets.token_hex(8)
                 args = ledger.TAKE_LEASE_ARGV.args(token=token, lease_s=self.config.lease_s)
                 if await self._script(ledger.TAKE_LEASE, key, args):
                     log.warning("batch validation taken over: its gateway went silent", batch_id=batch_id)
                     counts["taken_over"] += 1
                     self._spawn(self._validate(batch_id, key, token))
-            elif status == "in_progress" and now >= float(_text(values[2] or 0)):
+            elif status == "in_progress" and now >= float(as_text(values[2] or 0)):
                 await self._close(key, "expired")
                 log.info("batch expired", batch_id=batch_id)
                 counts["expired"] += 1
@@ -456,70 +360,7 @@ class Batches:
         key = await self._ledger(match.group(1))
         if key is None or await self.redis.hget(key, "owner") != owner.encode():
             return False
-        waited_until = time.monotonic() + RENDER_LOCK_S
-        while (state := await self.render(match.group(1), key)) == "busy" and time.monotonic() < waited_until:
-            await asyncio.sleep(0.05)
-        return state == "done"
-
-    async def render(self, batch_id: str, key: str) -> str:
-        """Writes the output and error files of a finished batch, once: "done" when they exist (now or
-        before), "busy" while another replica writes them, "none" for a batch that has no output."""
-        fields = {_text(k): _text(v) for k, v in (await self.redis.hgetall(key)).items()}
-        if fields.get("rendered"):
-            return "done"
-        if fields.get("status") not in TERMINAL or fields.get("status") == "failed":
-            return "none"
-        if not await self.redis.set(key + ":render", "1", nx=True, ex=RENDER_LOCK_S):
-            return "busy"
-        try:
-            rendered = await self._render(batch_id, key, fields)
-            owner = fields.get("owner", "")
-            for kind, lines in (("output", rendered.output), ("errors", rendered.errors)):
-                if lines:
-                    file_id = output_file_id(batch_id, kind)
-                    # what a renderer that died under an expired lock left half written
-                    await self.redis.delete(self.jobs.file_data(file_id))
-                    await self.files.create(
-                        _chunks(lines),
-                        f"{batch_id}_{kind}.jsonl",
-                        "batch_output",
-                        owner,
-                        ttl_s=self.config.output_ttl_s,
-                        file_id=file_id,
-                    )
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(key, "rendered", int(time.time()))
-            pipe.delete(key + ":out")
-            await pipe.execute()
-            log.info(
-                "batch output written", batch_id=batch_id, output=len(rendered.output), errors=len(rendered.errors)
-            )
-            return "done"
-        finally:
-            await self.redis.delete(key + ":render")
-
-    async def _render(self, batch_id: str, key: str, fields: dict[str, str]) -> Rendered:
-        rendered = Rendered()
-        options = self.config.options()
-        closing = fields.get("closing") or None
-        batch_hex = batch_id.removeprefix("batch_")
-        index = 0
-        async for raw in self.files.lines(fields["input_file_id"], fields.get("owner", "")):
-            if not raw.strip():
-                continue
-            record = json.loads(raw)
-            plan = plan_line(record, options)  # validated before the batch started: this cannot fail now
-            names = [f"{index}.{k}" for k in range(plan.choices)]
-            payloads: Any = await self.redis.hmget(key + ":out", names)
-            answered, line = render_line(batch_id, batch_hex, index, record["custom_id"], plan, payloads, closing)
-            (rendered.output if answered else rendered.errors).append(line)
-            index += 1
-        return rendered
-
-
-async def _chunks(lines: list[bytes]) -> AsyncIterator[bytes]:
-    for start in range(0, len(lines), 1000):
-        yield b"".join(lines[start : start + 1000])
+        return await self.outputs.wait_rendered(match.group(1), key)
 
 
 def _valid_model(model: str) -> bool:
