@@ -19,7 +19,7 @@ from typing import Any
 import redis
 import structlog
 
-from producer.connection import AsyncRedis, register_script
+from producer.connection import AsyncRedis, as_text, register_script
 from producer.gateway.errors import APIError, invalid
 from producer.gateway.file_scripts import BEGIN, BEGIN_ARGV, COMMIT, COMMIT_ARGV, DELETE, DELETE_ARGV, PAGE, PAGE_ARGV
 from producer.protocol import JobKeys
@@ -56,10 +56,6 @@ def is_file_id(value: str) -> bool:
 
 def not_found(file_id: str) -> APIError:
     return APIError(404, f"No such File object: {file_id}", param="id")
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def file_object(stored: dict[str, str], file_id: str) -> dict[str, Any]:
@@ -156,7 +152,7 @@ class FileStore:
         if not is_file_id(file_id):
             raise ValueError(f"file id: {file_id!r} is not file-<24 hex digits>")
         keys = [self.keys.file(file_id), self.keys.file_data(file_id)]
-        started = _text(await self._begin(keys, BEGIN_ARGV.args(ttl=UPLOAD_TTL_S)))
+        started = as_text(await self._begin(keys, BEGIN_ARGV.args(ttl=UPLOAD_TTL_S)))
         if started != "ok":  # only an id given by the caller can meet another upload or an existing file
             raise APIError(409, f"File {file_id} exists or is being written.", param="id", code="file_" + started)
         upload = Upload(self, file_id, owner)
@@ -198,7 +194,7 @@ class FileStore:
         if not is_file_id(file_id):
             return None
         raw: dict[Any, Any] = await self.redis.hgetall(self.keys.file(file_id))
-        return {_text(k): _text(v) for k, v in raw.items()} or None
+        return {as_text(k): as_text(v) for k, v in raw.items()} or None
 
     async def _load(self, file_id: str, owner: str) -> dict[str, Any] | None:
         stored = await self._stored(file_id)
@@ -276,19 +272,19 @@ class FileStore:
             )
             if reply is None:
                 raise invalid("after", f"{after!r} is not a listed file (deleted or expired): list from the start")
-            ids = [_text(member) for member in reply[::2]]
+            ids = [as_text(member) for member in reply[::2]]
             if not ids:
                 break
             pipe = self.redis.pipeline(transaction=False)
             for file_id in ids:
                 pipe.hgetall(self.keys.file(file_id))
             for file_id, raw in zip(ids, await pipe.execute(), strict=True):
-                stored = {_text(k): _text(v) for k, v in raw.items()}
+                stored = {as_text(k): as_text(v) for k, v in raw.items()}
                 if not stored:
                     vanished.append(file_id)
                 elif stored.get("owner") == owner and purpose in (None, stored.get("purpose")):
                     found.append(file_object(stored, file_id))
-            cursor, score, more = ids[-1], _text(reply[-1]), len(ids) == self.scan_batch
+            cursor, score, more = ids[-1], as_text(reply[-1]), len(ids) == self.scan_batch
         if vanished:
             await self.redis.zrem(self.keys.files, *vanished)
         page = found[:limit]

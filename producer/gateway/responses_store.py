@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.async_client import AsyncClient
+from producer.connection import as_text
 from producer.protocol import EVENT_FIELD, Event, JobKeys, Keys, decode_event, is_request_id
 
 RESPONSE_ID_PREFIX = "resp_"
@@ -33,10 +34,6 @@ def request_id_of(response_id: str) -> str | None:
     """The request a response id names, or None when it is not one of ours (`resp_` + 32 hex digits)."""
     request_id = response_id.removeprefix(RESPONSE_ID_PREFIX)
     return request_id if response_id.startswith(RESPONSE_ID_PREFIX) and is_request_id(request_id) else None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(slots=True)
@@ -76,7 +73,7 @@ class StoredResponse:
 
     @classmethod
     def from_hash(cls, request_id: str, fields: dict[Any, Any]) -> StoredResponse:
-        got = {_text(k): _text(v) for k, v in fields.items()}
+        got = {as_text(k): as_text(v) for k, v in fields.items()}
         return cls(
             request_id,
             got["model"],
@@ -116,7 +113,7 @@ class ResponseStore:
         model = await self.client.redis.get(self.jobs.response_model(request_id))
         if model is None:
             return None
-        keys = Keys(_text(model), self.client.config.prefix).for_request(request_id, self.client.config.partitions)
+        keys = Keys(as_text(model), self.client.config.prefix).for_request(request_id, self.client.config.partitions)
         fields = await self.client.redis.hgetall(keys.response(request_id))
         return StoredResponse.from_hash(request_id, fields) if fields else None
 
@@ -138,7 +135,7 @@ class ResponseStore:
     async def state(self, record: StoredResponse) -> str | None:
         """The owner record's state (queued, running, done), None once it expired."""
         value = await self.client.redis.hget(self.keys(record).request(record.request_id), "state")
-        return None if value is None else _text(value)
+        return None if value is None else as_text(value)
 
     async def results(self, record: StoredResponse) -> list[Event]:
         """Every entry of the result stream so far, decoded, in order."""
@@ -149,7 +146,7 @@ class ResponseStore:
             reply: Any = await self.client.redis.xread({key: last}, count=READ_COUNT)
             entries = [entry for _, stream_entries in reply or [] for entry in stream_entries]
             for entry_id, fields in entries:
-                last = _text(entry_id)
+                last = as_text(entry_id)
                 events.append(decode_event(fields.get(EVENT_FIELD.encode()), last))
             if len(entries) < READ_COUNT:
                 return events

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 import structlog
 
-from producer.connection import AsyncRedis
+from producer.connection import AsyncRedis, as_text
 from producer.protocol.keys import JobKeys, Keys
 from producer.reconnect import REDIS_ERRORS
 from producer.webhooks.config import DeliveryConfig
@@ -124,7 +124,7 @@ class Deliverer:
     async def _discover(self) -> None:
         members: Any = await self.redis.smembers(Keys("x", self.config.prefix).models)
         routes: list[Route] = []
-        for model in sorted(_text(m) for m in members):
+        for model in sorted(as_text(m) for m in members):
             try:
                 streams = [k.events for k in Keys(model, self.config.prefix).partitions(self.config.partitions)]
             except ValueError:
@@ -132,7 +132,7 @@ class Deliverer:
             routes.extend(Route(e, s) for s in streams for e in self.endpoints)
         extra: Any = await self.redis.smembers(JobKeys(self.config.prefix).outboxes)
         known = {route.stream for route in routes}
-        routes.extend(Route(e, s) for s in sorted(_text(m) for m in extra) if s not in known for e in self.endpoints)
+        routes.extend(Route(e, s) for s in sorted(as_text(m) for m in extra) if s not in known for e in self.endpoints)
         for route in routes:
             if route not in self.grouped:
                 try:
@@ -153,9 +153,9 @@ class Deliverer:
 
     async def _refresh_disabled(self) -> None:
         raw: Any = await self.redis.hgetall(self.keys.hooks_disabled)
-        disabled = {_text(name) for name in raw} & {e.name for e in self.endpoints}
+        disabled = {as_text(name) for name in raw} & {e.name for e in self.endpoints}
         for name in disabled - self.disabled:
-            log.warning("webhook endpoint is disabled", endpoint=name, why=_text(raw.get(name.encode(), b"")))
+            log.warning("webhook endpoint is disabled", endpoint=name, why=as_text(raw.get(name.encode(), b"")))
         for name in self.disabled - disabled:
             log.info("webhook endpoint enabled again", endpoint=name)
         for endpoint in self.endpoints:
@@ -181,7 +181,7 @@ class Deliverer:
                 continue
             entries = reply[0][1] if reply else []
             for entry_id, fields in entries:
-                await self._dispatch(route, _text(entry_id), fields, attempt=1)
+                await self._dispatch(route, as_text(entry_id), fields, attempt=1)
             more = more or len(entries) == count
         return more
 
@@ -292,10 +292,10 @@ class Deliverer:
                 seen += len(rows)
                 if len(rows) < SWEEP_PAGE:
                     break
-                start = "(" + _text(rows[-1]["message_id"])
+                start = "(" + as_text(rows[-1]["message_id"])
 
     async def _retry(self, route: Route, row: dict[str, Any], alive: dict[str, set[str] | None]) -> None:
-        entry_id, owner = _text(row["message_id"]), _text(row["consumer"])
+        entry_id, owner = as_text(row["message_id"]), as_text(row["consumer"])
         idle_ms, made = int(row["time_since_delivered"]), int(row["times_delivered"])
         if (route.group, route.stream, entry_id) in self.in_flight:
             return
@@ -314,11 +314,7 @@ class Deliverer:
             return  # another replica won it, or the outbox was trimmed past it
         claimed_id, fields = claimed[0]
         if exhausted:  # its last attempt's replica was lost before recording the outcome
-            event = OutboxEvent.decode(_text(claimed_id), fields or {})
+            event = OutboxEvent.decode(as_text(claimed_id), fields or {})
             await self._give_up(route, event, made, "the replica of the last attempt was lost")
             return
-        await self._dispatch(route, _text(claimed_id), fields, attempt=made + 1)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        await self._dispatch(route, as_text(claimed_id), fields, attempt=made + 1)

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from producer.connection import AsyncRedis
+from producer.connection import AsyncRedis, as_text
 from producer.protocol.keys import JobKeys
 from producer.reconnect import REDIS_ERRORS
 
@@ -71,7 +71,7 @@ class Liveness:
         dropped = 0
         consumers: Any = await self.redis.xinfo_consumers(stream, group)
         for info in consumers:
-            name = _text(info.get("name"))
+            name = as_text(info.get("name"))
             if int(info.get("pending", 0)) or int(info.get("idle", 0)) < idle_s * 1000 or name == self.consumer:
                 continue
             if await self.redis.exists(self.keys.hooks_alive(name)):
@@ -79,7 +79,3 @@ class Liveness:
             await self.redis.xgroup_delconsumer(stream, group, name)
             dropped += 1
         return dropped
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
