@@ -46,7 +46,6 @@ class Outcome(enum.StrEnum):
 
 
 OUTCOME_FAILED = Outcome.FAILED.value
-OUTCOME_CANCELLED = Outcome.CANCELLED.value
 
 
 def outcome(kind: Outcome, usage: dict[str, Any] | None = None) -> str:
