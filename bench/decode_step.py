@@ -146,11 +146,11 @@ def main() -> None:
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
 
-    import torch
-
-    from engine import LLM
+    from engine import LLM  # before torch: engine.omp sets OpenMP's spin count while it still counts
 
     llm = LLM(model=None, num_threads=args.threads, max_num_seqs=64, max_num_batched_tokens=2048)
+    import torch
+
     engine = llm.engine
     if args.profile:
         _instrument(engine)

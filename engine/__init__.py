@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from engine import omp as _omp  # noqa: F401 - OpenMP's settings, read when torch loads it: before any submodule does
 from engine.config import EngineConfig, SamplingParams
 
 if TYPE_CHECKING:

@@ -15,6 +15,7 @@ from engine.detokenize import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
 from engine.models.prepare import PreparedModel, prepare_model
 from engine.offload import LayerOffloader
+from engine.omp import SPIN_SETTING
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus, TokenLogprob
 from engine.runner import ModelRunner, PromptScores
 from engine.sampler import Sampler
@@ -64,6 +65,7 @@ class LLMEngine:
             "engine ready",
             **prepared.summary(),
             seconds=round(time.monotonic() - started, 2),
+            openmp_spin=SPIN_SETTING or "libgomp's default (torch was imported before engine)",
             config={k: v for k, v in asdict(config).items() if v is not None},
         )
 
