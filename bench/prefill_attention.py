@@ -3,7 +3,7 @@
 Part 1 ("sequences"): one float32 sequence of n new tokens (the default model's attention shape: 9
 query heads over 3 kv heads, head size 64, block size 16, blocks shuffled) attended by SDPA
 (kernels.torch_backend.attend_sequence: the cpu backend's fallback, with its gather when tokens are
-cached) and by the kernel, interleaved in rounds. Fresh prompts of 32, 128 and 256 tokens, and a
+cached) and by the kernel, interleaved in rounds. Fresh prompts of 32, 64, 128 and 256 tokens, and a
 256-token chunk over 256 cached tokens (chunked prefill's continuation).
 
 Part 2 ("step"): prefill steps of the default model, prompts of U[16,256] random tokens totalling
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bench.workloads import emit_report, machine_info  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
-SEQUENCES = [(32, 32), (128, 128), (256, 256), (256, 512)]  # (new tokens, context length)
+SEQUENCES = [(32, 32), (64, 64), (128, 128), (256, 256), (256, 512)]  # (new tokens, context length)
 
 
 def _sequence(n: int, length: int) -> tuple[Any, ...]:
