@@ -62,13 +62,15 @@ def _check(out: torch.Tensor, batch64: Batch, scale: float) -> None:
 
 
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (9, 3, 128), (4, 4, 64), (4, 4, 128), (8, 2, 64)]
+    ("heads", "kv_heads", "head_dim"),
+    [(9, 3, 64), (9, 3, 128), (4, 4, 64), (4, 4, 128), (8, 2, 64), (16, 1, 64)],
 )
 def test_prefill_kernel_matches_float64(
     backend: CpuBackend, calls: dict[str, int], engine_threading: None, heads: int, kv_heads: int, head_dim: int
 ) -> None:
     """Fresh prompts around the block and tile sizes, continuations, prefix hits and decodes in one
-    batch, over shuffled blocks whose unused slots hold NaN; GQA ratios 3, 1 and 4."""
+    batch, over shuffled blocks whose unused slots hold NaN; GQA ratios 3, 1, 4 and 16 (more heads
+    than a tile has rows: one token per tile)."""
     batch = poison_unused_slots(random_batch(SHAPES, heads, kv_heads, head_dim, dtype=torch.float32))
     table = batch.meta.block_tables[SHAPES.index((250, 250))]
     assert (table[1:16] - table[:15]).ne(1).any()  # the blocks are scattered, not in order
