@@ -9,8 +9,9 @@ cached) and by the kernel, interleaved in rounds. Fresh prompts of 32, 64, 128 a
 Part 2 ("step"): prefill steps of the default model, prompts of U[16,256] random tokens totalling
 --step-tokens (2048: one full step), with the backend's prefill kernel on and off in alternate
 rounds (fresh random prompts every round, so the prefix cache never hits). Reports the step's
-wall time and the time inside attention (all layers' backend.forward: K/V write, decode kernel,
-prefill kernel or SDPA).
+wall time, the time inside attention (all layers' backend.forward: K/V write, decode kernel,
+prefill kernel or SDPA) and the part of it the kernel replaces (long_chunks_ms: its calls, or
+SDPA's per sequence).
 
 Ratios are SDPA / kernel of medians from the same run. Prints one JSON object.
 
@@ -111,30 +112,38 @@ def measure_step(step_tokens: int, rounds: int, threads: int) -> dict[str, Any]:
     llm = LLM(model=None, num_threads=threads, max_num_seqs=256, max_num_batched_tokens=step_tokens)
     engine = llm.engine
     backend = engine.runner.backend
-    attention_ms = [0.0]
-    forward = backend.forward
+    totals = {"attention_ms": 0.0, "long_chunks_ms": 0.0}
 
-    def timed_forward(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        start = time.perf_counter()
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            attention_ms[0] += (time.perf_counter() - start) * 1000
+    def timer(fn: Callable[..., Any], total: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[total] += (time.perf_counter() - start) * 1000
 
-    backend.forward = timed_forward
+        return timed
+
+    # attention_ms: all of backend.forward; long_chunks_ms: the part the kernel replaces (the kernel's
+    # calls, or SDPA's per sequence with their gathers).
+    import kernels.cpu_backend
+
+    backend.forward = timer(backend.forward, "attention_ms")
+    backend._prefill = timer(backend._prefill, "long_chunks_ms")
+    kernels.cpu_backend.attend_sequence = timer(kernels.cpu_backend.attend_sequence, "long_chunks_ms")
     rng = random.Random(0)
     lengths: list[int] = []
     while sum(lengths) < step_tokens:
         lengths.append(min(rng.randint(16, 256), step_tokens - sum(lengths)))
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    runs: dict[bool, dict[str, list[float]]] = {on: {"step_ms": [], "attention_ms": []} for on in (True, False)}
+    runs: dict[bool, dict[str, list[float]]] = {on: {"step_ms": [], **{k: [] for k in totals}} for on in (True, False)}
     for r in range(-1, rounds):  # round -1 warms both up
         for on in (True, False):
             backend.prefill_kernel = on
             ids = [f"r{r}-{on}-{i}" for i in range(len(lengths))]
             for rid, n in zip(ids, lengths, strict=True):
                 engine.add_request(rid, [rng.randrange(engine.vocab_size) for _ in range(n)], params)
-            attention_ms[0] = 0.0
+            totals.update(dict.fromkeys(totals, 0.0))
             start = time.perf_counter()
             engine.step()
             elapsed = (time.perf_counter() - start) * 1000
@@ -146,7 +155,8 @@ def measure_step(step_tokens: int, rounds: int, threads: int) -> dict[str, Any]:
                 engine.abort(rid)
             if r >= 0:
                 runs[on]["step_ms"].append(elapsed)
-                runs[on]["attention_ms"].append(attention_ms[0])
+                for k, v in totals.items():
+                    runs[on][k].append(v)
     backend.prefill_kernel = True
     med = {on: {k: statistics.median(v) for k, v in runs[on].items()} for on in runs}
     return {
@@ -155,6 +165,7 @@ def measure_step(step_tokens: int, rounds: int, threads: int) -> dict[str, Any]:
         "step_tokens": sum(lengths),
         "kernel": {k: round(v, 1) for k, v in med[True].items()},
         "sdpa": {k: round(v, 1) for k, v in med[False].items()},
+        "long_chunks_speedup": round(med[False]["long_chunks_ms"] / med[True]["long_chunks_ms"], 2),
         "attention_speedup": round(med[False]["attention_ms"] / med[True]["attention_ms"], 2),
         "step_speedup": round(med[False]["step_ms"] / med[True]["step_ms"], 3),
         "runs": {("kernel" if on else "sdpa"): {k: [round(x) for x in v] for k, v in runs[on].items()} for on in runs},
@@ -174,6 +185,7 @@ def main() -> None:
     from kernels import cpu_build
 
     torch.set_num_threads(args.threads)
+    machine = machine_info(threads=args.threads)
     module = cpu_build.load()
     assert module is not None and HEAD_DIM in module.prefill_head_dims(), "no prefill kernel in this build"
     with torch.inference_mode():
@@ -182,7 +194,7 @@ def main() -> None:
     report = {
         "benchmark": "prefill_attention",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(threads=torch.get_num_threads()),
+        "machine": machine,
         "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK},
         "sequences": sequences,
         "step": step,
