@@ -17,6 +17,7 @@ _SOURCES = [
     for name in (
         "bindings.cpp",
         "paged_attention_cpu.cpp",
+        "prefill_attention_cpu.cpp",
         "int8_linear_cpu.cpp",
         "gguf_linear_cpu.cpp",
         "fused_ops_cpu.cpp",

@@ -4,6 +4,9 @@
 void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                      c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale, torch::Tensor rows,
                      torch::Tensor seq_index, torch::Tensor ctx_lens, torch::Tensor block_tables, double scale);
+void prefill_attention(torch::Tensor out, torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
+                       torch::Tensor seqs, torch::Tensor block_tables, double scale);
+std::vector<int64_t> prefill_head_dims();
 void write_kv_cache(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor key, torch::Tensor value,
                     torch::Tensor slot_mapping);
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias);
@@ -19,6 +22,8 @@ void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over block tables for short queries (CPU)");
+  m.def("prefill_attention", &prefill_attention, "causal attention of prefill chunks over block tables (CPU, float32)");
+  m.def("prefill_head_dims", &prefill_head_dims, "head sizes prefill_attention takes in this build");
   m.def("write_kv_cache", &write_kv_cache, "new K/V rows into float paged caches at their slots (CPU)");
   m.def("int8_linear", &int8_linear, "weight-only int8 linear, float32 activations (CPU)");
   m.def("int8_pack", &int8_pack, "int8 [N, K] and scales -> the interleaved layout of int8_linear_packed");

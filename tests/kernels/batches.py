@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -107,3 +107,25 @@ def quantize_cache(batch: Batch) -> Batch:
         )
     ]
     return batch
+
+
+def poison_unused_slots(batch: Batch) -> Batch:
+    """NaN in every cache slot outside the sequences' contexts (the rest of their last blocks, the
+    padding block, blocks nobody holds): a kernel that reads past a context then returns NaN."""
+    meta = batch.meta
+    bs = meta.block_size
+    used = torch.zeros(meta.kv_caches[0].k.shape[0] * bs, dtype=torch.bool)
+    for i, length in enumerate(meta.seq_lens):
+        for p in range(length):
+            used[int(meta.block_tables[i, p // bs]) * bs + p % bs] = True
+    for layer in meta.kv_caches:
+        for cache in (layer.k, layer.v):
+            cache.view(used.shape[0], -1)[~used] = float("nan")
+    return batch
+
+
+def as_float64(batch: Batch) -> Batch:
+    """The same batch in float64 (for references computed from exactly the float32 inputs)."""
+    layers = [KVLayer(layer.k.double(), layer.v.double()) for layer in batch.meta.kv_caches]
+    meta = replace(batch.meta, kv_caches=layers, backend_state=None)
+    return Batch(meta, batch.query.double(), batch.key.double(), batch.value.double())

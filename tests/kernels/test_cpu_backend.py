@@ -34,7 +34,7 @@ def test_matches_torch_backend(
     expected = reference.forward(batch.query, batch.key, batch.value, 0, meta, head_dim**-0.5)
     meta.kv_caches = cache_copy
     cpu_backend.prepare(meta)
-    assert meta.backend_state.rows.numel() > 0 and meta.backend_state.sdpa_seqs  # both paths ran
+    assert meta.backend_state.rows.numel() > 0 and meta.backend_state.long_seqs  # both paths ran
     out = cpu_backend.forward(batch.query, batch.key, batch.value, 0, meta, head_dim**-0.5)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
