@@ -4,10 +4,11 @@ torch's CPU build runs its parallel ops on GNU OpenMP, whose idle threads spin f
 turns by default) before sleeping on a futex, waiting for the next parallel region. A decode step is
 hundreds of short parallel regions. On cores nobody else uses, spinning saves the wake-up; but when
 another process wants a core, a thread of ours spinning at a barrier keeps the core while the thread
-it waits for sits descheduled, and every region costs a scheduler time slice. Measured on two cores
-with one busy process beside the engine (bench/decode_step.py, two threads): a one-request decode
-step went from 42 ms (quiet) to 1,038 ms with the default spin and to 61 ms with 1,000 turns;
-README's "Decode step against vLLM-CPU" gives the figures and what the short spin costs when quiet.
+it waits for sits descheduled, and every region can cost a scheduler time slice. Measured on two
+cores (bench/decode_step.py, two threads, one and eight requests decoding), with one busy process
+beside the engine: 1,038 / 229 ms a step with the default spin in one run, 62 / 163 in another;
+79 / 98 with 5,000 turns, 55 / 70 with 1,000. Quiet: 32 / 35 default, 28 / 35 with 5,000, 37 / 47
+with 1,000 (the wake-ups cost at small batches). 5,000 keeps the quiet speed and bounds the collapse.
 
 libgomp reads its environment once, when the library loads (the first `import torch`), so this
 must run before that; the engine package calls it on import. A value the user set is kept.
@@ -19,7 +20,7 @@ import os
 import sys
 
 # turns of the spin loop before an idle OpenMP thread sleeps (a few microseconds here)
-SPIN_COUNT = 1000
+SPIN_COUNT = 5000
 
 
 def configure_openmp() -> str | None:
