@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,19 +77,26 @@ def build_tiny_model(
     arch: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float64, tokenizer_from: Path | None = None
 ) -> Path:
     """Random weights (fixed seed), saved as an HF folder; optionally with a tokenizer copied in."""
+    save_random_model(tiny_config(arch), directory, seed, dtype)
+    if tokenizer_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if (tokenizer_from / name).is_file():
+                shutil.copy(tokenizer_from / name, directory / name)
+    return directory
+
+
+def save_random_model(
+    config: Any, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float64, std: float = 0.08
+) -> Path:
+    """A model of `config` (a transformers config) with N(0, std) matrices, seeded, saved as an HF folder."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(arch)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Larger-than-default weights give peaked, well-separated logits: greedy ties are unlikely.
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
-                param.normal_(0.0, 0.08)
+                param.normal_(0.0, std)
     model.save_pretrained(directory)
-    if tokenizer_from is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-            if (tokenizer_from / name).is_file():
-                shutil.copy(tokenizer_from / name, directory / name)
     return directory

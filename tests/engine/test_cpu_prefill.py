@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from tests.tiny_models import save_random_model
 
 
 @pytest.fixture(scope="module")
 def llama_head64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random float32 llama with the default model's attention shape (head size 64, 3 query heads per kv head)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=2048,
         hidden_size=384,
@@ -30,14 +30,7 @@ def llama_head64(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=2,
         pad_token_id=2,
     )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.08)
-    directory = tmp_path_factory.mktemp("llama_head64")
-    model.save_pretrained(directory)
-    return directory
+    return save_random_model(config, tmp_path_factory.mktemp("llama_head64"), dtype=torch.float32)
 
 
 def _prompts() -> list[list[int]]:

@@ -16,7 +16,7 @@ from engine import speculative as speculative_module
 from engine.config import EngineConfig
 from engine.request import Request
 from engine.speculative import MIN_PAUSE, WINDOW, DraftState, NgramProposer
-from tests.tiny_models import ARCHITECTURES
+from tests.tiny_models import ARCHITECTURES, save_random_model
 
 # -- configuration -------------------------------------------------------------------------------------
 
@@ -219,9 +219,8 @@ NUM_SAMPLES = 6000
 @pytest.fixture(scope="module")
 def small_vocab_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 32-token vocabulary: the joint law of three tokens under top-k=4 has 64 cells to count."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -234,14 +233,7 @@ def small_vocab_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=2,
         pad_token_id=2,
     )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float64)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.15)
-    directory = tmp_path_factory.mktemp("small-vocab")
-    model.save_pretrained(directory)
-    return directory
+    return save_random_model(config, tmp_path_factory.mktemp("small-vocab"), std=0.15)
 
 
 Law = dict[tuple[int, ...], dict[int, float]]  # prefix of generated tokens -> P(next token)
