@@ -148,6 +148,25 @@ struct Problem {
   scalar_t scale;
 };
 
+// Work item i's context: its query row, how many keys it attends, its blocks; and its heads'
+// queries, already scaled, copied into q_local ([num_heads, head_dim]).
+struct QueryContext {
+  int64_t row, ctx, num_blocks;
+  const int32_t* table;
+};
+
+template <typename scalar_t, typename cache_t>
+inline QueryContext query_context(const Problem<scalar_t, cache_t>& p, int64_t i, int64_t head_dim, scalar_t* q_local) {
+  const int64_t row = p.rows[i];
+  const int64_t ctx = p.ctx_lens[i];
+  for (int64_t h = 0; h < p.num_heads; ++h) {
+    const scalar_t* q = p.query + row * p.q_stride_t + h * p.q_stride_h;
+    for (int64_t d = 0; d < head_dim; ++d) q_local[h * head_dim + d] = q[d] * p.scale;
+  }
+  return {row, ctx, (ctx + p.block_size - 1) / p.block_size,
+          p.block_tables + static_cast<int64_t>(p.seq_index[i]) * p.max_blocks};
+}
+
 // HEAD_DIM > 0 fixes the head size at compile time (fully unrolled, vectorised dot products);
 // 0 reads it at run time. One work item is one query token: a cache block ([block_size, kv_heads,
 // head_dim], contiguous) is then streamed once, front to back, for all heads.
@@ -165,15 +184,8 @@ void paged_attention_kernel(const Problem<scalar_t, cache_t>& p) {
     std::vector<scalar_t> q_local(num_heads * head_dim);
     std::vector<scalar_t> inv_sum(num_heads);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = p.rows[i];
-      const int64_t ctx = p.ctx_lens[i];
-      const int64_t num_blocks = (ctx + block_size - 1) / block_size;
-      const int32_t* table = p.block_tables + static_cast<int64_t>(p.seq_index[i]) * p.max_blocks;
+      const auto [row, ctx, num_blocks, table] = query_context(p, i, head_dim, q_local.data());
       scores.resize(num_heads * ctx);
-      for (int64_t h = 0; h < num_heads; ++h) {
-        const scalar_t* q = p.query + row * p.q_stride_t + h * p.q_stride_h;
-        for (int64_t d = 0; d < head_dim; ++d) q_local[h * head_dim + d] = q[d] * p.scale;
-      }
       // Pass 1: scores. Query head h reads kv head h / group.
       for (int64_t b = 0; b < num_blocks; ++b) {
         const int64_t block = table[b];
@@ -300,15 +312,8 @@ void grouped_attention_f32(const Problem<float, float>& p) {
     std::vector<float> q_local(num_heads * D);
     std::vector<float> inv_sum(num_heads);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = p.rows[i];
-      const int64_t ctx = p.ctx_lens[i];
-      const int64_t num_blocks = (ctx + block_size - 1) / block_size;
-      const int32_t* table = p.block_tables + static_cast<int64_t>(p.seq_index[i]) * p.max_blocks;
+      const auto [row, ctx, num_blocks, table] = query_context(p, i, D, q_local.data());
       scores.resize(num_heads * ctx);
-      for (int64_t h = 0; h < num_heads; ++h) {
-        const float* q = p.query + row * p.q_stride_t + h * p.q_stride_h;
-        for (int64_t d = 0; d < D; ++d) q_local[h * D + d] = q[d] * p.scale;
-      }
       for (int64_t b = 0; b < num_blocks; ++b) {
         const float* kb = p.k_cache + table[b] * block_stride;
         const float* next = b + 1 < num_blocks ? p.k_cache + table[b + 1] * block_stride : nullptr;
