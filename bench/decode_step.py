@@ -142,13 +142,21 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=200)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-adaptive-threads", action="store_true", help="keep --threads whatever the load")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
 
     from engine import LLM  # before torch: engine.omp sets OpenMP's spin count while it still counts
+    from engine.omp import SPIN_SETTING
 
-    llm = LLM(model=None, num_threads=args.threads, max_num_seqs=64, max_num_batched_tokens=2048)
+    llm = LLM(
+        model=None,
+        num_threads=args.threads,
+        max_num_seqs=64,
+        max_num_batched_tokens=2048,
+        adaptive_threads=not args.no_adaptive_threads,
+    )
     import torch
 
     engine = llm.engine
@@ -165,6 +173,10 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "steps": args.steps,
         "attention_backend": engine.attention_backend,
+        "openmp_spin": SPIN_SETTING,
+        "adaptive_threads": engine.threads is not None,
+        "threads_at_end": engine.stats()["threads"],
+        "thread_changes": engine.threads.changes if engine.threads is not None else 0,
         "results": results,
         "peak_rss_mb": round(peak_rss_mb()),
     }

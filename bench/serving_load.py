@@ -158,4 +158,9 @@ def summarise(records: list[RequestRecord], seconds: float, max_tokens: int, slo
         else None,
         "short_outputs": sum(r.output_tokens != max_tokens for r in done),
         "errors": errors[:5],
+        # the slowest first tokens, to tell a cold start or a burst of arrivals from a slow service
+        "slowest_ttft": [
+            {"sent_s": round(r.sent_at, 2), "ttft_ms": _ms(r.ttft_s), "tpot_ms": _ms(r.tpot_s)}
+            for r in sorted(done, key=lambda r: r.ttft_s or 0.0, reverse=True)[:3]
+        ],
     }

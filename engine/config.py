@@ -179,6 +179,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | cpu | xformers
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    adaptive_threads: bool = True  # CPU: step on fewer threads while other processes hold the cores
     cpu_weight_packing: bool = True  # fp32 on CPU: prepack Linear weights for oneDNN
     fused_layers: bool = True  # CPU, Llama/Mistral/Qwen2: merged projections and fused elementwise kernels
     seed: int = 0

@@ -11,6 +11,7 @@ import structlog
 import torch
 
 from engine.config import EngineConfig, SamplingParams
+from engine.cpu_threads import ThreadGovernor
 from engine.detokenize import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
 from engine.models.prepare import PreparedModel, prepare_model
@@ -61,6 +62,9 @@ class LLMEngine:
         compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.grammars = GrammarWaitlist(compiler, config.grammar_compile_timeout_s)
         self.num_generated_tokens = 0
+        self.threads: ThreadGovernor | None = None
+        if config.adaptive_threads and prepared.device.type == "cpu" and torch.get_num_threads() > 1:
+            self.threads = ThreadGovernor(torch.get_num_threads())
         log.info(
             "engine ready",
             **prepared.summary(),
@@ -163,6 +167,8 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.threads is not None:
+            self.threads.tick()
         failed = self._admit_compiled() if len(self.grammars) else []
         outputs = self._run_step()
         return failed + outputs if failed else outputs
@@ -343,6 +349,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "swapped_out": self.scheduler.swap.num_swapped_out if self.scheduler.swap else 0,
             "generated_tokens": self.num_generated_tokens,
+            "threads": self.threads.threads if self.threads is not None else torch.get_num_threads(),
             **(self.proposer.stats() if self.proposer is not None else {}),
             # Mask time per step and compile time (ms, p50/p99 over recent windows), grammar cache use.
             "structured": {**self.sampler.constraints.stats(), **self.grammars.stats()},

@@ -2,13 +2,15 @@
 
 torch's CPU build runs its parallel ops on GNU OpenMP, whose idle threads spin for a while (300,000
 turns by default) before sleeping on a futex, waiting for the next parallel region. A decode step is
-hundreds of short parallel regions. On cores nobody else uses, spinning saves the wake-up; but when
-another process wants a core, a thread of ours spinning at a barrier keeps the core while the thread
-it waits for sits descheduled, and every region can cost a scheduler time slice. Measured on two
-cores (bench/decode_step.py, two threads, one and eight requests decoding), with one busy process
-beside the engine: 1,038 / 229 ms a step with the default spin in one run, 62 / 163 in another;
-79 / 98 with 5,000 turns, 55 / 70 with 1,000. Quiet: 32 / 35 default, 28 / 35 with 5,000, 37 / 47
-with 1,000 (the wake-ups cost at small batches). 5,000 keeps the quiet speed and bounds the collapse.
+hundreds of short parallel regions with Python between them. On cores nobody else uses, spinning
+saves the wake-ups; but when another process wants a core, a thread of ours spinning at a barrier
+keeps the core while the thread it waits for sits descheduled, and every region can cost a scheduler
+time slice. Measured on two cores (bench/contention.py, two threads, one and eight requests
+decoding): quiet, 36 / 48 ms a step with 30,000 turns as with the default, 43 / 58 with 5,000 (each
+region then starts with a futex wake); beside one busy process, 567 / 670 with the default, 143 / 189
+with 30,000, 76 / 104 with 5,000. How long a turn takes depends on the processor (an earlier
+machine ran 5,000 turns at full quiet speed), so the spin is set for the quiet case and sustained
+contention is left to engine.cpu_threads, which steps on fewer threads while others hold the cores.
 
 libgomp reads its environment once, when the library loads (the first `import torch`), so this
 must run before that; the engine package calls it on import. A value the user set is kept.
@@ -19,8 +21,8 @@ from __future__ import annotations
 import os
 import sys
 
-# turns of the spin loop before an idle OpenMP thread sleeps (a few microseconds here)
-SPIN_COUNT = 5000
+# turns of the spin loop before an idle OpenMP thread sleeps (tens of microseconds here)
+SPIN_COUNT = 30_000
 
 
 def configure_openmp() -> str | None:

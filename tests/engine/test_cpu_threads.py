@@ -1,0 +1,98 @@
+"""engine.cpu_threads: the thread count follows the CPU other processes take, and only on agreeing readings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM
+from engine.cpu_threads import CpuReading, ThreadGovernor, read_cpu, threads_for
+
+
+def test_threads_for_leaves_the_cores_others_take() -> None:
+    assert threads_for(0.0, num_cpus=2, configured=2) == 2
+    assert threads_for(0.4, num_cpus=2, configured=2) == 2
+    assert threads_for(0.6, num_cpus=2, configured=2) == 1
+    assert threads_for(1.9, num_cpus=2, configured=2) == 1  # never below one
+    assert threads_for(10.0, num_cpus=16, configured=4) == 4  # six cores left: the configured four fit
+    assert threads_for(14.0, num_cpus=16, configured=4) == 2
+
+
+TWO_CORES = frozenset({0, 1})
+
+
+class Script:
+    """Readings of a machine where others take `others[i]` cores in window i (each window 1 s)."""
+
+    def __init__(self, others: list[float]) -> None:
+        self.others = others
+        self.i = 0
+        self.busy = self.own = 0.0
+
+    def __call__(self, cpus: frozenset[int]) -> CpuReading:
+        if self.i:
+            self.busy += self.others[self.i - 1] + 0.5  # this process took half a core as well
+            self.own += 0.5
+        self.i += 1
+        return CpuReading(wall_s=float(self.i), busy_s=self.busy, own_s=self.own)
+
+
+def test_a_change_needs_two_readings_in_a_row() -> None:
+    script = Script([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    calls: list[int] = []
+    governor = ThreadGovernor(2, interval_s=0.0, reader=script, set_threads=calls.append, cpus=TWO_CORES)
+    seen = [governor.tick() for _ in range(7)]
+    # one busy window is a burst; two in a row are load; quiet again after two quiet readings
+    assert seen == [2, 2, 2, 1, 1, 2, 2]
+    assert calls == [1, 2] and governor.changes == 2
+
+
+def test_one_thread_or_no_reading_is_left_alone() -> None:
+    calls: list[int] = []
+    assert not ThreadGovernor(1, 0.0, Script([5.0] * 4), calls.append, cpus=TWO_CORES).active
+    assert not ThreadGovernor(2, 0.0, lambda cpus: None, calls.append, cpus=TWO_CORES).active
+    assert calls == []
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat: Linux only")
+def test_real_busy_processes_take_a_thread_and_give_it_back() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    calls: list[int] = []
+    governor = ThreadGovernor(2, interval_s=0.2, set_threads=calls.append)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(min(cpus, 16))]
+    try:
+        deadline = time.monotonic() + 20
+        while governor.threads == 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            governor.tick()
+        assert governor.threads == 1, f"others took {governor.others_cores:.2f} of {cpus} cores"
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    deadline = time.monotonic() + 20
+    while governor.threads == 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        governor.tick()
+    assert governor.threads == 2, f"others still take {governor.others_cores:.2f} of {cpus} cores"
+    assert calls == [1, 2]
+    assert read_cpu(frozenset(os.sched_getaffinity(0))) is not None
+
+
+def test_the_engine_governs_its_cpu_threads_unless_told_not_to(tiny_llama: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        adaptive = LLM(model=str(tiny_llama), dtype="float64", num_kv_blocks=16, num_threads=2)
+        assert adaptive.engine.threads is not None and adaptive.engine.stats()["threads"] in (1, 2)
+        fixed = LLM(model=str(tiny_llama), dtype="float64", num_kv_blocks=16, num_threads=2, adaptive_threads=False)
+        assert fixed.engine.threads is None and fixed.engine.stats()["threads"] == 2
+        single = LLM(model=str(tiny_llama), dtype="float64", num_kv_blocks=16, num_threads=1)
+        assert single.engine.threads is None
+    finally:
+        torch.set_num_threads(before)
