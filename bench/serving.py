@@ -79,6 +79,7 @@ class Service:
     settings: dict[str, Any]
     stop: Any  # () -> None
     records: list[dict[str, Any]] = field(default_factory=list)
+    probe: Any = None  # () -> dict: what the service says of itself after a rate (tokenrelay: its worker)
 
 
 def tree_cpu_s(pids: list[int]) -> float:
@@ -129,7 +130,17 @@ def start_tokenrelay(redis: RedisServer, log_dir: Path, threads: int) -> Service
         "scheduler": scheduler,
     }
     processes = [worker, gateway.process, *([redis.process] if redis.process else [])]
-    return Service("tokenrelay", f"{gateway.url}/v1", DEFAULT_MODEL_NAME, processes, settings, stop)
+
+    def probe() -> dict[str, Any]:
+        """The worker's compute threads (engine.cpu_threads) from its heartbeat."""
+        import redis as redis_py
+
+        from producer.status import gather
+
+        workers = [w for s in gather(redis_py.Redis.from_url(redis.url)) for w in s.workers]
+        return {k: workers[0].get(k) for k in ("threads", "thread_changes")} if workers else {}
+
+    return Service("tokenrelay", f"{gateway.url}/v1", DEFAULT_MODEL_NAME, processes, settings, stop, probe=probe)
 
 
 def start_vllm(log_dir: Path, threads: int, timeout_s: float) -> Service:
@@ -218,6 +229,8 @@ async def measure(services: list[Service], rates: list[float], args: argparse.Na
             )
             figures = summarise(records, seconds, args.max_tokens, slo)
             figures["rate"] = rate
+            if service.probe is not None:
+                figures["worker"] = service.probe()
             figures["machine"] = {  # cores, on average over the rate's run
                 "loadavg_1m_before": round(load_before, 2),
                 "loadavg_1m_after": round(os.getloadavg()[0], 2),

@@ -350,6 +350,7 @@ class LLMEngine:
             "swapped_out": self.scheduler.swap.num_swapped_out if self.scheduler.swap else 0,
             "generated_tokens": self.num_generated_tokens,
             "threads": self.threads.threads if self.threads is not None else torch.get_num_threads(),
+            "thread_changes": self.threads.changes if self.threads is not None else 0,
             **(self.proposer.stats() if self.proposer is not None else {}),
             # Mask time per step and compile time (ms, p50/p99 over recent windows), grammar cache use.
             "structured": {**self.sampler.constraints.stats(), **self.grammars.stats()},

@@ -50,6 +50,12 @@ class WorkerMetrics:
         self.occupancy = Gauge("tokenrelay_worker_batch_occupancy", "Running requests / max_num_seqs", m, registry=r)
         self.kv_used = Gauge("tokenrelay_worker_kv_blocks_used", "KV-cache blocks in use", m, registry=r)
         self.kv_free = Gauge("tokenrelay_worker_kv_blocks_free", "KV-cache blocks free", m, registry=r)
+        self.threads = Gauge(
+            "tokenrelay_worker_compute_threads",
+            "Threads the engine steps on (fewer while others hold the cores)",
+            m,
+            registry=r,
+        )
         self.prefix_hits = Gauge(
             "tokenrelay_worker_prefix_cache_hit_rate", "Prefix-cache hits / lookups", m, registry=r
         )
@@ -113,6 +119,8 @@ class WorkerMetrics:
         used, total = int(stats.get("kv_blocks_used", 0)), int(stats.get("kv_blocks_total", 0))
         self.kv_used.labels(self.model).set(used)
         self.kv_free.labels(self.model).set(max(0, total - used))
+        if "threads" in stats:
+            self.threads.labels(self.model).set(int(stats["threads"]))
         self.prefix_hits.labels(self.model).set(float(stats.get("prefix_cache_hit_rate", 0.0)))
         self.swapped.labels(self.model).set(int(stats.get("swapped_out", 0)))
         # the engine counts from its start; counters take the increments

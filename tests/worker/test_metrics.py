@@ -86,3 +86,4 @@ def test_engine_gauges_and_latency_histograms(redis_url: str, tiny_llama: Path) 
     assert samples[("tokenrelay_worker_requests_total", (("model", "tiny"), ("outcome", "length")))] == 2
     assert 0.0 <= samples[("tokenrelay_worker_prefix_cache_hit_rate", label)] <= 1.0
     assert ("tokenrelay_worker_preemptions_total", label) in samples
+    assert samples[("tokenrelay_worker_compute_threads", label)] == engine.stats()["threads"] >= 1
