@@ -2,10 +2,10 @@
 
 Each setting runs `bench/decode_step.py` in its own process (libgomp reads its spin count once, at
 load), on quiet cores and then with `--busy` processes spinning beside it, the settings in rotating
-order over `--rounds`. Settings: libgomp's spin count at 5,000 and 30,000 turns with a fixed thread
-count, and the default (30,000 turns, threads adapted to the load: engine/cpu_threads.py). Prints one
-JSON object: the median step per setting, load and running count, and each setting's ratio to the
-default.
+order over `--rounds`. Settings: libgomp's spin count at 5,000, 30,000 and 300,000 turns (its own
+default) with a fixed thread count, and the engine's default (300,000 turns, threads adapted to the
+load: engine/cpu_threads.py). Prints one JSON object: the median step per setting, load and running
+count, and each setting's ratio to the default.
 
     python bench/contention.py [--running 1,8] [--rounds 2] [--busy 1] [--save]
 """
@@ -32,9 +32,10 @@ from bench.workloads import emit_report, machine_info  # noqa: E402
 SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "spin 5000, fixed threads": ({"GOMP_SPINCOUNT": "5000"}, ["--no-adaptive-threads"]),
     "spin 30000, fixed threads": ({"GOMP_SPINCOUNT": "30000"}, ["--no-adaptive-threads"]),
-    "default (spin 30000, adaptive threads)": ({}, []),
+    "spin 300000, fixed threads": ({"GOMP_SPINCOUNT": "300000"}, ["--no-adaptive-threads"]),
+    "default (spin 300000, adaptive threads)": ({}, []),
 }
-DEFAULT = "default (spin 30000, adaptive threads)"
+DEFAULT = "default (spin 300000, adaptive threads)"
 
 
 def run_one(env: dict[str, str], flags: list[str], running: str, steps: int, threads: int) -> dict[str, Any]:

@@ -6,7 +6,10 @@ weights, fp32, both cores) and are driven by the same client (bench/serving_load
 async client, streamed /v1/completions, greedy, fixed output lengths) with the same prompts (passages
 of bench/data/prose.txt, each behind a prefix unique to its rate and index, so no prefix-cache hits
 across requests) arriving as a Poisson process at each rate in turn. Both services stay up for the
-whole run and take turns (ABBA over rates), so a drift in the machine's speed favours neither. Per rate
+whole run and take turns (ABBA over rates), so a drift in the machine's speed favours neither; the one
+not measured is frozen (SIGSTOP) meanwhile, since an idle service still wakes up now and then and on
+two cores every wake-up stalls the measured one's threads. Afterwards the same arrivals go straight
+into tokenrelay's engine in this process (`engine_in_process`): what the service path costs. Per rate
 and service: completed requests/s, output tokens/s, TTFT, TPOT and inter-chunk latency percentiles,
 and goodput (requests meeting the TTFT and TPOT SLOs, per second); ratios where both ran. vLLM runs
 only when ../shared/peers/ has installed it ($PEERS_DIR/vllmenv); otherwise the report says it was skipped.
@@ -45,7 +48,7 @@ from openai import AsyncOpenAI
 
 from bench.peer_env import PEERS_DIR, VLLM_PYTHON, vllm_env, vllm_installed
 from bench.queue import start_worker, stop_worker, wait_ready
-from bench.serving_load import Slo, poisson_offsets, run_rate, summarise
+from bench.serving_load import Slo, poisson_offsets, replay_in_process, run_rate, summarise
 from bench.speculative import passages
 from bench.workloads import emit_report, machine_info
 from producer.protocol import DEFAULT_MODEL_NAME
@@ -96,6 +99,29 @@ def tree_cpu_s(pids: list[int]) -> float:
     return total
 
 
+def freeze(pids: list[int]) -> list[psutil.Process]:
+    """SIGSTOP these processes and their descendants: an idle service still wakes up (timers, polling
+    threads, OpenMP), and on two cores each wake-up stalls the measured service's threads."""
+    stopped = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for process in [root, *root.children(recursive=True)]:
+                process.suspend()
+                stopped.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return stopped
+
+
+def thaw(processes: list[psutil.Process]) -> None:
+    for process in reversed(processes):
+        try:
+            process.resume()
+        except psutil.NoSuchProcess:
+            continue
+
+
 def machine_cpu_s() -> tuple[float, float]:
     """CPU seconds so far, all cores: busy (steal excluded), and stolen by the hypervisor."""
     times = psutil.cpu_times()
@@ -132,13 +158,14 @@ def start_tokenrelay(redis: RedisServer, log_dir: Path, threads: int) -> Service
     processes = [worker, gateway.process, *([redis.process] if redis.process else [])]
 
     def probe() -> dict[str, Any]:
-        """The worker's compute threads (engine.cpu_threads) from its heartbeat."""
+        """The worker's compute threads (engine.cpu_threads) and step-loop timing, from its heartbeat."""
         import redis as redis_py
 
         from producer.status import gather
 
         workers = [w for s in gather(redis_py.Redis.from_url(redis.url)) for w in s.workers]
-        return {k: workers[0].get(k) for k in ("threads", "thread_changes")} if workers else {}
+        keys = ("threads", "thread_changes", "steps", "step_s", "overhead_s")  # cumulative since the worker started
+        return {k: workers[0].get(k) for k in keys} if workers else {}
 
     return Service("tokenrelay", f"{gateway.url}/v1", DEFAULT_MODEL_NAME, processes, settings, stop, probe=probe)
 
@@ -215,16 +242,22 @@ async def measure(services: list[Service], rates: list[float], args: argparse.Na
         for service in services if index % 2 == 0 else services[::-1]:
             ours = [bench_pid, *(p.pid for s in services for p in s.processes)]
             mine = [p.pid for p in service.processes]
-            load_before, cpu_before = os.getloadavg()[0], (*machine_cpu_s(), tree_cpu_s(ours), tree_cpu_s(mine))
+            idle = [p.pid for s in services if s is not service for p in s.processes]  # the service not measured
+            load_before = os.getloadavg()[0]
+            cpu_before = (*machine_cpu_s(), tree_cpu_s(ours), tree_cpu_s(mine), tree_cpu_s(idle))
             began = time.monotonic()
-            records, seconds = await run_rate(
-                clients[service.name], service.model, prompts, offsets, args.max_tokens, max_seconds
-            )
+            frozen = freeze(idle) if args.freeze_idle else []
+            try:
+                records, seconds = await run_rate(
+                    clients[service.name], service.model, prompts, offsets, args.max_tokens, max_seconds
+                )
+            finally:
+                thaw(frozen)
             wall = time.monotonic() - began
-            busy, steal, bench_cpu, service_cpu = (
+            busy, steal, bench_cpu, service_cpu, idle_cpu = (
                 after - before
                 for after, before in zip(
-                    (*machine_cpu_s(), tree_cpu_s(ours), tree_cpu_s(mine)), cpu_before, strict=True
+                    (*machine_cpu_s(), tree_cpu_s(ours), tree_cpu_s(mine), tree_cpu_s(idle)), cpu_before, strict=True
                 )
             )
             figures = summarise(records, seconds, args.max_tokens, slo)
@@ -235,6 +268,7 @@ async def measure(services: list[Service], rates: list[float], args: argparse.Na
                 "loadavg_1m_before": round(load_before, 2),
                 "loadavg_1m_after": round(os.getloadavg()[0], 2),
                 "service_cores": round(service_cpu / wall, 2),
+                "idle_service_cores": round(idle_cpu / wall, 2),  # the other service, waiting for its turn
                 "other_processes_cores": round(max(0.0, busy - bench_cpu) / wall, 2),  # not this benchmark's
                 "steal_cores": round(steal / wall, 2),
             }
@@ -242,6 +276,24 @@ async def measure(services: list[Service], rates: list[float], args: argparse.Na
             print(f"rate {rate} {service.name}: {_line(figures)}", file=sys.stderr, flush=True)
     for client in clients.values():
         await client.close()
+
+
+def replay(rates: list[float], args: argparse.Namespace, slo: Slo) -> dict[str, Any]:
+    """Each rate's arrivals and prompts straight into tokenrelay's engine in this process, same settings."""
+    from engine import LLM
+
+    llm = LLM(model=None, dtype="float32", num_threads=args.threads)
+    llm.generate(["[warm-up] Hello"] * 2)
+    figures = []
+    for index, rate in enumerate(rates):
+        offsets = poisson_offsets(args.requests, rate, seed=index)
+        records, seconds = replay_in_process(
+            llm.engine, f"rate{index}", prompts_for(index, args.requests), offsets, args.max_tokens
+        )
+        figures.append({**summarise(records, seconds, args.max_tokens, slo), "rate": rate})
+        print(f"rate {rate} engine in process: {_line(figures[-1])}", file=sys.stderr, flush=True)
+    path = "the same arrivals into LLMEngine in the benchmark's process, no service around it"
+    return {"path": path, "rates": figures}
 
 
 def _line(f: dict[str, Any]) -> str:
@@ -315,6 +367,18 @@ def main() -> None:
     parser.add_argument("--slo-ttft-s", type=float, default=2.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=150.0)
     parser.add_argument("--threads", type=int, default=2, help="cores each service computes on")
+    parser.add_argument(
+        "--replay",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run each rate's arrivals into the engine in this process, without the service (default: on)",
+    )
+    parser.add_argument(
+        "--freeze-idle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SIGSTOP the service not being measured during the other's turn (default: on)",
+    )
     parser.add_argument("--with-vllm", choices=["auto", "no"], default="auto", help="auto: when installed")
     parser.add_argument("--vllm-start-timeout", type=float, default=600.0)
     parser.add_argument("--save", action="store_true", help="also write bench/results/serving-<time>.json")
@@ -343,6 +407,7 @@ def main() -> None:
             "prompts": "bench/data/prose.txt passages behind a prefix unique to rate and index",
             "slo": {**dataclasses.asdict(slo), "attainment_for_meets": SLO_ATTAINMENT},
             "threads": args.threads,
+            "idle_service": "frozen (SIGSTOP) during the other's turn" if args.freeze_idle else "left running",
         },
         "systems": {},
     }
@@ -365,6 +430,8 @@ def main() -> None:
         finally:
             for service in services:
                 service.stop()
+    if args.replay:  # after the services are gone: the machine is this process's alone
+        report["engine_in_process"] = replay(rates, args, slo)
     for service in services:
         report["systems"][service.name] = {"settings": service.settings, "rates": service.records}
     if len(services) == 2:

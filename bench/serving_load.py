@@ -128,6 +128,45 @@ async def run_rate(
     return records, (max(ends) if ends and not pending else time.perf_counter() - started)
 
 
+def replay_in_process(
+    engine: Any, tag: str, prompts: list[str], offsets: list[float], max_tokens: int
+) -> tuple[list[RequestRecord], float]:
+    """The same arrivals straight into an engine in this process (no HTTP, no Redis, no worker loop):
+    the difference to the served figures is what the service path costs."""
+    from engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    records = [RequestRecord(sent_at=offset) for offset in offsets]
+    last: dict[int, float] = {}
+    started = time.perf_counter()
+    sent = 0
+    while sent < len(offsets) or engine.has_unfinished():
+        now = time.perf_counter() - started
+        while sent < len(offsets) and offsets[sent] <= now:
+            engine.add_request(f"{tag}-{sent}", prompts[sent], params)
+            records[sent].sent_at = now
+            sent += 1
+        if not engine.has_unfinished():
+            time.sleep(min(0.005, max(0.0, offsets[sent] - now)))
+            continue
+        outputs = engine.step()
+        now = time.perf_counter() - started
+        for out in outputs:
+            i = int(out.request_id.rsplit("-", 1)[1])
+            record = records[i]
+            if out.new_token_ids:
+                if record.ttft_s is None:
+                    record.ttft_s = now - record.sent_at
+                else:
+                    record.chunk_gaps_s.append(now - last[i])
+                last[i] = now
+                record.chunks += 1
+            record.output_tokens = len(out.token_ids)
+            if out.finished:
+                record.latency_s = now - record.sent_at
+    return records, max(r.sent_at + (r.latency_s or 0.0) for r in records)
+
+
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(1000 * value, 1)
 

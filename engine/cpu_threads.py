@@ -3,9 +3,9 @@
 A decode step is a few hundred short OpenMP parallel regions, and every region ends at a barrier. When
 another process runs on one of the cores, the thread of ours that is descheduled there holds up the
 other at each barrier, and a step costs several times its quiet time (bench/contention.py, two cores,
-one busy process beside the engine, one and eight requests decoding: 136 / 179 ms a step on two
-threads against 38 / 49 quiet). One thread has no barriers: it takes the free core and runs at its
-own pace (58 / 79 ms there).
+one busy process beside the engine, one and eight requests decoding: 375 / 501 ms a step on two
+threads with libgomp's default spin, 39 / 49 quiet). One thread has no barriers: it takes the free
+core and runs at its own pace (59 / 81 ms there).
 
 Once per `interval_s` the governor reads how much CPU the rest of the machine took on the cores this
 process may run on (/proc/stat, steal time included: a hypervisor's other guests are contention too)

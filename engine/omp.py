@@ -5,12 +5,15 @@ turns by default) before sleeping on a futex, waiting for the next parallel regi
 hundreds of short parallel regions with Python between them. On cores nobody else uses, spinning
 saves the wake-ups; but when another process wants a core, a thread of ours spinning at a barrier
 keeps the core while the thread it waits for sits descheduled, and every region can cost a scheduler
-time slice. Measured on two cores (bench/contention.py, two threads, one and eight requests
-decoding): quiet, 36 / 48 ms a step with 30,000 turns as with the default, 43 / 58 with 5,000 (each
-region then starts with a futex wake); beside one busy process, 567 / 670 with the default, 143 / 189
-with 30,000, 76 / 104 with 5,000. How long a turn takes depends on the processor (an earlier
-machine ran 5,000 turns at full quiet speed), so the spin is set for the quiet case and sustained
-contention is left to engine.cpu_threads, which steps on fewer threads while others hold the cores.
+time slice. Measured on two cores (bench/contention.py, contention-20261202-072425.json, two threads,
+one and eight requests decoding): quiet, 39 / 49 ms a step with the default, 38 / 49 with 30,000
+turns, 45 / 60 with 5,000 (each region then starts with a futex wake); beside one busy process,
+375 / 501 ms with the default, 139 / 186 with 30,000, 81 / 105 with 5,000. Serving (gateway, Redis
+and the client beside the worker, 2 requests/s) the default was 4-9 ms a token faster than 30,000 or
+100,000 turns in four paired diagnostic runs (not saved): the short wake-ups of those processes are what spinning rides out.
+So the engine keeps libgomp's default and leaves sustained contention to engine.cpu_threads, which
+steps on fewer threads while others hold the cores (59 / 81 ms beside the busy process, one thread).
+How long a turn takes depends on the processor: an earlier machine ran 5,000 turns at full quiet speed.
 
 libgomp reads its environment once, when the library loads (the first `import torch`), so this
 must run before that; the engine package calls it on import. A value the user set is kept.
@@ -21,8 +24,9 @@ from __future__ import annotations
 import os
 import sys
 
-# turns of the spin loop before an idle OpenMP thread sleeps (tens of microseconds here)
-SPIN_COUNT = 30_000
+# turns of the spin loop before an idle OpenMP thread sleeps: libgomp's own default, written out so
+# that the start-up log says what applies and a test can check that libgomp received it
+SPIN_COUNT = 300_000
 
 
 def configure_openmp() -> str | None:

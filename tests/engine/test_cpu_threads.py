@@ -96,3 +96,28 @@ def test_the_engine_governs_its_cpu_threads_unless_told_not_to(tiny_llama: Path)
         assert single.engine.threads is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_results_do_not_depend_on_the_thread_count(default_model_dir: Path) -> None:
+    """What lets the governor change threads mid-run: GEMMs and kernels split rows, not reductions (the
+    default model in float32: packed GEMMs, the prefill and decode kernels, all on two threads or one)."""
+    from engine import SamplingParams
+
+    before = torch.get_num_threads()
+    llm = LLM(
+        model=str(default_model_dir),
+        dtype="float32",
+        num_kv_blocks=128,
+        enable_prefix_caching=False,  # a second run must compute what the first did, not reuse it
+        adaptive_threads=False,  # the thread count is this test's to set
+    )
+    prompts = [[(97 * i + 31 * j) % 40000 + 100 for j in range(5 + 57 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
+    try:
+        runs = []
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            runs.append([(out.token_ids, out.logprobs) for out in llm.generate(prompts, params)])
+    finally:
+        torch.set_num_threads(before)
+    assert runs[0] == runs[1]
