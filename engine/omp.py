@@ -10,7 +10,8 @@ one and eight requests decoding): quiet, 39 / 49 ms a step with the default, 38 
 turns, 45 / 60 with 5,000 (each region then starts with a futex wake); beside one busy process,
 375 / 501 ms with the default, 139 / 186 with 30,000, 81 / 105 with 5,000. Serving (gateway, Redis
 and the client beside the worker, 2 requests/s) the default was 4-9 ms a token faster than 30,000 or
-100,000 turns in four paired diagnostic runs (not saved): the short wake-ups of those processes are what spinning rides out.
+100,000 turns in four paired diagnostic runs (not saved): spinning rides out the short wake-ups of
+those processes.
 So the engine keeps libgomp's default and leaves sustained contention to engine.cpu_threads, which
 steps on fewer threads while others hold the cores (59 / 81 ms beside the busy process, one thread).
 How long a turn takes depends on the processor: an earlier machine ran 5,000 turns at full quiet speed.
