@@ -10,12 +10,17 @@ core and runs at its own pace (59 / 81 ms there).
 Once per `interval_s` the governor reads how much CPU the rest of the machine took on the cores this
 process may run on (/proc/stat, steal time included: a hypervisor's other guests are contention too)
 and sizes the thread count to the cores left, between 1 and the configured count. A change needs two
-readings in a row that agree, so a burst (a gateway answering, a compile) does not flap it.
+readings in a row that agree, so a burst (a gateway answering, a compile) does not flap it; taking a
+thread back needs between two and six (drawn afresh each time), so that engines sharing a machine,
+which all see the same free cores at once, do not all take them back together and all give them up
+again. A reading after a long pause (an idle engine does not tick) only starts a new window: what the
+machine did while the engine had nothing to do says little about now.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +75,8 @@ class ThreadGovernor:
         reader: Callable[[frozenset[int]], CpuReading | None] = read_cpu,
         set_threads: Callable[[int], None] = torch.set_num_threads,
         cpus: frozenset[int] | None = None,  # None: the cores this process may run on
+        raise_after: tuple[int, int] = (2, 6),  # agreeing readings before a thread is taken back, drawn in this range
+        seed: int | None = None,
     ) -> None:
         self.configured = configured
         self.threads = configured
@@ -82,7 +89,11 @@ class ThreadGovernor:
         self._reader = reader
         self._set_threads = set_threads
         self._last = reader(self._cpus) if self._cpus else None
+        self._raise_after = raise_after
+        self._random = random.Random(seed)
         self._proposal: int | None = None
+        self._agreeing = 0  # readings in a row that asked for the proposal
+        self._needed = 2
 
     @property
     def active(self) -> bool:
@@ -101,16 +112,22 @@ class ThreadGovernor:
         wall = now.wall_s - self._last.wall_s
         others = max(0.0, (now.busy_s - self._last.busy_s) - (now.own_s - self._last.own_s)) / max(wall, 1e-6)
         self._last = now
+        if wall > max(4 * self.interval_s, 2.0):  # after a pause: a new window, no decision
+            self._proposal = None
+            return self.threads
         self.others_cores = others
         wanted = threads_for(others, len(self._cpus), self.configured)
         if wanted == self.threads:
             self._proposal = None
-        elif wanted == self._proposal:  # the second reading in a row that asks for it
+            return self.threads
+        if wanted != self._proposal:
+            self._proposal, self._agreeing = wanted, 0
+            self._needed = 2 if wanted < self.threads else self._random.randint(*self._raise_after)
+        self._agreeing += 1
+        if self._agreeing >= self._needed:
             log.info("compute threads changed", threads=wanted, was=self.threads, other_cores=round(others, 2))
             self.threads = wanted
             self._set_threads(wanted)
             self.changes += 1
             self._proposal = None
-        else:
-            self._proposal = wanted
         return self.threads

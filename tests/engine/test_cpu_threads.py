@@ -46,11 +46,69 @@ class Script:
 def test_a_change_needs_two_readings_in_a_row() -> None:
     script = Script([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
     calls: list[int] = []
-    governor = ThreadGovernor(2, interval_s=0.0, reader=script, set_threads=calls.append, cpus=TWO_CORES)
+    governor = ThreadGovernor(
+        2, interval_s=0.0, reader=script, set_threads=calls.append, cpus=TWO_CORES, raise_after=(2, 2)
+    )
     seen = [governor.tick() for _ in range(7)]
     # one busy window is a burst; two in a row are load; quiet again after two quiet readings
     assert seen == [2, 2, 2, 1, 1, 2, 2]
     assert calls == [1, 2] and governor.changes == 2
+
+
+def test_a_reading_after_a_pause_only_starts_a_new_window() -> None:
+    # others took one of the two cores throughout; the engine sat idle from second 1 to 11
+    readings = iter([CpuReading(t, busy_s=1.5 * t, own_s=0.5 * t) for t in (0.0, 1.0, 11.0, 12.0, 13.0)])
+    governor = ThreadGovernor(2, 0.0, lambda cpus: next(readings), lambda n: None, cpus=TWO_CORES)
+    assert [governor.tick() for _ in range(2)] == [2, 2]  # a first busy reading, then the pause: no decision
+    assert [governor.tick() for _ in range(2)] == [2, 1]  # two busy readings after it: one thread
+
+
+class SharedMachine:
+    """Engines of two threads each on a few cores, shared fairly: each engine's reader sees the others' use."""
+
+    def __init__(self, engines: int, cores: int) -> None:
+        self.cores = cores
+        self.threads = [2] * engines
+        self.own = [0.0] * engines
+        self.busy = 0.0
+        self.clock = 0.0
+
+    def second(self) -> None:
+        self.clock += 1.0
+        self.busy += min(self.cores, sum(self.threads))
+        for i, n in enumerate(self.threads):
+            self.own[i] += n * min(1.0, self.cores / sum(self.threads))
+
+    def run(self, raise_after: tuple[int, int], seconds: int = 80) -> list[int]:
+        governors = [
+            ThreadGovernor(
+                2,
+                interval_s=0.0,
+                reader=lambda cpus, i=i: CpuReading(self.clock, self.busy, self.own[i]),
+                set_threads=lambda n, i=i: self.threads.__setitem__(i, n),
+                cpus=frozenset(range(self.cores)),
+                raise_after=raise_after,
+                seed=i,
+            )
+            for i in range(len(self.threads))
+        ]
+        history = []
+        for _ in range(seconds):
+            self.second()
+            for governor in governors:
+                governor.tick()
+            history.append(sum(self.threads))
+        return history
+
+
+def test_engines_sharing_cores_settle_instead_of_moving_together() -> None:
+    # six engines of two threads on eight cores: each gets 1.33 cores and gives a thread up
+    history = SharedMachine(engines=6, cores=8).run(raise_after=(2, 6))
+    assert history[-30:] == [history[-1]] * 30, history  # settled
+    assert 8 <= history[-1] <= 10, history  # about the cores there are: not 12, not 6
+    # the same engines taking threads back after a fixed two readings move as one herd
+    herd = SharedMachine(engines=6, cores=8).run(raise_after=(2, 2))
+    assert {6, 12} <= set(herd[-30:]), herd
 
 
 def test_one_thread_or_no_reading_is_left_alone() -> None:
