@@ -181,6 +181,7 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     adaptive_threads: bool = True  # CPU: step on fewer threads while other processes hold the cores
     cpu_weight_packing: bool = True  # fp32 on CPU: prepack Linear weights for oneDNN
+    host_memory_trim_s: float = 2.0  # CPU: hand the heap's free pages back to the OS this often (0: never)
     fused_layers: bool = True  # CPU, Llama/Mistral/Qwen2: merged projections and fused elementwise kernels
     seed: int = 0
     trust_remote_code: bool = False
@@ -251,6 +252,11 @@ class EngineConfig:
             self.num_threads is None or (_is_int(self.num_threads) and self.num_threads >= 1),
             "num_threads",
             "must be an integer >= 1 or None",
+        )
+        _check(
+            _is_number(self.host_memory_trim_s) and self.host_memory_trim_s >= 0,
+            "host_memory_trim_s",
+            "must be a number of seconds >= 0",
         )
         _check(_is_number(self.swap_space_gb) and self.swap_space_gb >= 0, "swap_space_gb", "must be a number >= 0")
         _check(

@@ -14,6 +14,7 @@ from engine.config import EngineConfig, SamplingParams
 from engine.cpu_threads import ThreadGovernor
 from engine.detokenize import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
+from engine.memory import HeapTrimmer
 from engine.models.prepare import PreparedModel, prepare_model
 from engine.offload import LayerOffloader
 from engine.omp import SPIN_SETTING
@@ -65,6 +66,7 @@ class LLMEngine:
         self.threads: ThreadGovernor | None = None
         if config.adaptive_threads and prepared.device.type == "cpu" and torch.get_num_threads() > 1:
             self.threads = ThreadGovernor(torch.get_num_threads())
+        self.heap = HeapTrimmer(config.host_memory_trim_s if prepared.allocator_tuned else 0.0)
         log.info(
             "engine ready",
             **prepared.summary(),
@@ -171,6 +173,7 @@ class LLMEngine:
             self.threads.tick()
         failed = self._admit_compiled() if len(self.grammars) else []
         outputs = self._run_step()
+        self.heap.tick()
         return failed + outputs if failed else outputs
 
     def _admit_compiled(self) -> list[RequestOutput]:

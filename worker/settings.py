@@ -48,6 +48,7 @@ ENGINE_HELP = {
     "attention_backend": "auto, torch, cpu or xformers",
     "cpu_weight_packing": "fp32 on CPU: prepack Linear weights for oneDNN",
     "adaptive_threads": "CPU: step on fewer threads while other processes hold the cores",
+    "host_memory_trim_s": "CPU: hand the heap's free pages back to the OS this often, in seconds (0: never)",
     "fused_layers": "CPU, Llama/Mistral/Qwen2: merged projections and fused elementwise kernels",
     "seed": "the sampler's seed for requests that set none",
     "trust_remote_code": "let transformers run the model folder's own code",
