@@ -35,9 +35,18 @@ def gguf_path() -> Path:
     return path
 
 
+def _converted_dir() -> Path:
+    return cache_root() / "models" / DEFAULT_MODEL_NAME
+
+
+def is_default_model_dir(path: Path) -> bool:
+    """Whether `path` is the folder default_model_dir() converts the packaged GGUF into."""
+    return path.resolve() == _converted_dir().resolve()
+
+
 def default_model_dir() -> Path:
     """The converted HF folder, creating it on first use (about 40 s, then about 4 s to load)."""
-    target = cache_root() / "models" / DEFAULT_MODEL_NAME
+    target = _converted_dir()
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     source = gguf_path()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels.gguf_linear import BLOCK, Q4_1, Q8_0, GGUFEmbedding, GGUFLinear, dequantize
+from kernels.gguf_linear import BLOCK, BLOCK_BYTES, Q4_1, Q8_0, GGUFEmbedding, GGUFLinear, dequantize
 
 _LLAMA_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -90,3 +90,44 @@ def load_gguf_weights(model: Any, gguf_file: Path, cpu_kernels: ModuleType | Non
         raise ValueError("quantization: the GGUF file has no output matrix for an untied LM head")
     counts["block"] = BLOCK
     return counts
+
+
+def embed_from_gguf(model: Any, gguf_file: Path, cpu_kernels: ModuleType | None) -> bool:
+    """Look the embedding's rows up from the GGUF blocks it was converted from, freeing its float32 copy.
+
+    For a model whose float32 weights are the dequantised GGUF (the default model), and only when the
+    LM head no longer shares that matrix (packed for oneDNN): the default model's 108 MiB of float32
+    rows become its 29 MiB of Q8_0 blocks. Every row the lookup produces is first checked, bit for bit,
+    against the float32 matrix, so the outputs cannot change; any difference (another conversion, other
+    weights) keeps the float32 embedding. Returns whether the swap was made."""
+    from gguf import GGUFReader
+
+    embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    head = model.get_output_embeddings()
+    if (
+        cpu_kernels is None
+        or type(embeddings) is not torch.nn.Embedding
+        or weight is None
+        or weight.dtype != torch.float32
+        or getattr(head, "weight", None) is not None
+        and head.weight.data_ptr() == weight.data_ptr()
+    ):
+        return False
+    reader = GGUFReader(str(gguf_file))
+    tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if tensor is None or int(tensor.tensor_type) not in (Q4_1, Q8_0):
+        return False
+    blocks = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # a copy: the file can be unmapped
+    del reader
+    if tuple(blocks.shape) != (weight.shape[0], weight.shape[1] // BLOCK * BLOCK_BYTES[int(tensor.tensor_type)]):
+        return False
+    source = GGUFLinear(blocks, int(tensor.tensor_type), weight.shape[1], None, cpu_kernels)
+    lookup = GGUFEmbedding(source, weight.dtype)
+    with torch.inference_mode():
+        for start in range(0, weight.shape[0], 4096):  # a few MB at a time, not a second full matrix
+            ids = torch.arange(start, min(start + 4096, weight.shape[0]))
+            if not torch.equal(lookup(ids), weight[start : start + 4096]):
+                return False
+    model.set_input_embeddings(lookup)
+    return True

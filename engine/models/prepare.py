@@ -12,11 +12,12 @@ import torch
 from engine.config import EngineConfig
 from engine.memory import kv_cache_num_blocks, release_free_host_memory, tune_host_allocator
 from engine.models.adapter import ModelAdapter
-from engine.models.default_model import gguf_path
+from engine.models.default_model import gguf_path, is_default_model_dir
 from engine.models.fused_layers import fuse_decoder_layers
-from engine.models.gguf_weights import load_gguf_weights
+from engine.models.gguf_weights import embed_from_gguf, load_gguf_weights
 from engine.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from engine.offload import LayerOffloader, offload_layers
+from engine.omp import ONEDNN_CACHE_SETTING
 from engine.runner import kv_cache_bytes_per_block
 from kernels import AttentionBackend, cpu_build
 from kernels.cpu_linear import pack_linears, packing_available
@@ -44,6 +45,7 @@ class PreparedModel:
     allocator_tuned: bool
     packed_linears: int
     fused_layers: int  # decoder layers given the fused forward (engine/models/fused_layers.py)
+    gguf_embedding: bool  # the embedding looks its rows up from the GGUF blocks (embed_from_gguf)
     offloaded: list[LayerOffloader]
 
     def summary(self) -> dict[str, Any]:
@@ -60,7 +62,9 @@ class PreparedModel:
             "threads": torch.get_num_threads(),
             "allocator_tuned": self.allocator_tuned,
             "packed_linears": self.packed_linears,
+            "onednn_cache_entries": ONEDNN_CACHE_SETTING,  # engine.omp: what caps memory of packed GEMMs
             "fused_layers": self.fused_layers,
+            "gguf_embedding": self.gguf_embedding,
             "offloaded_layers": len(self.offloaded),
         }
 
@@ -87,6 +91,7 @@ def prepare_model(config: EngineConfig) -> PreparedModel:
     )
     packed = 0
     fused = 0
+    gguf_embedding = False
     if config.fused_layers and device.type == "cpu" and config.quantization != "gguf":
         # before quantization and packing: those then see the merged q/k/v and gate/up projections
         compiled = _cpu_kernels(device, dtype, (torch.float32, torch.float64))
@@ -99,6 +104,9 @@ def prepare_model(config: EngineConfig) -> PreparedModel:
         load_gguf_weights(loaded.model, gguf_path(), _cpu_kernels(device, dtype))
     elif config.cpu_weight_packing and not config.cpu_offload_gb and packing_available(device, dtype):
         packed = pack_linears(loaded.model)
+        if is_default_model_dir(loaded.path):  # the packed head holds its own copy: the embedding's can go
+            release_free_host_memory()  # the fp32 weights the packing replaced, before the check allocates
+            gguf_embedding = embed_from_gguf(loaded.model, gguf_path(), _cpu_kernels(device, dtype))
     # last: offloading moves the weights as the steps above left them
     offloaded = offload_layers(loaded.model, config.cpu_offload_gb, device) if config.cpu_offload_gb else []
     if device.type == "cpu":
@@ -117,6 +125,7 @@ def prepare_model(config: EngineConfig) -> PreparedModel:
         allocator_tuned=allocator_tuned,
         packed_linears=packed,
         fused_layers=fused,
+        gguf_embedding=gguf_embedding,
         offloaded=offloaded,
     )
 

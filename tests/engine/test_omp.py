@@ -51,3 +51,46 @@ def test_the_setting_reaches_libgomp() -> None:
         check=True,
     )
     assert f"GOMP_SPINCOUNT = '{SPIN_COUNT}'" in out.stderr, out.stderr[-2000:]
+
+
+CACHE_PROBE = """
+import ctypes, torch
+{first}
+from kernels.cpu_linear import PackedLinear
+FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in FIELDS.split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+torch.set_num_threads(1)
+layer = PackedLinear(torch.nn.Linear(576, 1536, bias=False))
+with torch.inference_mode():
+    layer(torch.randn(1, 576))
+    before = libc.mallinfo2().uordblks
+    for rows in range(2, 202):  # a new batch size each call, as the running batch changes step to step
+        layer(torch.randn(rows, 576))
+print(libc.mallinfo2().uordblks - before)
+"""
+
+
+def _cache_growth(first: str, **env: str) -> int:
+    clean = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    out = subprocess.run(
+        [sys.executable, "-c", CACHE_PROBE.format(first=first)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.split()[-1])
+
+
+def test_onednn_caches_are_capped_even_after_torch_loads() -> None:
+    """Packed linears of 200 batch sizes: with oneDNN's and ideep's default 1,024-entry caches every shape
+    stays (~0.5 MB each); with the engine's caps (set on import, here after torch) memory stops growing."""
+    capped = _cache_growth("import engine")
+    user_default = _cache_growth(
+        "import engine", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024"
+    )  # what the user sets is kept
+    assert user_default > 60 * 2**20, user_default
+    assert capped < user_default / 3, (capped, user_default)
