@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.models.gguf_index import read_blocks
 from kernels.gguf_linear import BLOCK, BLOCK_BYTES, Q4_1, Q8_0, GGUFEmbedding, GGUFLinear, dequantize
 
 _LLAMA_NAMES = {
@@ -100,8 +101,6 @@ def embed_from_gguf(model: Any, gguf_file: Path, cpu_kernels: ModuleType | None)
     rows become its 29 MiB of Q8_0 blocks. Every row the lookup produces is first checked, bit for bit,
     against the float32 matrix, so the outputs cannot change; any difference (another conversion, other
     weights) keeps the float32 embedding. Returns whether the swap was made."""
-    from gguf import GGUFReader
-
     embeddings = model.get_input_embeddings()
     weight = getattr(embeddings, "weight", None)
     head = model.get_output_embeddings()
@@ -114,15 +113,14 @@ def embed_from_gguf(model: Any, gguf_file: Path, cpu_kernels: ModuleType | None)
         and head.weight.data_ptr() == weight.data_ptr()
     ):
         return False
-    reader = GGUFReader(str(gguf_file))
-    tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if tensor is None or int(tensor.tensor_type) not in (Q4_1, Q8_0):
+    found = read_blocks(gguf_file, "token_embd.weight")
+    if found is None:
         return False
-    blocks = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # a copy: the file can be unmapped
-    del reader
-    if tuple(blocks.shape) != (weight.shape[0], weight.shape[1] // BLOCK * BLOCK_BYTES[int(tensor.tensor_type)]):
+    qtype, array = found
+    blocks = torch.from_numpy(array)
+    if tuple(blocks.shape) != (weight.shape[0], weight.shape[1] // BLOCK * BLOCK_BYTES[qtype]):
         return False
-    source = GGUFLinear(blocks, int(tensor.tensor_type), weight.shape[1], None, cpu_kernels)
+    source = GGUFLinear(blocks, qtype, weight.shape[1], None, cpu_kernels)
     lookup = GGUFEmbedding(source, weight.dtype)
     with torch.inference_mode():
         for start in range(0, weight.shape[0], 4096):  # a few MB at a time, not a second full matrix

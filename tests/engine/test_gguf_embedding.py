@@ -11,11 +11,12 @@ from safetensors import safe_open
 from engine.config import EngineConfig
 from engine.memory import model_weight_bytes
 from engine.models.default_model import gguf_path
+from engine.models.gguf_index import read_blocks
 from engine.models.gguf_weights import embed_from_gguf
 from engine.models.prepare import prepare_model
 from kernels import cpu_build
 from kernels.cpu_linear import PackedLinear
-from kernels.gguf_linear import BLOCK_BYTES, GGUFEmbedding
+from kernels.gguf_linear import BLOCK_BYTES, Q4_1, Q8_0, GGUFEmbedding
 
 
 def _converted_embedding(model_dir: Path) -> torch.Tensor:
@@ -71,3 +72,25 @@ def test_other_models_keep_their_embedding(tiny_llama: Path) -> None:
     prepared = prepare_model(EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=8))
     assert prepared.packed_linears > 0 and not prepared.gguf_embedding
     assert type(prepared.loaded.model.get_input_embeddings()) is torch.nn.Embedding
+
+
+@pytest.mark.slow
+def test_the_header_walk_finds_what_gguf_reader_finds() -> None:
+    """read_blocks against gguf's own reader, on the packaged file: the same bytes for a tensor of each
+    type, None for a float tensor and for a name the file lacks."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path()))
+    by_name = {t.name: t for t in reader.tensors}
+    seen = set()
+    for name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.29.ffn_down.weight"):
+        found = read_blocks(gguf_path(), name)
+        assert found is not None
+        qtype, blocks = found
+        assert qtype == int(by_name[name].tensor_type)
+        assert np.array_equal(blocks, np.asarray(by_name[name].data, dtype=np.uint8))
+        seen.add(qtype)
+    assert seen == {Q4_1, Q8_0}
+    assert read_blocks(gguf_path(), "blk.0.attn_norm.weight") is None  # float32: not blocks
+    assert read_blocks(gguf_path(), "no.such.tensor") is None
