@@ -18,6 +18,8 @@ How long a turn takes depends on the processor: an earlier machine ran 5,000 tur
 
 libgomp reads its environment once, when the library loads (the first `import torch`), so this
 must run before that; the engine package calls it on import. A value the user set is kept.
+
+The same import caps the two shape caches under oneDNN's packed GEMMs (see ONEDNN_CACHE_CAPACITY).
 """
 
 from __future__ import annotations

@@ -14,16 +14,15 @@ from engine.omp import SPIN_COUNT
 PROBE = "import os, sys; {first}; import engine; print(os.environ.get('GOMP_SPINCOUNT'), engine._omp.SPIN_SETTING)"
 
 
-def _probe(first: str = "pass", **env: str) -> list[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE.format(first=first)],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def _run(code: str, unset: tuple[str, ...], **env: str) -> list[str]:
+    """`code` in a fresh interpreter without the variables `unset`, with `env`; its stdout's words."""
+    clean = {k: v for k, v in os.environ.items() if k not in unset}
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
     return out.stdout.split()
+
+
+def _probe(first: str = "pass", **env: str) -> list[str]:
+    return _run(PROBE.format(first=first), ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"), **env)
 
 
 def test_sets_the_spin_count_before_torch_loads() -> None:
@@ -74,15 +73,9 @@ print(libc.mallinfo2().uordblks - before)
 
 
 def _cache_growth(first: str, **env: str) -> int:
-    clean = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
-    out = subprocess.run(
-        [sys.executable, "-c", CACHE_PROBE.format(first=first)],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        check=True,
+    return int(
+        _run(CACHE_PROBE.format(first=first), ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"), **env)[-1]
     )
-    return int(out.stdout.split()[-1])
 
 
 def test_onednn_caches_are_capped_even_after_torch_loads() -> None:
