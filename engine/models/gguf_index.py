@@ -1,4 +1,4 @@
-"""One tensor's bytes out of a GGUF file, found by walking its header (gguf's GGUFReader takes ~5 s here:
+"""Block-quantised tensors out of a GGUF file, found by walking its header (gguf's GGUFReader takes ~5 s here:
 it turns every metadata value, the tokenizer's 49,152 tokens and merges included, into numpy fields).
 
 Layout (GGUF v2/v3, little-endian): magic, version, tensor count, metadata count; the metadata
@@ -51,36 +51,55 @@ class _Cursor:
             raise ValueError(f"GGUF: unknown metadata type {kind}")
 
 
+def _tensor_infos(buf: mmap.mmap, path: Path) -> tuple[dict[bytes, tuple[int, list[int], int]], int]:
+    """{name: (ggml type, dims as stored, offset)} of every tensor, and where the data starts."""
+    cur = _Cursor(buf)
+    cur.at = 4
+    if buf[:4] != b"GGUF" or cur.take("I") not in (2, 3):
+        raise ValueError(f"GGUF: {path} is not a GGUF v2/v3 file")
+    tensors, entries = cur.take("Q"), cur.take("Q")
+    alignment = 32
+    for _ in range(entries):
+        key, kind = cur.string(), cur.take("I")
+        if key == b"general.alignment" and kind == _UINT32:
+            alignment = cur.take("I")
+        else:
+            cur.skip_value(kind)
+    infos = {}
+    for _ in range(tensors):
+        name = cur.string()
+        dims = [cur.take("Q") for _ in range(cur.take("I"))]
+        infos[name] = (cur.take("I"), dims, cur.take("Q"))
+    return infos, -(-cur.at // alignment) * alignment
+
+
+def _copy_blocks(buf: mmap.mmap, start: int, kind: int, dims: list[int]) -> np.ndarray:
+    columns, rows = dims[0], int(np.prod(dims[1:]))  # ggml lists the fastest-moving dimension first
+    row_bytes = columns // BLOCK * BLOCK_BYTES[kind]
+    data = np.frombuffer(buf, dtype=np.uint8, count=rows * row_bytes, offset=start).reshape(rows, row_bytes)
+    copy = data.copy()  # the map closes when the caller is done
+    del data
+    return copy
+
+
 def read_blocks(path: Path, name: str) -> tuple[int, np.ndarray] | None:
     """(ggml type, a copy of its blocks as uint8 [rows, row bytes]) of tensor `name`, or None when the
     file has no such tensor or it is not of a block type the kernels read (Q4_1, Q8_0)."""
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        cur = _Cursor(buf)
-        cur.at = 4
-        if buf[:4] != b"GGUF" or cur.take("I") not in (2, 3):
-            raise ValueError(f"GGUF: {path} is not a GGUF v2/v3 file")
-        tensors, entries = cur.take("Q"), cur.take("Q")
-        alignment = 32
-        for _ in range(entries):
-            key, kind = cur.string(), cur.take("I")
-            if key == b"general.alignment" and kind == _UINT32:
-                alignment = cur.take("I")
-            else:
-                cur.skip_value(kind)
-        found = None
-        for _ in range(tensors):
-            tensor_name = cur.string()
-            dims = [cur.take("Q") for _ in range(cur.take("I"))]
-            kind, offset = cur.take("I"), cur.take("Q")
-            if tensor_name == name.encode():
-                found = (kind, dims, offset)
+        infos, data_start = _tensor_infos(buf, path)
+        found = infos.get(name.encode())
         if found is None or found[0] not in BLOCK_BYTES:
             return None
         kind, dims, offset = found
-        columns, rows = dims[0], int(np.prod(dims[1:]))  # ggml lists the fastest-moving dimension first
-        row_bytes = columns // BLOCK * BLOCK_BYTES[kind]
-        start = -(-cur.at // alignment) * alignment + offset
-        data = np.frombuffer(buf, dtype=np.uint8, count=rows * row_bytes, offset=start).reshape(rows, row_bytes)
-        copy = data.copy()  # the map closes on return
-        del data
-        return kind, copy
+        return kind, _copy_blocks(buf, data_start + offset, kind, dims)
+
+
+def all_blocks(path: Path) -> list[tuple[str, int, np.ndarray]]:
+    """(name, ggml type, a copy of its blocks) of every block-quantised tensor, in the file's order."""
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        infos, data_start = _tensor_infos(buf, path)
+        return [
+            (name.decode(), kind, _copy_blocks(buf, data_start + offset, kind, dims))
+            for name, (kind, dims, offset) in infos.items()
+            if kind in BLOCK_BYTES
+        ]

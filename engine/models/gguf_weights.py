@@ -13,11 +13,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import torch
 
-from engine.models.gguf_index import read_blocks
-from kernels.gguf_linear import BLOCK, BLOCK_BYTES, Q4_1, Q8_0, GGUFEmbedding, GGUFLinear, dequantize
+from engine.models.gguf_index import all_blocks, read_blocks
+from kernels.gguf_linear import BLOCK, BLOCK_BYTES, Q4_1, GGUFEmbedding, GGUFLinear, dequantize
 
 _LLAMA_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -45,8 +44,6 @@ def _check(name: str, blocks: torch.Tensor, qtype: int, reference: torch.Tensor)
 
 def load_gguf_weights(model: Any, gguf_file: Path, cpu_kernels: ModuleType | None) -> dict[str, int]:
     """Replace the model's linear layers and embedding with GGUF-backed ones, in place (Llama family)."""
-    from gguf import GGUFReader
-
     config = model.config
     if config.model_type not in ("llama", "mistral", "qwen2"):
         raise ValueError(f"quantization: 'gguf' supports Llama-style models, not {config.model_type!r}")
@@ -57,36 +54,31 @@ def load_gguf_weights(model: Any, gguf_file: Path, cpu_kernels: ModuleType | Non
     tied = head is not None and head.weight.data_ptr() == embeddings.weight.data_ptr()
     dtype = embeddings.weight.dtype
     counts = {"q4_1": 0, "q8_0": 0}
-    reader = GGUFReader(str(gguf_file))
-    for tensor in reader.tensors:
-        qtype = int(tensor.tensor_type)
-        if qtype not in (Q4_1, Q8_0):
-            continue  # float tensors (norms) are already in the model
-        blocks = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # a copy: the file can be unmapped
+    for name, qtype, array in all_blocks(gguf_file):  # float tensors (norms) are already in the model
+        blocks = torch.from_numpy(array)
         counts["q4_1" if qtype == Q4_1 else "q8_0"] += 1
-        if tensor.name in ("token_embd.weight", "output.weight"):
-            target = embeddings if tensor.name == "token_embd.weight" else head
-            _check(tensor.name, blocks, qtype, target.weight)
+        if name in ("token_embd.weight", "output.weight"):
+            target = embeddings if name == "token_embd.weight" else head
+            _check(name, blocks, qtype, target.weight)
             linear = GGUFLinear(blocks, qtype, target.weight.shape[1], None, cpu_kernels)
-            if tensor.name == "token_embd.weight":
+            if name == "token_embd.weight":
                 model.set_input_embeddings(GGUFEmbedding(linear, dtype))
                 if tied:
                     model.lm_head = linear
             else:
                 model.lm_head = linear
             continue
-        match = _LAYER.fullmatch(tensor.name)
+        match = _LAYER.fullmatch(name)
         if match is None or match.group(2) not in _LLAMA_NAMES:
-            raise ValueError(f"quantization: unexpected GGUF tensor {tensor.name}")
+            raise ValueError(f"quantization: unexpected GGUF tensor {name}")
         parent_name, _, attr = _LLAMA_NAMES[match.group(2)].rpartition(".")
         parent = layers[int(match.group(1))].get_submodule(parent_name)
         linear = getattr(parent, attr)
         if match.group(2) in ("attn_q", "attn_k"):
             blocks = blocks[_unpermute_rows(blocks.shape[0], heads if match.group(2) == "attn_q" else kv_heads)]
-        _check(tensor.name, blocks, qtype, linear.weight)
+        _check(name, blocks, qtype, linear.weight)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         setattr(parent, attr, GGUFLinear(blocks, qtype, linear.in_features, bias, cpu_kernels))
-    del reader
     if model.get_output_embeddings() is head and not tied:
         raise ValueError("quantization: the GGUF file has no output matrix for an untied LM head")
     counts["block"] = BLOCK
