@@ -54,7 +54,7 @@ def test_the_setting_reaches_libgomp() -> None:
 
 CACHE_PROBE = """
 import ctypes, torch
-{first}
+import engine
 from kernels.cpu_linear import PackedLinear
 FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
 class Info(ctypes.Structure):
@@ -72,18 +72,14 @@ print(libc.mallinfo2().uordblks - before)
 """
 
 
-def _cache_growth(first: str, **env: str) -> int:
-    return int(
-        _run(CACHE_PROBE.format(first=first), ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"), **env)[-1]
-    )
+def _cache_growth(**env: str) -> int:
+    return int(_run(CACHE_PROBE, ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"), **env)[-1])
 
 
 def test_onednn_caches_are_capped_even_after_torch_loads() -> None:
     """Packed linears of 200 batch sizes: with oneDNN's and ideep's default 1,024-entry caches every shape
     stays (~0.5 MB each); with the engine's caps (set on import, here after torch) memory stops growing."""
-    capped = _cache_growth("import engine")
-    user_default = _cache_growth(
-        "import engine", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024"
-    )  # what the user sets is kept
+    capped = _cache_growth()
+    user_default = _cache_growth(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024")  # kept
     assert user_default > 60 * 2**20, user_default
     assert capped < user_default / 3, (capped, user_default)
