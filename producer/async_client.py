@@ -6,10 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
+import redis.asyncio as aioredis
+
 from producer.client import ClientBase
 from producer.client_commands import Command, Exists, Operation, Read, RunScript, RunScriptsDurably, Sleep
 from producer.connection import AsyncRedis, connect_async, run_durably_async
 from producer.protocol import Event, Request
+from producer.read_mux import ReadMux
 from producer.results import CancelOutcome, Completion
 
 T = TypeVar("T")
@@ -64,6 +67,8 @@ class AsyncClient(ClientBase[AsyncRedis]):
         return await self._run(self._core.wait_all(request_ids, model, timeout))
 
     async def close(self) -> None:
+        if self._mux is not None:
+            await self._mux.close()
         await self.redis.aclose()
 
     async def __aenter__(self) -> AsyncClient:
@@ -73,6 +78,18 @@ class AsyncClient(ClientBase[AsyncRedis]):
         await self.close()
 
     # -- I/O: what the core decides, carried out with redis.asyncio -------------------------------------
+
+    _mux: ReadMux | None = None
+    _mux_loop: asyncio.AbstractEventLoop | None = None
+
+    def _read_mux(self) -> ReadMux | None:
+        """This loop's ReadMux (config.multiplex_reads, plain Redis only); None: every read goes on its own."""
+        if not self.config.multiplex_reads or not isinstance(self.redis, aioredis.Redis):
+            return None
+        loop = asyncio.get_running_loop()
+        if self._mux is None or self._mux_loop is not loop:  # a mux's futures and connection belong to one loop
+            self._mux, self._mux_loop = ReadMux(self.redis, self.config.prefix), loop
+        return self._mux
 
     async def _run(self, operation: Operation[T]) -> T:
         async for event in self._drive(operation):
@@ -91,6 +108,10 @@ class AsyncClient(ClientBase[AsyncRedis]):
 
     async def _send(self, command: Command) -> Any:
         if isinstance(command, Read):
+            if command.block and len(command.streams) == 1 and (mux := self._read_mux()) is not None:
+                ((key, last),) = command.streams.items()
+                if mux.serves(key):
+                    return await mux.read(key, last, command.block, command.count)
             return await self.redis.xread(
                 command.streams,  # type: ignore[arg-type]
                 count=command.count,

@@ -47,6 +47,9 @@ class ClientConfig:
     # cannot lose it; 0: once the master has it. Costs a replication round trip per submit.
     submit_replicas: int = 0
     submit_wait_ms: int = 1000  # how long each WAIT may take before the submit is retried
+    # AsyncClient on one Redis: the blocking reads of all its open result streams share one XREAD and one
+    # connection (producer.read_mux); off: each stream blocks in its own XREAD on a pool connection
+    multiplex_reads: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.partitions, int) or self.partitions < 1:

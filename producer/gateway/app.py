@@ -45,7 +45,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # every open stream holds a connection in a blocking read: past the pool's size, requests wait for one
+        # on one Redis the open streams' blocking reads share one XREAD (producer.read_mux); on a cluster each
+        # holds a pool connection, and past the pool's size requests wait for one
         redis_client = connect_async(
             settings.redis_url,
             max_connections=settings.redis_connections,

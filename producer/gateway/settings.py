@@ -38,7 +38,9 @@ class GatewaySettings:
     max_choices: int = setting(128, help="prompts x n of one request")
     models_cache_s: float = setting(2.0, help="seconds the set of served models is trusted")
     partitions: int = setting(1, help="request streams per model (the workers' --partitions)")
-    redis_connections: int = setting(1024, help="the Redis pool's size: each open stream holds a connection")
+    redis_connections: int = setting(
+        1024, help="the Redis pool's size (on a cluster each open stream holds one; on one Redis they share one)"
+    )
     # Redis holds a file whole in memory (and a string is at most 512 MiB): keep this well below the maxmemory
     max_file_bytes: int = setting(100 * 2**20, help="largest file POST /v1/files stores (413 past it)")
     file_retention_s: int = setting(7 * 86_400, help="seconds a file is kept when its upload sets no expires_after")

@@ -1,0 +1,150 @@
+"""ReadMux: many streams' blocking reads as one XREAD, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis as redis_sync
+import redis.asyncio as aioredis
+
+from producer.async_client import AsyncClient
+from producer.protocol import EventType
+from producer.read_mux import ReadMux
+from producer.reconnect import RETRYABLE
+from tests.queue_helpers import WorkerThread
+from worker.noop_engine import NoopEngine
+
+LONG_BLOCK_MS = 60_000  # longer than any test waits: a read that ends sooner was ended by data or the doorbell
+
+
+def xread_calls(url: str) -> int:
+    stats = redis_sync.Redis.from_url(url).info("commandstats")
+    return int(stats.get("cmdstat_xread", {}).get("calls", 0))
+
+
+async def wait_blocked(mux: ReadMux) -> None:
+    while mux._in_flight is None:
+        await asyncio.sleep(0.001)
+
+
+def test_one_xread_serves_every_stream_a_step_touched(redis_url: str) -> None:
+    streams, steps = 16, 20
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        mux = ReadMux(client, "t")
+        got: dict[str, list[bytes]] = {f"s{i}": [] for i in range(streams)}
+        step_done = [asyncio.Event() for _ in range(steps)]
+
+        async def reader(key: str) -> None:
+            last = "0-0"
+            while len(got[key]) < steps:
+                for _, entries in await mux.read(key, last, LONG_BLOCK_MS, 16):
+                    for entry_id, fields in entries:
+                        last = entry_id.decode()
+                        got[key].append(fields[b"n"])
+                if all(len(v) >= len(got[key]) for v in got.values()):
+                    step_done[len(got[key]) - 1].set()
+
+        tasks = [asyncio.create_task(reader(key)) for key in got]
+        before = xread_calls(redis_url)
+        for step in range(steps):  # a worker's step: one pipelined write to every stream
+            pipe = client.pipeline(transaction=False)
+            for key in got:
+                pipe.xadd(key, {"n": str(step)})
+            await pipe.execute()
+            await asyncio.wait_for(step_done[step].wait(), 30)
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        assert all(v == [str(s).encode() for s in range(steps)] for v in got.values())
+        # one XREAD per step (plus the one a step's reply and the next write may race into); per-stream
+        # reads would have been streams * steps = 320
+        assert xread_calls(redis_url) - before <= 2 * steps + 2
+        assert mux.xreads <= 2 * steps + 2
+        await mux.close()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_new_stream_rings_the_doorbell_of_a_blocked_read(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        mux = ReadMux(client, "t")
+        idle = asyncio.create_task(mux.read("idle", "0-0", LONG_BLOCK_MS, 16))
+        await wait_blocked(mux)
+        late = asyncio.create_task(mux.read("late", "0-0", LONG_BLOCK_MS, 16))
+        await asyncio.sleep(0.05)
+        await client.xadd("late", {"n": "1"})
+        reply = await asyncio.wait_for(late, 30)  # without the doorbell: after the idle read's 60 s
+        assert [fields for _, entries in reply for _, fields in entries] == [{b"n": b"1"}]
+        assert not idle.done()
+        await client.xadd("idle", {"n": "2"})
+        assert (await asyncio.wait_for(idle, 30))[0][0] == b"idle"
+        await mux.close()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_read_whose_block_runs_out_gets_nothing_and_others_keep_waiting(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        mux = ReadMux(client, "t")
+        patient = asyncio.create_task(mux.read("patient", "0-0", LONG_BLOCK_MS, 16))
+        assert await asyncio.wait_for(mux.read("hasty", "0-0", 50, 16), 30) == []
+        cancelled = asyncio.create_task(mux.read("gone", "0-0", LONG_BLOCK_MS, 16))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()  # its caller left (a client disconnect): nobody else notices
+        await client.xadd("patient", {"n": "1"})
+        assert (await asyncio.wait_for(patient, 30))[0][0] == b"patient"
+        assert "gone" not in mux._waits
+        await mux.close()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_read_reaches_every_waiter_and_the_next_read_reconnects(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        mux = ReadMux(client, "t")
+        waiters = [asyncio.create_task(mux.read(f"k{i}", "0-0", LONG_BLOCK_MS, 16)) for i in range(3)]
+        await wait_blocked(mux)
+        killer = redis_sync.Redis.from_url(redis_url)
+        for entry in killer.client_list():
+            if entry.get("cmd") == "xread":
+                killer.client_kill_filter(_id=entry["id"])
+        outcomes: list[Any] = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 30)
+        assert all(isinstance(o, RETRYABLE) for o in outcomes), outcomes
+        await client.xadd("k0", {"n": "1"})
+        assert (await asyncio.wait_for(mux.read("k0", "0-0", LONG_BLOCK_MS, 16), 30))[0][0] == b"k0"
+        await mux.close()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("multiplex", [True, False])
+def test_async_client_streams_many_requests_and_one_twice(redis_url: str, multiplex: bool) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(redis_url, model="noop", multiplex_reads=multiplex) as client:
+            ids = [await client.submit("a " * (i + 1), max_tokens=30) for i in range(8)]
+
+            async def tokens(request_id: str) -> list[int]:
+                out: list[int] = []
+                async for event in client.stream(request_id, timeout=60):
+                    if event.type is EventType.DELTA:
+                        out.extend(event.token_ids)
+                return out
+
+            # ids[0] is read by two streams at once: the second reads on its own, both see every token
+            results = await asyncio.gather(*(tokens(i) for i in [ids[0], *ids]))
+            assert results[0] == results[1]
+            assert [len(r) for r in results] == [30] * 9
+            assert [r[0] for r in results[1:]] == list(range(1, 9))  # the noop engine's first token: prompt length
+            assert (client._mux is not None) is multiplex
+
+    with WorkerThread(NoopEngine(step_delay_s=0.005), redis_url, model_name="noop"):
+        asyncio.run(scenario())
