@@ -59,6 +59,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             prefix=settings.prefix,
             max_queue_depth=settings.max_queue_depth,
             partitions=settings.partitions,
+            multiplex_reads=settings.multiplex_reads,
             client=redis_client,
         )
         app.state.gateway = gateway = Gateway(settings, client, admin, keys, metrics)

@@ -41,6 +41,9 @@ class GatewaySettings:
     redis_connections: int = setting(
         1024, help="the Redis pool's size (on a cluster each open stream holds one; on one Redis they share one)"
     )
+    multiplex_reads: bool = setting(
+        True, help="one Redis: the open streams' reads share one XREAD (off: a blocking XREAD per stream)"
+    )
     # Redis holds a file whole in memory (and a string is at most 512 MiB): keep this well below the maxmemory
     max_file_bytes: int = setting(100 * 2**20, help="largest file POST /v1/files stores (413 past it)")
     file_retention_s: int = setting(7 * 86_400, help="seconds a file is kept when its upload sets no expires_after")

@@ -129,8 +129,9 @@ def test_a_failed_read_reaches_every_waiter_and_the_next_read_reconnects(redis_u
 @pytest.mark.parametrize("multiplex", [True, False])
 def test_async_client_streams_many_requests_and_one_twice(redis_url: str, multiplex: bool) -> None:
     async def scenario() -> None:
+        probe = aioredis.Redis.from_url(redis_url)
         async with AsyncClient(redis_url, model="noop", multiplex_reads=multiplex) as client:
-            ids = [await client.submit("a " * (i + 1), max_tokens=30) for i in range(8)]
+            ids = [await client.submit("a " * (i + 1), max_tokens=40) for i in range(8)]
 
             async def tokens(request_id: str) -> list[int]:
                 out: list[int] = []
@@ -139,12 +140,24 @@ def test_async_client_streams_many_requests_and_one_twice(redis_url: str, multip
                         out.extend(event.token_ids)
                 return out
 
+            readers: set[int] = set()  # the connections Redis saw run XREAD while the streams were open
+
+            async def watch() -> None:
+                while True:
+                    readers.update(int(c["id"]) for c in await probe.client_list() if c.get("cmd") == "xread")
+                    await asyncio.sleep(0.005)
+
+            watcher = asyncio.create_task(watch())
             # ids[0] is read by two streams at once: the second reads on its own, both see every token
             results = await asyncio.gather(*(tokens(i) for i in [ids[0], *ids]))
+            watcher.cancel()
             assert results[0] == results[1]
-            assert [len(r) for r in results] == [30] * 9
+            assert [len(r) for r in results] == [40] * 9
             assert [r[0] for r in results[1:]] == list(range(1, 9))  # the noop engine's first token: prompt length
             assert (client._mux is not None) is multiplex
+            # multiplexed: the mux's own connection and the second reader of ids[0]; else about one per stream
+            assert len(readers) <= 2 if multiplex else len(readers) >= 4, readers
+        await probe.aclose()
 
     with WorkerThread(NoopEngine(step_delay_s=0.005), redis_url, model_name="noop"):
         asyncio.run(scenario())
