@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -24,6 +26,18 @@ def xread_calls(url: str) -> int:
     return int(stats.get("cmdstat_xread", {}).get("calls", 0))
 
 
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[tuple[aioredis.Redis, ReadMux]]:
+    """A client for writing and a mux over it; both closed after."""
+    client = aioredis.Redis.from_url(url)
+    mux = ReadMux(client, "t")
+    try:
+        yield client, mux
+    finally:
+        await mux.close()
+        await client.aclose()
+
+
 async def wait_blocked(mux: ReadMux) -> None:
     while mux._in_flight is None:
         await asyncio.sleep(0.001)
@@ -33,95 +47,83 @@ def test_one_xread_serves_every_stream_a_step_touched(redis_url: str) -> None:
     streams, steps = 16, 20
 
     async def scenario() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        mux = ReadMux(client, "t")
-        got: dict[str, list[bytes]] = {f"s{i}": [] for i in range(streams)}
-        step_done = [asyncio.Event() for _ in range(steps)]
+        async with opened(redis_url) as (client, mux):
+            got: dict[str, list[bytes]] = {f"s{i}": [] for i in range(streams)}
+            step_done = [asyncio.Event() for _ in range(steps)]
 
-        async def reader(key: str) -> None:
-            last = "0-0"
-            while len(got[key]) < steps:
-                for _, entries in await mux.read(key, last, LONG_BLOCK_MS, 16):
-                    for entry_id, fields in entries:
-                        last = entry_id.decode()
-                        got[key].append(fields[b"n"])
-                if all(len(v) >= len(got[key]) for v in got.values()):
-                    step_done[len(got[key]) - 1].set()
+            async def reader(key: str) -> None:
+                last = "0-0"
+                while len(got[key]) < steps:
+                    for _, entries in await mux.read(key, last, LONG_BLOCK_MS, 16):
+                        for entry_id, fields in entries:
+                            last = entry_id.decode()
+                            got[key].append(fields[b"n"])
+                    if all(len(v) >= len(got[key]) for v in got.values()):
+                        step_done[len(got[key]) - 1].set()
 
-        tasks = [asyncio.create_task(reader(key)) for key in got]
-        before = xread_calls(redis_url)
-        for step in range(steps):  # a worker's step: one pipelined write to every stream
-            pipe = client.pipeline(transaction=False)
-            for key in got:
-                pipe.xadd(key, {"n": str(step)})
-            await pipe.execute()
-            await asyncio.wait_for(step_done[step].wait(), 30)
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
-        assert all(v == [str(s).encode() for s in range(steps)] for v in got.values())
-        # one XREAD per step (plus the one a step's reply and the next write may race into); per-stream
-        # reads would have been streams * steps = 320
-        assert xread_calls(redis_url) - before <= 2 * steps + 2
-        assert mux.xreads <= 2 * steps + 2
-        await mux.close()
-        await client.aclose()
+            tasks = [asyncio.create_task(reader(key)) for key in got]
+            before = xread_calls(redis_url)
+            for step in range(steps):  # a worker's step: one pipelined write to every stream
+                pipe = client.pipeline(transaction=False)
+                for key in got:
+                    pipe.xadd(key, {"n": str(step)})
+                await pipe.execute()
+                await asyncio.wait_for(step_done[step].wait(), 30)
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            assert all(v == [str(s).encode() for s in range(steps)] for v in got.values())
+            # one XREAD per step (plus the one a step's reply and the next write may race into); per-stream
+            # reads would have been streams * steps = 320
+            assert xread_calls(redis_url) - before <= 2 * steps + 2
+            assert mux.xreads <= 2 * steps + 2
 
     asyncio.run(scenario())
 
 
 def test_a_new_stream_rings_the_doorbell_of_a_blocked_read(redis_url: str) -> None:
     async def scenario() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        mux = ReadMux(client, "t")
-        idle = asyncio.create_task(mux.read("idle", "0-0", LONG_BLOCK_MS, 16))
-        await wait_blocked(mux)
-        late = asyncio.create_task(mux.read("late", "0-0", LONG_BLOCK_MS, 16))
-        await asyncio.sleep(0.05)
-        await client.xadd("late", {"n": "1"})
-        reply = await asyncio.wait_for(late, 30)  # without the doorbell: after the idle read's 60 s
-        assert [fields for _, entries in reply for _, fields in entries] == [{b"n": b"1"}]
-        assert not idle.done()
-        await client.xadd("idle", {"n": "2"})
-        assert (await asyncio.wait_for(idle, 30))[0][0] == b"idle"
-        await mux.close()
-        await client.aclose()
+        async with opened(redis_url) as (client, mux):
+            idle = asyncio.create_task(mux.read("idle", "0-0", LONG_BLOCK_MS, 16))
+            await wait_blocked(mux)
+            late = asyncio.create_task(mux.read("late", "0-0", LONG_BLOCK_MS, 16))
+            await asyncio.sleep(0.05)
+            await client.xadd("late", {"n": "1"})
+            reply = await asyncio.wait_for(late, 30)  # without the doorbell: after the idle read's 60 s
+            assert [fields for _, entries in reply for _, fields in entries] == [{b"n": b"1"}]
+            assert not idle.done()
+            await client.xadd("idle", {"n": "2"})
+            assert (await asyncio.wait_for(idle, 30))[0][0] == b"idle"
 
     asyncio.run(scenario())
 
 
 def test_a_read_whose_block_runs_out_gets_nothing_and_others_keep_waiting(redis_url: str) -> None:
     async def scenario() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        mux = ReadMux(client, "t")
-        patient = asyncio.create_task(mux.read("patient", "0-0", LONG_BLOCK_MS, 16))
-        assert await asyncio.wait_for(mux.read("hasty", "0-0", 50, 16), 30) == []
-        cancelled = asyncio.create_task(mux.read("gone", "0-0", LONG_BLOCK_MS, 16))
-        await asyncio.sleep(0.05)
-        cancelled.cancel()  # its caller left (a client disconnect): nobody else notices
-        await client.xadd("patient", {"n": "1"})
-        assert (await asyncio.wait_for(patient, 30))[0][0] == b"patient"
-        assert "gone" not in mux._waits
-        await mux.close()
-        await client.aclose()
+        async with opened(redis_url) as (client, mux):
+            patient = asyncio.create_task(mux.read("patient", "0-0", LONG_BLOCK_MS, 16))
+            assert await asyncio.wait_for(mux.read("hasty", "0-0", 50, 16), 30) == []
+            cancelled = asyncio.create_task(mux.read("gone", "0-0", LONG_BLOCK_MS, 16))
+            await asyncio.sleep(0.05)
+            cancelled.cancel()  # its caller left (a client disconnect): nobody else notices
+            await client.xadd("patient", {"n": "1"})
+            assert (await asyncio.wait_for(patient, 30))[0][0] == b"patient"
+            assert "gone" not in mux._waits
 
     asyncio.run(scenario())
 
 
 def test_a_failed_read_reaches_every_waiter_and_the_next_read_reconnects(redis_url: str) -> None:
     async def scenario() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        mux = ReadMux(client, "t")
-        waiters = [asyncio.create_task(mux.read(f"k{i}", "0-0", LONG_BLOCK_MS, 16)) for i in range(3)]
-        await wait_blocked(mux)
-        killer = redis_sync.Redis.from_url(redis_url)
-        for entry in killer.client_list():
-            if entry.get("cmd") == "xread":
-                killer.client_kill_filter(_id=entry["id"])
-        outcomes: list[Any] = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 30)
-        assert all(isinstance(o, RETRYABLE) for o in outcomes), outcomes
-        await client.xadd("k0", {"n": "1"})
-        assert (await asyncio.wait_for(mux.read("k0", "0-0", LONG_BLOCK_MS, 16), 30))[0][0] == b"k0"
-        await mux.close()
-        await client.aclose()
+        async with opened(redis_url) as (client, mux):
+            waiters = [asyncio.create_task(mux.read(f"k{i}", "0-0", LONG_BLOCK_MS, 16)) for i in range(3)]
+            await wait_blocked(mux)
+            killer = redis_sync.Redis.from_url(redis_url)
+            for entry in killer.client_list():
+                if entry.get("cmd") == "xread":
+                    killer.client_kill_filter(_id=entry["id"])
+            outcomes: list[Any] = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 30)
+            assert all(isinstance(o, RETRYABLE) for o in outcomes), outcomes
+            await client.xadd("k0", {"n": "1"})
+            assert (await asyncio.wait_for(mux.read("k0", "0-0", LONG_BLOCK_MS, 16), 30))[0][0] == b"k0"
 
     asyncio.run(scenario())
 
