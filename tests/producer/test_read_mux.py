@@ -17,6 +17,7 @@ from producer.read_mux import ReadMux
 from producer.reconnect import RETRYABLE
 from tests.queue_helpers import WorkerThread
 from worker.noop_engine import NoopEngine
+from worker.redis_server import RedisServer
 
 LONG_BLOCK_MS = 60_000  # longer than any test waits: a read that ends sooner was ended by data or the doorbell
 
@@ -163,3 +164,23 @@ def test_async_client_streams_many_requests_and_one_twice(redis_url: str, multip
 
     with WorkerThread(NoopEngine(step_delay_s=0.005), redis_url, model_name="noop"):
         asyncio.run(scenario())
+
+
+def test_streams_blocked_in_the_shared_read_ride_out_a_redis_restart() -> None:
+    async def run(server: RedisServer) -> list[list[int]]:
+        async with AsyncClient(server.url, model="noop") as client:
+            ids = [await client.submit("a " * (i + 1), max_tokens=200) for i in range(4)]
+            waits = [asyncio.create_task(client.result(request_id, timeout=120)) for request_id in ids]
+            while client._mux is None or len(client._mux._waits) < len(ids):  # all four wait in the mux's read
+                await asyncio.sleep(0.005)
+            server.kill()
+            await asyncio.sleep(0.5)
+            server.start()
+            return [completion.token_ids for completion in await asyncio.gather(*waits)]
+
+    with (
+        RedisServer(persist=True) as server,
+        WorkerThread(NoopEngine(step_delay_s=0.01), server.url, model_name="noop"),
+    ):
+        tokens = asyncio.run(run(server))
+    assert tokens == [list(range(i + 1, i + 201)) for i in range(4)]  # the noop engine counts up from the prompt length
