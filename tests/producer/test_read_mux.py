@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis as redis_sync
 import redis.asyncio as aioredis
 
 from producer.async_client import AsyncClient
 from producer.protocol import EventType
-from producer.read_mux import ReadMux
+from producer.read_mux import DOORBELL_TTL_MS, ReadMux
 from producer.reconnect import RETRYABLE
 from tests.queue_helpers import WorkerThread
+from tests.stack_helpers import start_stack
 from worker.noop_engine import NoopEngine
 from worker.redis_server import RedisServer
 
@@ -91,6 +94,7 @@ def test_a_new_stream_rings_the_doorbell_of_a_blocked_read(redis_url: str) -> No
             reply = await asyncio.wait_for(late, 30)  # without the doorbell: after the idle read's 60 s
             assert [fields for _, entries in reply for _, fields in entries] == [{b"n": b"1"}]
             assert not idle.done()
+            assert 0 < await client.pttl(mux._doorbell) <= DOORBELL_TTL_MS  # a gone gateway leaves no key for long
             await client.xadd("idle", {"n": "2"})
             assert (await asyncio.wait_for(idle, 30))[0][0] == b"idle"
 
@@ -184,3 +188,39 @@ def test_streams_blocked_in_the_shared_read_ride_out_a_redis_restart() -> None:
     ):
         tokens = asyncio.run(run(server))
     assert tokens == [list(range(i + 1, i + 201)) for i in range(4)]  # the noop engine counts up from the prompt length
+
+
+@pytest.mark.parametrize("flag", ["true", "false"])
+def test_the_gateways_multiplex_reads_flag(tmp_path: Path, flag: str) -> None:
+    stack = start_stack(tmp_path, worker_args=("--noop-step-delay", "0.01"), gateway_args=("--multiplex-reads", flag))
+    try:
+
+        async def scenario() -> set[int]:
+            probe = aioredis.Redis.from_url(stack.redis.url)
+            readers: set[int] = set()
+
+            async def watch() -> None:
+                while True:
+                    readers.update(int(c["id"]) for c in await probe.client_list() if c.get("cmd") == "xread")
+                    await asyncio.sleep(0.005)
+
+            async with httpx.AsyncClient(base_url=stack.gateway.url, timeout=60) as http:
+
+                async def stream(index: int) -> int:
+                    body = {"model": "tiny", "prompt": f"p {index}", "max_tokens": 60, "stream": True}
+                    async with http.stream("POST", "/v1/completions", json=body) as response:
+                        assert response.status_code == 200
+                        return sum([1 async for line in response.aiter_lines() if line.startswith("data: {")])
+
+                watcher = asyncio.create_task(watch())
+                chunks = await asyncio.gather(*(stream(i) for i in range(6)))
+                watcher.cancel()
+            await probe.aclose()
+            assert all(n >= 60 for n in chunks)
+            return readers
+
+        readers = asyncio.run(scenario())
+    finally:
+        stack.close()
+    # on: the gateway's one reading connection; off: one per open stream
+    assert len(readers) <= 1 if flag == "true" else len(readers) >= 6, readers
