@@ -59,7 +59,7 @@ class ReadMux:
         self._waits: dict[str, _Wait] = {}
         self._in_flight: dict[str, _Wait] | None = None  # the waits of the XREAD now blocked in Redis
         self._task: asyncio.Task[None] | None = None
-        self.xreads = 0  # XREADs sent (for tests and metrics)
+        self.xreads = 0  # XREADs sent (the tests count them)
 
     def serves(self, key: str) -> bool:
         """False when a read of `key` is already waiting here: the caller reads on its own."""
