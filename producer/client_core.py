@@ -206,6 +206,8 @@ class ClientCore:
         """The submit scripts; with durable submits (submit_replicas), only done once replicas have them."""
         replicas, wait_ms = self.config.submit_replicas, self.config.submit_wait_ms
         if not replicas:
+            if len(calls) == 1:  # no pipeline for one call: redis-py's asks SCRIPT EXISTS before every execute
+                return [(yield calls[0])]
             return (yield RunScripts(calls))
         replies, acked = yield RunScriptsDurably(calls, replicas, wait_ms)
         if acked < replicas:

@@ -26,6 +26,19 @@ def test_resubmitting_the_same_id_enqueues_once(redis_url: str) -> None:
     assert client.redis.xlen(Keys("noop").queue(Priority.NORMAL)) == 1
 
 
+def test_a_single_submit_is_one_evalsha_without_a_script_exists_round_trip(redis_url: str) -> None:
+    client = Client(redis_url, model="noop")
+    client.submit("warm")  # the first call loads the script
+    stats = client.redis.info("commandstats")
+    before = {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("script|exists", "evalsha")}
+    for _ in range(10):
+        client.submit("hello")
+    stats = client.redis.info("commandstats")
+    after = {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("script|exists", "evalsha")}
+    assert after["script|exists"] == before["script|exists"]  # a pipeline would have asked before each execute
+    assert after["evalsha"] - before["evalsha"] == 10
+
+
 def test_submit_is_refused_with_queue_full_over_the_configured_depth(redis_url: str) -> None:
     client = Client(redis_url, model="noop", max_queue_depth=3)
     ids = [client.submit("x") for _ in range(2)]

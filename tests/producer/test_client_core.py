@@ -44,15 +44,24 @@ def test_submit_retries_a_lost_connection_then_raises_queue_full_with_the_accept
     requests = core.requests(["a", "b"], {"max_tokens": 2})
     operation = core.submit(requests)
     send = next(operation)
-    assert isinstance(send, RunScripts) and [call.source for call in send.calls] == [SUBMIT]
-    assert send.calls[0].keys == [*Keys("noop").queues, *(Keys("noop").request(r.request_id) for r in requests)]
+    assert isinstance(send, RunScript) and send.source == SUBMIT  # one call: no pipeline around it
+    assert send.keys == [*Keys("noop").queues, *(Keys("noop").request(r.request_id) for r in requests)]
     operation.fail(redis.ConnectionError("gone"))
     assert isinstance(next(operation), Sleep)
     assert next(operation) == send  # the same ids again: one that got in comes back as a duplicate
-    operation.reply([[[b"duplicate", b"1-0"], [b"full", b"5"]]])
+    operation.reply([[b"duplicate", b"1-0"], [b"full", b"5"]])
     with pytest.raises(QueueFull) as info:
         next(operation)
     assert info.value.accepted == [requests[0].request_id] and info.value.depth == 5
+
+
+def test_submits_to_several_partitions_go_out_in_one_pipeline() -> None:
+    core = _core(partitions=2)
+    requests = core.requests(["a"] * 32, {})  # ids are random: 32 of them land in both partitions
+    send = next(core.submit(requests))
+    assert isinstance(send, RunScripts) and [call.source for call in send.calls] == [SUBMIT, SUBMIT]
+    for request in requests:  # each request's record is written by exactly one of the two calls
+        assert sum(any(request.request_id in key for key in call.keys) for call in send.calls) == 1
 
 
 def test_an_error_that_is_not_a_lost_connection_comes_back_unchanged() -> None:
@@ -119,8 +128,8 @@ def test_cancel_runs_the_cancel_script_with_a_cancelled_done_event() -> None:
 def test_a_submitted_request_is_found_under_its_model_later() -> None:
     core = _core()
     submit = core.submit(core.requests(["a"], {"model": "other"}))
-    [request_id] = _request_ids(next(submit).calls[0], "other")  # type: ignore[union-attr]
-    submit.reply([[[b"ok", b"1-0"]]])
+    [request_id] = _request_ids(next(submit), "other")  # type: ignore[arg-type]
+    submit.reply([[b"ok", b"1-0"]])
     with pytest.raises(StopIteration):
         next(submit)
     assert submit.value == [request_id]
@@ -131,9 +140,9 @@ def test_generate_submits_then_folds_every_result_stream_in_order() -> None:
     keys = Keys("noop")
     operation = _core().generate(["a", "b"], None, {"max_tokens": 1})
     submit = next(operation)
-    assert isinstance(submit, RunScripts)
-    ids = _request_ids(submit.calls[0])
-    operation.reply([[[b"ok", b"1-0"], [b"ok", b"2-0"]]])
+    assert isinstance(submit, RunScript)
+    ids = _request_ids(submit)
+    operation.reply([[b"ok", b"1-0"], [b"ok", b"2-0"]])
     assert next(operation) == Read({keys.result(i): "0-0" for i in ids}, READ_BLOCK_MS)
     operation.reply(
         [(keys.result(i).encode(), [_entry("5-0", done_event(FinishReason.LENGTH, {}, text=i))]) for i in reversed(ids)]
