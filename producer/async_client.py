@@ -12,7 +12,7 @@ from producer.client import ClientBase
 from producer.client_commands import Command, Exists, Operation, Read, RunScript, RunScriptsDurably, Sleep
 from producer.connection import AsyncRedis, connect_async, run_durably_async
 from producer.protocol import Event, Request
-from producer.read_mux import ReadMux
+from producer.read_mux import MuxRefused, ReadMux
 from producer.results import CancelOutcome, Completion
 
 T = TypeVar("T")
@@ -111,7 +111,10 @@ class AsyncClient(ClientBase[AsyncRedis]):
             if command.block and len(command.streams) == 1 and (mux := self._read_mux()) is not None:
                 ((key, last),) = command.streams.items()
                 if mux.serves(key):
-                    return await mux.read(key, last, command.block, command.count)
+                    try:
+                        return await mux.read(key, last, command.block, command.count)
+                    except MuxRefused:
+                        pass  # an ACL refused the shared read: this one, and every one after it, goes alone
             return await self.redis.xread(
                 command.streams,  # type: ignore[arg-type]
                 count=command.count,

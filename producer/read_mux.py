@@ -16,7 +16,9 @@ read of its own.
 
 What it serves: a read of one stream that blocks. Anything else (several streams, no block, a second
 reader of a stream already waited on) is the caller's to send as before. Plain Redis only: on a
-cluster, streams of different models live on different nodes.
+cluster, streams of different models live on different nodes. The doorbell is named like a result
+stream, so a Redis user allowed to read results may use it; where an ACL refuses it anyway, the mux
+stands down (MuxRefused) and its callers read on their own from then on.
 """
 
 from __future__ import annotations
@@ -28,12 +30,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError
 
-DOORBELL_TTL_MS = 300_000  # a mux that is gone leaves no key behind for long
+DOORBELL_TTL_S = 300  # a mux that is gone leaves no key behind for long
 _RING_FIELD = b"r"
+
+log = structlog.get_logger(__name__)
+
+
+class MuxRefused(Exception):
+    """Redis refused the mux's commands (an ACL): the read is the caller's to send on its own."""
 
 
 @dataclass(slots=True)
@@ -54,7 +64,9 @@ class ReadMux:
         kwargs["retry"] = Retry(NoBackoff(), 0)
         pool = aioredis.ConnectionPool(connection_class=redis.connection_pool.connection_class, **kwargs)
         self._reader = aioredis.Redis(connection_pool=pool)
-        self._doorbell = f"{prefix}:mux:{uuid.uuid4().hex}"
+        # `<prefix>:{mux}:res:doorbell-<hex>`: the result streams' pattern, which no request id can take
+        self._doorbell = f"{prefix}:{{mux}}:res:doorbell-{uuid.uuid4().hex}"
+        self.refused: str | None = None  # why Redis refused the mux, once it has
         self._rung_at = "0-0"  # the doorbell's last entry the reader has seen
         self._waits: dict[str, _Wait] = {}
         self._in_flight: dict[str, _Wait] | None = None  # the waits of the XREAD now blocked in Redis
@@ -62,8 +74,9 @@ class ReadMux:
         self.xreads = 0  # XREADs sent (the tests count them)
 
     def serves(self, key: str) -> bool:
-        """False when a read of `key` is already waiting here: the caller reads on its own."""
-        return key not in self._waits
+        """False when a read of `key` is already waiting here, or Redis refused the mux: the caller reads on
+        its own."""
+        return self.refused is None and key not in self._waits
 
     async def read(self, key: str, last: str, block_ms: int, count: int) -> Any:
         loop = asyncio.get_running_loop()
@@ -72,7 +85,12 @@ class ReadMux:
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
         elif self._in_flight is not None and self._in_flight.get(key) is not wait:
-            await self._ring()
+            try:
+                await self._ring()
+            except NoPermissionError as exc:
+                self._refuse(exc)
+                del self._waits[key]
+                raise MuxRefused(self.refused) from exc
         try:
             return await wait.reply
         finally:
@@ -91,7 +109,7 @@ class ReadMux:
     async def _ring(self) -> None:
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self._doorbell, {_RING_FIELD: b"1"}, maxlen=1, approximate=False)
-        pipe.pexpire(self._doorbell, DOORBELL_TTL_MS)
+        pipe.expire(self._doorbell, DOORBELL_TTL_S)
         await pipe.execute()
 
     async def _run(self) -> None:
@@ -104,6 +122,10 @@ class ReadMux:
     async def _serve(self) -> None:
         while self._waits:
             await asyncio.sleep(0)  # the readers the last reply woke ask again first, and join this XREAD
+            if self.refused is not None:
+                for key, wait in list(self._waits.items()):
+                    self._settle(key, wait, MuxRefused(self.refused))
+                return
             self._expire(time.monotonic())
             if not self._waits:
                 break
@@ -119,6 +141,9 @@ class ReadMux:
                     streams, count=max(w.count for w in waits.values()), block=block_ms
                 )
             except Exception as exc:  # noqa: BLE001 - each waiter's caller decides, as for its own read
+                if isinstance(exc, NoPermissionError):
+                    self._refuse(exc)
+                    exc = MuxRefused(self.refused)
                 for key, wait in waits.items():
                     self._settle(key, wait, exc)
                 continue
@@ -130,6 +155,11 @@ class ReadMux:
                     self._rung_at = entries[-1][0].decode()
                 elif (waiting := waits.get(key)) is not None:
                     self._settle(key, waiting, [[raw_key, entries]])
+
+    def _refuse(self, exc: Exception) -> None:
+        if self.refused is None:
+            self.refused = str(exc)
+            log.warning("redis refused the shared stream read: each stream reads on its own", error=self.refused)
 
     def _expire(self, now: float) -> None:
         """A read whose BLOCK ran out gets what XREAD gives then: nothing."""

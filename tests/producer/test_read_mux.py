@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from producer.async_client import AsyncClient
 from producer.protocol import EventType
-from producer.read_mux import DOORBELL_TTL_MS, ReadMux
+from producer.read_mux import DOORBELL_TTL_S, ReadMux
 from producer.reconnect import RETRYABLE
 from tests.queue_helpers import WorkerThread
 from tests.stack_helpers import start_stack
@@ -94,7 +94,7 @@ def test_a_new_stream_rings_the_doorbell_of_a_blocked_read(redis_url: str) -> No
             reply = await asyncio.wait_for(late, 30)  # without the doorbell: after the idle read's 60 s
             assert [fields for _, entries in reply for _, fields in entries] == [{b"n": b"1"}]
             assert not idle.done()
-            assert 0 < await client.pttl(mux._doorbell) <= DOORBELL_TTL_MS  # a gone gateway leaves no key for long
+            assert 0 < await client.ttl(mux._doorbell) <= DOORBELL_TTL_S  # a gone gateway leaves no key for long
             await client.xadd("idle", {"n": "2"})
             assert (await asyncio.wait_for(idle, 30))[0][0] == b"idle"
 
@@ -224,3 +224,25 @@ def test_the_gateways_multiplex_reads_flag(tmp_path: Path, flag: str) -> None:
         stack.close()
     # on: the gateway's one reading connection; off: one per open stream
     assert len(readers) <= 1 if flag == "true" else len(readers) >= 6, readers
+
+
+def test_where_an_acl_refuses_the_doorbell_every_stream_reads_on_its_own(redis_url: str) -> None:
+    admin = redis_sync.Redis.from_url(redis_url)
+    # a user confined to one model's keys: the mux's doorbell (`tr:{mux}:...`) is out of its reach
+    admin.acl_setuser("narrow", enabled=True, passwords=["+pw"], keys=["tr:{noop}:*"], commands=["+@all"])
+    narrow_url = redis_url.replace("redis://", "redis://narrow:pw@", 1)
+
+    async def scenario() -> tuple[list[list[int]], str | None]:
+        async with AsyncClient(narrow_url, model="noop") as client:
+            ids = [await client.submit("a " * (i + 1), max_tokens=20) for i in range(3)]
+            results = await asyncio.gather(*(client.result(i, timeout=60) for i in ids))
+            assert client._mux is not None
+            return [r.token_ids for r in results], client._mux.refused
+
+    try:
+        with WorkerThread(NoopEngine(step_delay_s=0.005), redis_url, model_name="noop"):
+            tokens, refused = asyncio.run(scenario())
+    finally:
+        admin.acl_deluser("narrow")
+    assert tokens == [list(range(i + 1, i + 21)) for i in range(3)]
+    assert refused is not None and "permission" in refused.lower()
