@@ -6,6 +6,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
@@ -13,7 +14,7 @@ from engine.config import SamplingParams
 from engine.llm import LLM
 from producer.client import Client, build_request
 from producer.protocol import GROUP, EventType, Keys
-from tests.queue_helpers import after_last_restart, read_events, terminal_count, wait_for
+from tests.queue_helpers import WorkerProcess, after_last_restart, read_events, terminal_count, wait_for
 
 pytestmark = pytest.mark.slow
 KEYS = Keys("tiny")
@@ -51,6 +52,21 @@ def _all_streaming(client: redis.Redis, ids: list[str]) -> bool:
     return all(any(e.type is EventType.DELTA for e in read_events(client, KEYS, i)) for i in ids)
 
 
+def _kill_and_settle(worker: WorkerProcess, client: redis.Redis) -> None:
+    """kill -9, then wait until Redis has dropped the worker's connections: what the worker wrote to its
+    sockets just before dying is applied by Redis before it sees them close, so only then does reading
+    the result streams say which requests the kill cut off."""
+    process = psutil.Process(worker.pid)
+    sockets = process.net_connections(kind="tcp") if hasattr(process, "net_connections") else process.connections("tcp")
+    ports = {c.laddr.port for c in sockets if c.raddr}
+    worker.kill()
+
+    def dropped() -> bool:
+        return not any(int(c["addr"].rsplit(":", 1)[1]) in ports for c in client.client_list())
+
+    wait_for(dropped, 30, what="Redis to drop the killed worker's connections")
+
+
 def test_two_workers_share_one_stream(redis_url: str, tiny_llama: Path, worker_processes, expected) -> None:  # noqa: ANN001
     a = worker_processes(redis_url, tiny_llama, "--max-num-seqs", "3")
     b = worker_processes(redis_url, tiny_llama, "--max-num-seqs", "3")
@@ -78,7 +94,7 @@ def test_kill_9_mid_generation_restarts_elsewhere_and_completes(
     client = Client(redis_url, model="tiny")
     ids = _submit(client, PROMPTS[:4], LONG)
     wait_for(lambda: _all_streaming(client.redis, list(ids)), 60, what="every request streaming")
-    a.kill()
+    _kill_and_settle(a, client.redis)
     in_flight = [i for i in ids if terminal_count(read_events(client.redis, KEYS, i)) == 0]
     assert in_flight, "the kill should land mid-generation"
     b = worker_processes(redis_url, tiny_llama)
@@ -182,7 +198,7 @@ def test_kill_9_mid_constrained_generation_still_validates(redis_url: str, tiny_
     requests = [build_request("tiny", p, max_tokens=1000, temperature=0.0, **constraint) for p in PROMPTS[:3]]
     ids = client.submit_requests(requests)
     wait_for(lambda: _all_streaming(client.redis, ids), 60, what="every request streaming")
-    a.kill()
+    _kill_and_settle(a, client.redis)
     in_flight = [i for i in ids if terminal_count(read_events(client.redis, KEYS, i)) == 0]
     assert in_flight, "the kill should land mid-generation"
     worker_processes(redis_url, tiny_llama)
@@ -190,5 +206,5 @@ def test_kill_9_mid_constrained_generation_still_validates(redis_url: str, tiny_
     for request_id in ids:
         assert results[request_id].finish_reason == "stop"
         jsonschema.validate(json.loads(results[request_id].text), LIST_SCHEMA)  # the grammar replayed on restart
-    assert all(results[i].restarts == 1 for i in in_flight)
+    assert all(results[i].restarts == 1 for i in in_flight), {i: results[i].restarts for i in ids}
     assert _queues_empty(client.redis)
