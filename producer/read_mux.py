@@ -82,16 +82,15 @@ class ReadMux:
         loop = asyncio.get_running_loop()
         wait = _Wait(last, count, time.monotonic() + block_ms / 1000, loop.create_future())
         self._waits[key] = wait
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._run())
-        elif self._in_flight is not None and self._in_flight.get(key) is not wait:
-            try:
-                await self._ring()
-            except NoPermissionError as exc:
-                self._refuse(exc)
-                del self._waits[key]
-                raise MuxRefused(self.refused) from exc
-        try:
+        try:  # however this read ends (a reply, a failed ring, its caller cancelled), its wait goes with it
+            if self._task is None or self._task.done():
+                self._task = loop.create_task(self._run())
+            elif self._in_flight is not None and self._in_flight.get(key) is not wait:
+                try:
+                    await self._ring()
+                except NoPermissionError as exc:
+                    self._refuse(exc)
+                    raise MuxRefused(self.refused) from exc
             return await wait.reply
         finally:
             if self._waits.get(key) is wait:
