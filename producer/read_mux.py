@@ -36,6 +36,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
 
+from producer.protocol import doorbell_key
+
 DOORBELL_TTL_S = 300  # a mux that is gone leaves no key behind for long
 _RING_FIELD = b"r"
 
@@ -64,8 +66,7 @@ class ReadMux:
         kwargs["retry"] = Retry(NoBackoff(), 0)
         pool = aioredis.ConnectionPool(connection_class=redis.connection_pool.connection_class, **kwargs)
         self._reader = aioredis.Redis(connection_pool=pool)
-        # `<prefix>:{mux}:res:doorbell-<hex>`: the result streams' pattern, which no request id can take
-        self._doorbell = f"{prefix}:{{mux}}:res:doorbell-{uuid.uuid4().hex}"
+        self._doorbell = doorbell_key(prefix, uuid.uuid4().hex)
         self.refused: str | None = None  # why Redis refused the mux, once it has
         self._rung_at = "0-0"  # the doorbell's last entry the reader has seen
         self._waits: dict[str, _Wait] = {}

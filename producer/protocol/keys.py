@@ -14,6 +14,7 @@ that touch a request's queue entry, its owner record and its result stream stay 
     {p}:{{m}}:events              webhook outbox: events written where a job ends (producer/webhooks)
     {p}:{{m}}:batch:<batch id>    an HTTP batch's ledger (producer/batches), and its :todo :out :left :live
     {p}:{{m}}:response:<id>       hash: a stored Responses API object of request <id> (producer/gateway/responses_store)
+    {p}:{{mux}}:res:doorbell-<hex>  a gateway's wake-up stream for its shared result read (producer/read_mux)
 
 Keys of the HTTP jobs that are not a model's (`JobKeys`): files, the indexes of files and batches,
 Idempotency-Key records, disabled webhook endpoints, and which model holds a stored response (its id
@@ -72,6 +73,12 @@ def new_request_id() -> str:
 def partition_of(request_id: str, partitions: int) -> int:
     """The partition a request lives in: from its id, so a retried submit lands where the first one did."""
     return int(request_id[:8], 16) % partitions if partitions > 1 else 0
+
+
+def doorbell_key(prefix: str, name: str) -> str:
+    """A client's private wake-up stream (producer.read_mux), named like a result stream of the pseudo-model
+    `mux` so that a Redis user allowed to read results may use it; `doorbell-` keeps request ids off it."""
+    return Keys("mux", prefix).result(f"doorbell-{name}")
 
 
 @dataclass(slots=True, frozen=True)
