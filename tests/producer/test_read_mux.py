@@ -43,9 +43,12 @@ async def opened(url: str) -> AsyncIterator[tuple[aioredis.Redis, ReadMux]]:
         await client.aclose()
 
 
-async def blocked_in_xread(probe: aioredis.Redis) -> int:
-    """How many connections are blocked in an XREAD now (CLIENT LIST's `b` flag)."""
-    return sum(1 for c in await probe.client_list() if c.get("cmd") == "xread" and "b" in c.get("flags", ""))
+async def sample_blocked_readers(probe: aioredis.Redis, samples: list[int]) -> None:
+    """Until cancelled, appends how many connections are blocked in an XREAD (CLIENT LIST's `b` flag)."""
+    while True:
+        clients = await probe.client_list()
+        samples.append(sum(1 for c in clients if c.get("cmd") == "xread" and "b" in c.get("flags", "")))
+        await asyncio.sleep(0.005)
 
 
 async def wait_blocked(mux: ReadMux) -> None:
@@ -155,12 +158,7 @@ def test_async_client_streams_many_requests_and_one_twice(redis_url: str, multip
 
             readers = [0]  # samples: how many connections Redis had blocked in XREAD while the streams were open
 
-            async def watch() -> None:
-                while True:
-                    readers.append(await blocked_in_xread(probe))
-                    await asyncio.sleep(0.005)
-
-            watcher = asyncio.create_task(watch())
+            watcher = asyncio.create_task(sample_blocked_readers(probe, readers))
             # ids[0] is read by two streams at once: the second reads on its own, both see every token
             results = await asyncio.gather(*(tokens(i) for i in [ids[0], *ids]))
             watcher.cancel()
@@ -205,11 +203,6 @@ def test_the_gateways_multiplex_reads_flag(tmp_path: Path, flag: str) -> None:
             probe = aioredis.Redis.from_url(stack.redis.url)
             readers = [0]
 
-            async def watch() -> None:
-                while True:
-                    readers.append(await blocked_in_xread(probe))
-                    await asyncio.sleep(0.005)
-
             async with httpx.AsyncClient(base_url=stack.gateway.url, timeout=60) as http:
 
                 async def stream(index: int) -> int:
@@ -222,7 +215,7 @@ def test_the_gateways_multiplex_reads_flag(tmp_path: Path, flag: str) -> None:
                         ]
                         return "".join(c["choices"][0]["text"] for c in chunks if c["choices"]).count(" x")
 
-                watcher = asyncio.create_task(watch())
+                watcher = asyncio.create_task(sample_blocked_readers(probe, readers))
                 chunks = await asyncio.gather(*(stream(i) for i in range(6)))
                 watcher.cancel()
             await probe.aclose()
