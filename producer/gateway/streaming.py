@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -83,20 +83,42 @@ class Replay:
         return new_text, new_tokens
 
 
-async def relay(
-    plan: GenerationPlan, client: AsyncClient, ids: list[str], metrics: GatewayMetrics, started: float, timeout: float
-) -> AsyncIterator[str]:
-    """Chunks of every choice as their events arrive; unfinished requests are cancelled however it ends."""
+async def choice_events(
+    client: AsyncClient, ids: list[str], model: str, timeout: float
+) -> AsyncGenerator[tuple[int, Event | Exception], None]:
+    """(choice index, event) as the events of every choice arrive; a failed read ends its choice with the
+    exception. One choice (the common case) is read in place; several are pumped into one queue, a task
+    each, which is two task switches a token more."""
+    if len(ids) == 1:
+        try:
+            async for event in client.events(ids[0], model=model, timeout=timeout):
+                yield 0, event
+        except Exception as exc:  # noqa: BLE001 - handed to the relay, which tells the client
+            yield 0, exc
+        return
     events: asyncio.Queue[tuple[int, Event | Exception]] = asyncio.Queue()
 
     async def pump(index: int, request_id: str) -> None:
         try:
-            async for event in client.events(request_id, model=plan.model, timeout=timeout):
+            async for event in client.events(request_id, model=model, timeout=timeout):
                 await events.put((index, event))
         except Exception as exc:  # noqa: BLE001 - handed to the relay, which tells the client
             await events.put((index, exc))
 
     tasks = [asyncio.create_task(pump(i, rid)) for i, rid in enumerate(ids)]
+    try:
+        while True:
+            yield await events.get()
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def relay(
+    plan: GenerationPlan, client: AsyncClient, ids: list[str], metrics: GatewayMetrics, started: float, timeout: float
+) -> AsyncIterator[str]:
+    """Chunks of every choice as their events arrive; unfinished requests are cancelled however it ends."""
+    source = choice_events(client, ids, plan.model, timeout)
     completions = [Completion(rid) for rid in ids]
     replays = [Replay() for _ in ids]
     tool_streams = [ToolCallStream(parser_for(plan.tools, plan.model)) if plan.tools else None for _ in ids]
@@ -111,7 +133,7 @@ async def relay(
                 yield sse(chunks.text(index, str(plan.prompts[index // plan.n].get("prompt", "")), None, 0))
         open_choices = len(ids)
         while open_choices:
-            index, item = await events.get()
+            index, item = await anext(source)
             if isinstance(item, Exception):
                 client_left = False
                 yield error_chunk(f"lost the result stream: {item}"[:500], code="stream_lost")
@@ -161,8 +183,7 @@ async def relay(
         client_left = False
         yield sse("[DONE]")
     finally:
-        for task in tasks:
-            task.cancel()
+        await source.aclose()
         unfinished = [c.request_id for c in completions if not c.finished]
         if unfinished:
             if client_left:
