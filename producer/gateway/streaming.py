@@ -83,27 +83,31 @@ class Replay:
         return new_text, new_tokens
 
 
+async def _tagged(
+    client: AsyncClient, index: int, request_id: str, model: str, timeout: float
+) -> AsyncGenerator[tuple[int, Event | Exception], None]:
+    """One choice's events as (index, event); a failed read ends it with (index, the exception)."""
+    try:
+        async for event in client.events(request_id, model=model, timeout=timeout):
+            yield index, event
+    except Exception as exc:  # noqa: BLE001 - handed to the relay, which tells the client
+        yield index, exc
+
+
 async def choice_events(
     client: AsyncClient, ids: list[str], model: str, timeout: float
 ) -> AsyncGenerator[tuple[int, Event | Exception], None]:
-    """(choice index, event) as the events of every choice arrive; a failed read ends its choice with the
-    exception. One choice (the common case) is read in place; several are pumped into one queue, a task
-    each, which is two task switches a token more."""
+    """(choice index, event) as the events of every choice arrive. One choice (the common case) is read
+    in place; several are pumped into one queue, a task each, which is two task switches a token more."""
     if len(ids) == 1:
-        try:
-            async for event in client.events(ids[0], model=model, timeout=timeout):
-                yield 0, event
-        except Exception as exc:  # noqa: BLE001 - handed to the relay, which tells the client
-            yield 0, exc
+        async for item in _tagged(client, 0, ids[0], model, timeout):
+            yield item
         return
     events: asyncio.Queue[tuple[int, Event | Exception]] = asyncio.Queue()
 
     async def pump(index: int, request_id: str) -> None:
-        try:
-            async for event in client.events(request_id, model=model, timeout=timeout):
-                await events.put((index, event))
-        except Exception as exc:  # noqa: BLE001 - handed to the relay, which tells the client
-            await events.put((index, exc))
+        async for item in _tagged(client, index, request_id, model, timeout):
+            await events.put(item)
 
     tasks = [asyncio.create_task(pump(i, rid)) for i, rid in enumerate(ids)]
     try:
