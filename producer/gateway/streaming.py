@@ -187,7 +187,10 @@ async def relay(
         client_left = False
         yield sse("[DONE]")
     finally:
-        await source.aclose()
+        # shielded: a disconnect cancels through anyio's scope, which would cancel this await again and
+        # skip the cancels of the unfinished requests below
+        with anyio.CancelScope(shield=True):
+            await source.aclose()
         unfinished = [c.request_id for c in completions if not c.finished]
         if unfinished:
             if client_left:
