@@ -19,7 +19,7 @@ from engine.models.prepare import PreparedModel, prepare_model
 from engine.offload import LayerOffloader
 from engine.omp import SPIN_SETTING
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus, TokenLogprob
-from engine.runner import ModelRunner, PromptScores
+from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
 from engine.speculative import DraftState, NgramProposer
@@ -197,7 +197,7 @@ class LLMEngine:
             request.num_computed_tokens += n - len(request.spec_token_ids)
             self.kv.cache_full_blocks(request)
         for scores in result.prompt_scores:
-            _append_prompt_logprobs(scores)
+            scores.append_to_request()
         if not result.sampling_requests:
             return []
         now = time.monotonic()
@@ -389,20 +389,3 @@ def _model_runner(prepared: PreparedModel, block_size: int) -> ModelRunner:
         prepared.device,
         prepared.kv_dtype,
     )
-
-
-def _append_prompt_logprobs(scores: PromptScores) -> None:
-    request = scores.request
-    assert request.prompt_logprobs is not None and request.params.prompt_logprobs is not None
-    first, count = scores.first, scores.logits.shape[0]
-    targets = torch.tensor(request.prompt_token_ids[first + 1 : first + 1 + count], device=scores.logits.device)
-    logits = scores.logits
-    logprobs = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
-    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-    top_n = request.params.prompt_logprobs
-    tops: list[dict[int, float]] = [{} for _ in range(count)]
-    if top_n:
-        values, indices = logprobs.topk(top_n, dim=-1)
-        tops = [dict(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
-    for token, value, top in zip(targets.tolist(), chosen, tops, strict=True):
-        request.prompt_logprobs.append(TokenLogprob(token, value, top))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from engine.models.adapter import ModelAdapter
-from engine.request import Request
+from engine.request import Request, TokenLogprob
 from engine.scheduler import ScheduledBatch
 from kernels import AttentionBackend
 from kernels.metadata import AttentionMetadata, KVLayer
@@ -21,6 +21,24 @@ class PromptScores:
     request: Request
     first: int
     logits: torch.Tensor
+
+    def append_to_request(self) -> None:
+        """Each scored prompt token's logprob (and its top `prompt_logprobs` alternatives) onto the request."""
+        request = self.request
+        assert request.prompt_logprobs is not None and request.params.prompt_logprobs is not None
+        first, count, logits = self.first, self.logits.shape[0], self.logits
+        targets = torch.tensor(request.prompt_token_ids[first + 1 : first + 1 + count], device=logits.device)
+        logprobs = torch.log_softmax(
+            logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1
+        )
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        top_n = request.params.prompt_logprobs
+        tops: list[dict[int, float]] = [{} for _ in range(count)]
+        if top_n:
+            values, indices = logprobs.topk(top_n, dim=-1)
+            tops = [dict(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+        for token, value, top in zip(targets.tolist(), chosen, tops, strict=True):
+            request.prompt_logprobs.append(TokenLogprob(token, value, top))
 
 
 @dataclass(slots=True)
