@@ -35,13 +35,14 @@ from bench.workloads import emit_report, machine_info, median
 
 DEFAULT = {"max_num_batched_tokens": 2048, "max_num_seqs": 64}
 POLICIES: dict[str, dict[str, int]] = {
-    "default (2048 tokens, 64 running)": DEFAULT,
+    "default": DEFAULT,  # 2048 tokens, 64 running; names have no commas (--policies splits on them)
     "1024-token budget": {**DEFAULT, "max_num_batched_tokens": 1024},
     "512-token budget": {**DEFAULT, "max_num_batched_tokens": 512},
     "256-token budget": {**DEFAULT, "max_num_batched_tokens": 256},
     "128-token budget": {**DEFAULT, "max_num_batched_tokens": 128},
     "32 running": {**DEFAULT, "max_num_seqs": 32},
     "16 running": {**DEFAULT, "max_num_seqs": 16},
+    "512 tokens 32 running": {"max_num_batched_tokens": 512, "max_num_seqs": 32},
 }
 FIGURES = ("goodput_requests_per_s", "slo_attainment", "completed_requests_per_s", "output_tokens_per_s")
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms")
