@@ -282,10 +282,13 @@ async def measure(services: list[Service], rates: list[float], args: argparse.Na
 
 
 def replay(rates: list[float], args: argparse.Namespace, slo: Slo) -> dict[str, Any]:
-    """Each rate's arrivals and prompts straight into tokenrelay's engine in this process, same settings."""
+    """Each rate's arrivals and prompts straight into tokenrelay's engine in this process, with the
+    scheduler settings the worker serves with (its chunk budget is smaller than the offline engine's)."""
     from engine import LLM
+    from worker.settings import SHARED_WITH_ENGINE, WorkerSettings
 
-    llm = LLM(model=None, dtype="float32", num_threads=args.threads)
+    served = WorkerSettings(dtype="float32", num_threads=args.threads)
+    llm = LLM(**{name: getattr(served, name) for name in SHARED_WITH_ENGINE})  # model None: the default
     llm.generate(["[warm-up] Hello"] * 2)
     figures = replay_rates(llm.engine, rates, args, slo, "engine in process")
     path = "the same arrivals into LLMEngine in the benchmark's process, no service around it"

@@ -21,6 +21,12 @@ from producer.protocol import DEFAULT_MODEL_NAME, DEFAULT_PREFIX, DEFAULT_RESULT
 from producer.settings import setting
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+# A served engine's step budget (and prefill chunk), smaller than the offline engine's 2048: a prompt
+# arriving mid-decode then stalls the running requests for a quarter of the time, which keeps their TPOT
+# inside the SLO near saturation (bench/scheduler_policy.py: 1.10-1.20x the goodput of 2048 at 5 req/s
+# on two cores, equal below saturation; README "Scheduler policy"). vLLM also picks a smaller budget for
+# its server than for its offline class.
+SERVING_MAX_NUM_BATCHED_TOKENS = 512
 ENGINES = ("llm", "noop")
 
 # EngineConfig fields a worker does not take, and why. None today: every field makes sense for a served model.
@@ -42,7 +48,6 @@ ENGINE_HELP = {
     "device": "auto (cuda when available, else cpu), cpu, cuda or cuda:N",
     "block_size": "tokens per KV-cache block (8..256, a power of two)",
     "kv_cache_memory_gb": "KV-cache budget in GB when --num-kv-blocks is not given (none: from free memory)",
-    "max_num_batched_tokens": "token budget of one step (the prefill chunk size)",
     "max_model_len": "longest prompt + output served (none: the model's own context length)",
     "enable_prefix_caching": "reuse the KV blocks of shared prompt prefixes",
     "attention_backend": "auto, torch, cpu or xformers",
@@ -80,6 +85,9 @@ class WorkerSettings:
     engine: str = setting("llm", help="llm, or noop: one token per request per step and no model (load tests)")
     dtype: str = setting("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float64, float16 or bfloat16")
     max_num_seqs: int = setting(64, help="requests served at once")
+    max_num_batched_tokens: int = setting(
+        SERVING_MAX_NUM_BATCHED_TOKENS, help="token budget of one step (the prefill chunk size)"
+    )
     num_threads: int | None = setting(None, help="torch intra-op threads")
     num_kv_blocks: int | None = setting(None, help="KV-cache blocks (default: from --kv-cache-memory-gb)")
     noop_step_delay_s: float = setting(0.0, help="--engine noop: seconds each step takes")

@@ -12,6 +12,7 @@ from worker.cli import build_parser
 from worker.settings import (
     ENGINE_FIELDS_EXCLUDED,
     ENGINE_OPTIONS,
+    SERVING_MAX_NUM_BATCHED_TOKENS,
     SHARED_WITH_ENGINE,
     WORKER_FLAGS,
     WorkerSettings,
@@ -38,7 +39,14 @@ def test_every_engine_field_is_a_worker_flag_and_variable() -> None:
         assert f.name in readable, f"EngineConfig.{f.name} has no TOKENRELAY_{f.name.upper()} variable"
     assert flags["kv_cache_dtype"] == "--kv-cache-dtype" and flags["swap_space_gb"] == "--swap-space-gb"
     # the worker's own fields that the engine reads too, under the flags scripts and docs use
-    assert set(SHARED_WITH_ENGINE) == {"model", "dtype", "max_num_seqs", "num_threads", "num_kv_blocks"}
+    assert set(SHARED_WITH_ENGINE) == {
+        "model",
+        "dtype",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "num_threads",
+        "num_kv_blocks",
+    }
     assert flags["num_threads"] == "--threads" and flags["redis_url"] == "--redis"
     assert all(flags[name] == flag for name, flag in WORKER_FLAGS.items())
 
@@ -85,8 +93,18 @@ def test_flags_and_variables_reach_the_engine_config(monkeypatch: pytest.MonkeyP
         "swap_space_gb": 0.1,
         "preemption_mode": "swap",
         "fused_layers": False,
-        "max_num_batched_tokens": 64,
     }
+
+
+def test_a_served_engine_takes_a_smaller_chunk_budget_than_the_offline_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # bench/scheduler_policy.py chose 512 for serving; LLM() and EngineConfig keep 2048 for offline batches
+    assert WorkerSettings().engine_config().max_num_batched_tokens == SERVING_MAX_NUM_BATCHED_TOKENS == 512
+    assert EngineConfig().max_num_batched_tokens == 2048
+    assert _worker_flags()["max_num_batched_tokens"] == "--max-num-batched-tokens"
+    monkeypatch.setenv("TOKENRELAY_MAX_NUM_BATCHED_TOKENS", "1024")
+    assert WorkerSettings.from_env().engine_config().max_num_batched_tokens == 1024
+    with pytest.raises(ValueError, match="max_num_batched_tokens: must be an integer >= 1, got 0"):
+        WorkerSettings.from_env(max_num_batched_tokens=0)
 
 
 def test_engine_config_errors_surface_when_the_settings_are_built() -> None:
