@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import re
 import signal
 import subprocess
 import tempfile
@@ -61,6 +60,10 @@ from worker.redis_server import RedisServer, free_port
 RATES = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
 QUICK_RATES = (0.5, 2.0, 8.0)
 SLO_ATTAINMENT = 0.9  # a service "meets the SLO" at a rate when this share of its requests does
+# vLLM-CPU 0.32's own defaults for its OpenAI server (vllm/engine/arg_utils.py, UsageContext.OPENAI_API_SERVER
+# on CPU), passed as flags: its start-up log does not print them, and a later vLLM with other defaults
+# is still run the same way. Runs before 2026-12-03 left them to vLLM (`scheduler_from_log`, always {}).
+VLLM_SCHEDULER = {"max_num_batched_tokens": 2048, "max_num_seqs": 128}
 SCHEDULER_FIELDS = (
     "max_num_seqs",
     "max_num_batched_tokens",
@@ -179,6 +182,7 @@ def start_vllm(log_dir: Path, threads: int, timeout_s: float) -> Service:
     port = free_port()
     model = str(default_model_dir())
     flags = ["--model", model, "--dtype", "float32", "--max-model-len", "2048", "--seed", "0", "--port", str(port)]
+    flags += [arg for name, value in VLLM_SCHEDULER.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
     log_path = log_dir / "vllm.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -210,18 +214,11 @@ def start_vllm(log_dir: Path, threads: int, timeout_s: float) -> Service:
         except httpx.HTTPError:
             pass
         time.sleep(1.0)
-    log_text = log_path.read_text(errors="replace")
-    # vLLM's scheduler limits are its own defaults for the CPU platform: read back from its start-up log
-    scheduler = {
-        name: int(m.group(1))
-        for name in ("max_num_seqs", "max_num_batched_tokens")
-        if (m := re.search(rf"{name}=(\d+)", log_text))
-    }
     settings = {
         "path": "openai SDK -> vllm.entrypoints.openai.api_server (vllm-cpu)",
         "flags": flags[2:],
         "env": {k: v for k, v in vllm_env(threads).items() if k.startswith("VLLM_") or k == "LD_PRELOAD"},
-        "scheduler_from_log": scheduler,
+        "scheduler": VLLM_SCHEDULER,
         "start_up_s": round(time.monotonic() - started, 1),
     }
     return Service("vllm_cpu", f"{url}/v1", model, [process], settings, stop)
