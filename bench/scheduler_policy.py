@@ -35,7 +35,8 @@ from bench.workloads import emit_report, machine_info, median
 
 DEFAULT = {"max_num_batched_tokens": 2048, "max_num_seqs": 64}
 POLICIES: dict[str, dict[str, int]] = {
-    "default": DEFAULT,  # 2048 tokens, 64 running; names have no commas (--policies splits on them)
+    # the offline engine's defaults; a worker serves with 512 tokens. Names have no commas (--policies splits on them)
+    "default": DEFAULT,
     "1024-token budget": {**DEFAULT, "max_num_batched_tokens": 1024},
     "512-token budget": {**DEFAULT, "max_num_batched_tokens": 512},
     "256-token budget": {**DEFAULT, "max_num_batched_tokens": 256},

@@ -135,9 +135,15 @@ def machine_cpu_s() -> tuple[float, float]:
     return sum(times) - times.idle - getattr(times, "iowait", 0.0) - steal, steal
 
 
-def start_tokenrelay(redis: RedisServer, log_dir: Path, threads: int) -> Service:
+def served_config(threads: int) -> Any:
+    """The EngineConfig of a worker started with `--dtype float32 --threads N`: its own settings loader,
+    on the same flags and TOKENRELAY_* environment (so its chunk budget, not the offline engine's)."""
     from worker.settings import WorkerSettings
 
+    return WorkerSettings.from_env(dtype="float32", num_threads=threads).engine_config()
+
+
+def start_tokenrelay(redis: RedisServer, log_dir: Path, threads: int) -> Service:
     worker = start_worker(redis.url, log_dir, "--dtype", "float32", "--threads", str(threads))
     gateway = GatewayProcess(redis.url, log_dir / "gateway.log", env={"TOKENRELAY_LOG_LEVEL": "warning"})
     try:
@@ -147,8 +153,7 @@ def start_tokenrelay(redis: RedisServer, log_dir: Path, threads: int) -> Service
         gateway.stop()
         stop_worker(worker)
         raise
-    # what the worker ran with: its own settings loader, on the same flags and TOKENRELAY_* environment
-    config = WorkerSettings.from_env(redis_url=redis.url, dtype="float32", num_threads=threads).engine_config()
+    config = served_config(threads)  # what the worker ran with
     scheduler = {name: getattr(config, name) for name in SCHEDULER_FIELDS}
     scheduler["policy"] = "running requests first, then waiting; chunked prefill within the step's token budget"
 
@@ -279,13 +284,12 @@ async def measure(services: list[Service], rates: list[float], args: argparse.Na
 
 
 def replay(rates: list[float], args: argparse.Namespace, slo: Slo) -> dict[str, Any]:
-    """Each rate's arrivals and prompts straight into tokenrelay's engine in this process, with the
-    scheduler settings the worker serves with (its chunk budget is smaller than the offline engine's)."""
+    """Each rate's arrivals and prompts straight into tokenrelay's engine in this process, configured as
+    the worker is (served_config)."""
     from engine import LLM
-    from worker.settings import SHARED_WITH_ENGINE, WorkerSettings
 
-    served = WorkerSettings(dtype="float32", num_threads=args.threads)
-    llm = LLM(**{name: getattr(served, name) for name in SHARED_WITH_ENGINE})  # model None: the default
+    config = served_config(args.threads)
+    llm = LLM(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     llm.generate(["[warm-up] Hello"] * 2)
     figures = replay_rates(llm.engine, rates, args, slo, "engine in process")
     path = "the same arrivals into LLMEngine in the benchmark's process, no service around it"
